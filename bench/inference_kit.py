@@ -1,0 +1,214 @@
+"""Shared set-up of the inference benchmarks: a private Kiln (SQLite file, a Redis database),
+a registered model, parquet datasets, real worker processes, and waiting for jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+import torch
+from sqlalchemy import func, select
+
+from db import jobs, migrate, registry
+from db.base import utcnow
+from db.engine import make_engine, make_sessionmaker
+from db.models import Dataset, Job
+from kiln import datasets
+from kiln.artifacts import ArtifactStore
+from kiln.broker import make_celery, send_run
+from kiln.settings import Settings
+from workers.ml import bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH, LABELS = 32, [str(i) for i in range(10)]
+CONFIG = {
+    "arch": "mlp",
+    "arch_params": {"hidden": [256, 256], "dropout": 0.0},
+    "feature_names": [f"f{i}" for i in range(WIDTH)],
+    "label_names": LABELS,
+}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Kiln:
+    """A throw-away Kiln installation for one benchmark run."""
+
+    def __init__(self, redis_db: int) -> None:
+        base = os.environ.get("KILN_REDIS_URL")
+        if not base:
+            sys.exit("set KILN_REDIS_URL to a Redis server the benchmark may flush a database of")
+        self.folder = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+        url = f"{base.rstrip('/')}/{redis_db}"
+        redis.Redis.from_url(url).flushdb()
+        self.settings = Settings(
+            data_dir=self.folder / "data",
+            database_url=f"sqlite:///{self.folder / 'kiln.db'}",
+            redis_url=url,
+        )
+        migrate.upgrade(self.settings.database_url)
+        self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
+        self.store = ArtifactStore(self.settings.artifacts_dir)
+        self.celery = make_celery(self.settings)
+
+    def close(self) -> None:
+        """Remove the installation's files (datasets, outputs, database)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def register_model(self, name: str = "bench") -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = bundle.build(CONFIG).eval()
+        path = self.folder / "weights.safetensors"
+        bundle.save(model, CONFIG, path)
+        stored = self.store.put_file(path)
+        with self.sessions() as session:
+            registry.register_version(
+                session, owner="bench", name=name, source_job_id=None, arch="mlp",
+                config=CONFIG, metrics={}, artifact_digest=stored.digest,
+                artifact_size=stored.size, dataset_digest=None,
+            )  # fmt: skip
+            session.commit()
+        return model
+
+    def dataset(self, rows: int) -> tuple[str, Path]:
+        """A parquet file of `rows` rows (id and WIDTH features), registered as a dataset."""
+        path = self.folder / f"rows-{rows}.parquet"
+        rng = np.random.default_rng(rows)
+        with pq.ParquetWriter(path, _schema()) as writer:
+            for start in range(0, rows, 100_000):
+                n = min(100_000, rows - start)
+                features = rng.normal(size=(n, WIDTH)).astype(np.float32)
+                columns = {"id": pa.array(np.arange(start, start + n))}
+                columns |= {f"f{i}": pa.array(features[:, i]) for i in range(WIDTH)}
+                writer.write_table(pa.table(columns, schema=_schema()))
+        info = datasets.inspect(path, "parquet")
+        stored = self.store.put_file(path)
+        with self.sessions() as session:
+            row = Dataset(
+                owner="bench", name=path.name, format="parquet", rows=info.rows,
+                columns=info.columns, size_bytes=stored.size, digest=stored.digest,
+                created_at=utcnow(),
+            )  # fmt: skip
+            session.add(row)
+            session.commit()
+            return row.id, path
+
+    def insert(self, kind: str, specs: list[dict[str, Any]]) -> list[str]:
+        """Insert queued jobs in one transaction; send them with send()."""
+        with self.sessions() as session:
+            created = [
+                jobs.create(session, kind=kind, owner="bench", spec=spec, queue="cpu")
+                for spec in specs
+            ]
+            session.commit()
+            return [job.id for job in created]
+
+    def send(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            send_run(self.celery, job_id, 0, "cpu", 0)
+
+    def wait(self, job_ids: list[str], timeout_s: float = 3600) -> None:
+        """Until every job is finished; raises if any did not succeed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                left = session.scalar(
+                    select(func.count()).where(Job.id.in_(job_ids), Job.state.not_in(TERMINAL))
+                )
+            if left == 0:
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError("jobs did not finish in time")
+        with self.sessions() as session:
+            bad = session.scalars(
+                select(Job).where(Job.id.in_(job_ids), Job.state != "succeeded")
+            ).all()
+        if bad:
+            raise RuntimeError(f"{len(bad)} jobs did not succeed, e.g. {bad[0].error_message}")
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        with self.sessions() as session:
+            return session.get(Job, job_id).result  # type: ignore[union-attr, return-value]
+
+    @contextmanager
+    def worker(self, **env: str) -> Iterator[subprocess.Popen]:
+        """One real Celery worker (as the launcher starts it), warmed up by an echo job."""
+        environ = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "KILN_DATABASE_URL": self.settings.database_url,
+            "KILN_REDIS_URL": self.settings.redis_url,
+            "KILN_DATA_DIR": str(self.settings.data_dir),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            **env,
+        }
+        argv = [sys.executable, "-m", "celery", "-A", "workers.main", "worker",
+                "--hostname", "bench@%h", "--queues", "cpu", "--concurrency", "1",
+                "--prefetch-multiplier", "1", "--pool", "prefork", "--without-mingle",
+                "--without-gossip", "--loglevel", "WARNING"]  # fmt: skip
+        log = (self.folder / "worker.log").open("ab")
+        process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=log, stderr=log)
+        try:
+            warm = self.insert("echo", [{"message": "warm"}])
+            self.send(warm)
+            self.wait(warm, timeout_s=120)
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            log.close()
+
+
+def _schema() -> pa.Schema:
+    return pa.schema([("id", pa.int64())] + [(f"f{i}", pa.float32()) for i in range(WIDTH)])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far by a process and its children."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+class PeakRSS:
+    """Sample the resident memory of a process tree in a thread; .peak in bytes."""
+
+    def __init__(self, pid: int, every_s: float = 0.02) -> None:
+        self.root, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

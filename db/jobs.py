@@ -1,0 +1,316 @@
+"""Job state transitions, each a compare-and-set UPDATE that wins or reports that it lost.
+
+Every write a worker makes names the attempt it holds, so a worker that lost its claim
+(its job was re-queued after a missed heartbeat, say) can never overwrite the new attempt.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.models import Job, JobEvent, Metric
+from kiln.errors import IllegalTransition, NotFound
+from kiln.states import JobState
+
+
+def create(
+    session: Session,
+    *,
+    kind: str,
+    owner: str,
+    spec: dict[str, Any],
+    queue: str,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    idempotency_fingerprint: str | None = None,
+) -> Job:
+    """Insert a queued job; the caller commits, then sends its id to the broker."""
+    job = Job(
+        kind=kind,
+        owner=owner,
+        spec=spec,
+        queue=queue,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        idempotency_fingerprint=idempotency_fingerprint,
+        state=JobState.QUEUED,
+        attempt=0,
+        progress=0.0,
+        message="queued",
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    """UPDATE the job only if `where` holds; True if this caller won."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, where).values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _holds(attempt: int) -> ColumnElement[bool]:
+    return and_(Job.state == JobState.RUNNING, Job.attempt == attempt)
+
+
+def claim(session: Session, job_id: str, attempt: int, worker: str, device: str) -> int | None:
+    """Move a queued job to running; returns the new attempt number, or None if this
+    message is stale (the job already ran, runs elsewhere, or was cancelled)."""
+    now = utcnow()
+    won = _cas(
+        session,
+        job_id,
+        and_(
+            Job.state == JobState.QUEUED,
+            Job.attempt == attempt,
+            Job.cancel_requested.is_(False),
+        ),
+        state=JobState.RUNNING,
+        attempt=attempt + 1,
+        worker=worker,
+        device=device,
+        started_at=now,
+        heartbeat_at=now,
+        message="running",
+    )
+    return attempt + 1 if won else None
+
+
+def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
+    """Record that the attempt is alive; False means it no longer holds the job."""
+    return _cas(session, job_id, _holds(attempt), heartbeat_at=utcnow())
+
+
+def report_progress(
+    session: Session, job_id: str, attempt: int, progress: float, message: str
+) -> bool:
+    """Store progress (clamped to 0..1) and the status line; doubles as a heartbeat."""
+    clamped = min(max(progress, 0.0), 1.0)
+    return _cas(
+        session,
+        job_id,
+        _holds(attempt),
+        progress=clamped,
+        message=message,
+        heartbeat_at=utcnow(),
+    )
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+    return _cas(
+        session,
+        job_id,
+        _holds(attempt),
+        state=JobState.SUCCEEDED,
+        progress=1.0,
+        message="succeeded",
+        result=result,
+        finished_at=utcnow(),
+    )
+
+
+def attach_result(session: Session, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+    """Record a running attempt's partial result (the error file of a job about to fail)."""
+    return _cas(session, job_id, _holds(attempt), result=result)
+
+
+def fail(
+    session: Session, job_id: str, attempt: int | None, error_type: str, error_message: str
+) -> bool:
+    """Fail a running attempt, or (attempt None) a job wherever it is not yet finished."""
+    where = (
+        _holds(attempt)
+        if attempt is not None
+        else Job.state.in_([JobState.QUEUED, JobState.RUNNING])
+    )
+    return _cas(
+        session,
+        job_id,
+        where,
+        state=JobState.FAILED,
+        message=f"failed: {error_message}"[:1000],
+        error_type=error_type,
+        error_message=error_message,
+        finished_at=utcnow(),
+    )
+
+
+def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
+    """A running attempt saw the cancel request and stopped."""
+    return _cas(
+        session,
+        job_id,
+        _holds(attempt),
+        state=JobState.CANCELLED,
+        message="cancelled while running",
+        finished_at=utcnow(),
+    )
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued job at once, or ask a running one to stop at its next step."""
+    if JobState(job.state).is_terminal:
+        raise IllegalTransition(f"job {job.id} is already {job.state}; it cannot be cancelled")
+    now = utcnow()
+    if not _cas(
+        session,
+        job.id,
+        Job.state == JobState.QUEUED,
+        state=JobState.CANCELLED,
+        cancel_requested=True,
+        message="cancelled before it started",
+        finished_at=now,
+    ):
+        _cas(
+            session,
+            job.id,
+            Job.state == JobState.RUNNING,
+            cancel_requested=True,
+            message="cancel requested",
+        )
+    session.refresh(job)
+    return job
+
+
+def requeue(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    reason: str,
+    *,
+    graceful: bool = False,
+    oom: bool = False,
+) -> bool:
+    """Put a running attempt back in the queue (its worker was lost or shut down, or it hit
+    a transient error).
+
+    `graceful` (a worker shutting down on SIGTERM) refunds the attempt: shutdown_attempts
+    grows with it, so max_attempts never counts it. `oom` counts a RetryableOOM, so the next
+    attempt's runner can shrink its batch. A job whose cancellation was requested is never
+    re-queued: no claim would take it, so it would wait forever; the caller cancels it.
+    """
+    values: dict[str, Any] = {}
+    if graceful:
+        values["shutdown_attempts"] = Job.shutdown_attempts + 1
+    if oom:
+        values["oom_retries"] = Job.oom_retries + 1
+    return _cas(
+        session,
+        job_id,
+        and_(_holds(attempt), Job.cancel_requested.is_(False)),
+        state=JobState.QUEUED,
+        message=f"re-queued: {reason}",
+        worker=None,
+        device=None,
+        sent_at=None,
+        **values,
+    )
+
+
+def mark_sent(session: Session, job_id: str, attempt: int, at: datetime | None = None) -> bool:
+    """Record that a message for this queued attempt was sent (to be delivered at `at`)."""
+    return _cas(
+        session,
+        job_id,
+        and_(Job.state == JobState.QUEUED, Job.attempt == attempt),
+        sent_at=at or utcnow(),
+    )
+
+
+def stalled(session: Session, older_than: timedelta) -> list[Job]:
+    """Running jobs whose heartbeat is older than `older_than`."""
+    cutoff: datetime = utcnow() - older_than
+    return list(
+        session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff))
+    )
+
+
+def waiting(session: Session, older_than: timedelta) -> list[Job]:
+    """Queued jobs whose latest message was sent more than `older_than` ago, or that were
+    queued that long ago and never sent (the send after commit failed)."""
+    cutoff: datetime = utcnow() - older_than
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.state == JobState.QUEUED,
+                or_(
+                    Job.sent_at < cutoff,
+                    and_(Job.sent_at.is_(None), Job.created_at < cutoff),
+                ),
+            )
+        )
+    )
+
+
+def count_queued(session: Session, owner: str) -> int:
+    """How many of `owner`'s jobs wait in the queue (the per-owner quota counts these)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner == owner, Job.state == JobState.QUEUED)
+        )
+        or 0
+    )
+
+
+def find_idempotent(session: Session, owner: str, key: str) -> Job | None:
+    """The job `owner` submitted earlier with this Idempotency-Key, if any."""
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def log(session: Session, job_id: str, message: str, level: str = "info") -> None:
+    session.add(JobEvent(job_id=job_id, message=message, level=level, at=utcnow()))
+
+
+def record_metric(session: Session, job_id: str, name: str, step: int, value: float) -> None:
+    """Record one metric point; a resumed attempt re-reporting a step overwrites it."""
+    existing = session.scalar(
+        select(Metric).where(Metric.job_id == job_id, Metric.name == name, Metric.step == step)
+    )
+    if existing is None:
+        session.add(Metric(job_id=job_id, name=name, step=step, value=value, at=utcnow()))
+    else:
+        existing.value = value
+
+
+def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, float]]) -> None:
+    """record_metric for many points at once: one SELECT and one INSERT, not one per point."""
+    if not points:
+        return
+    latest = {(name, step): value for name, step, value in points}
+    names = {name for name, _ in latest}
+    existing = {
+        (m.name, m.step): m
+        for m in session.scalars(
+            select(Metric).where(Metric.job_id == job_id, Metric.name.in_(names))
+        )
+        if (m.name, m.step) in latest
+    }
+    now = utcnow()
+    for (name, step), value in latest.items():
+        if (name, step) in existing:
+            existing[(name, step)].value = value
+        else:
+            session.add(Metric(job_id=job_id, name=name, step=step, value=value, at=now))
+
+
+def get_owned(session: Session, job_id: str, owner: str | None) -> Job:
+    """The job, if `owner` may see it (None: an admin sees all); otherwise NotFound."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise NotFound(f"no job {job_id}")
+    return job

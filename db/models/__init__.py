@@ -1,0 +1,9 @@
+"""ORM models; importing this package registers every table on Base.metadata."""
+
+from db.models.auth import ApiKey
+from db.models.datasets import Dataset
+from db.models.jobs import Job, JobEvent, Metric
+from db.models.registry import Model, ModelVersion
+from db.models.schedules import Schedule
+
+__all__ = ["ApiKey", "Dataset", "Job", "JobEvent", "Metric", "Model", "ModelVersion", "Schedule"]

@@ -1,0 +1,115 @@
+"""Job, JobEvent and Metric: a job's row, its log lines and its metric series."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db.base import Base, UTCDateTime, new_id, utcnow
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
+            name="state_known",
+        ),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_in_unit_range"),
+        # A finished job says when it finished; a failed one says why.
+        CheckConstraint(
+            "state NOT IN ('succeeded', 'failed', 'cancelled') OR finished_at IS NOT NULL",
+            name="terminal_has_finished_at",
+        ),
+        CheckConstraint("state != 'failed' OR error_type IS NOT NULL", name="failed_has_error"),
+        UniqueConstraint("owner", "idempotency_key"),
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    owner: Mapped[str] = mapped_column(String(100))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: Celery queue the job is sent to (decided by kiln.routing at submit time).
+    queue: Mapped[str] = mapped_column(String(32))
+    #: Bumped by each claim; every later write by a worker names the attempt it holds.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: Attempts ended by a graceful worker shutdown (SIGTERM). They are not the job's fault,
+    #: so max_attempts counts `attempt - shutdown_attempts`; `attempt` itself only grows,
+    #: because it is the fencing token every worker write is checked against.
+    shutdown_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Attempts ended by a RetryableOOM; runners shrink their batch by this many halvings.
+    oom_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: When the latest message for the current attempt was sent (or will be delivered, for a
+    #: delayed retry); None while the first send has not happened. The reconciler resends a
+    #: queued job whose message is older than a grace period and absent from the broker.
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(32))
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    #: sha256 of the canonical submission body sent with the Idempotency-Key.
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def charged_attempts(self) -> int:
+        """Attempts that count against max_attempts (graceful shutdowns do not)."""
+        return self.attempt - self.shutdown_attempts
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """Why the job failed, as the API shows it."""
+        if self.error_type is None:
+            return None
+        return {"type": self.error_type, "message": self.error_message or ""}
+
+
+class JobEvent(Base):
+    """One log line of a job, as the user reads it."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Metric(Base):
+    """One point of a metric series (train_loss at epoch 3, say)."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("job_id", "name", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    step: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

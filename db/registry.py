@@ -1,0 +1,190 @@
+"""The model registry: find models and versions, register them, move aliases, delete."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.models import Dataset, Job, Model, ModelVersion
+from kiln.errors import InUse, InvalidRequest, NotFound
+
+#: An alias starts with a letter, so it can never be mistaken for a version number.
+_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,62}$")
+
+
+def get_model(session: Session, owner: str, name: str) -> Model:
+    model = session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
+    if model is None:
+        raise NotFound(f"no model {name!r}")
+    return model
+
+
+def resolve_version(session: Session, model: Model, ref: str | int) -> ModelVersion:
+    """A version by number, by alias, or `latest` (the highest number)."""
+    number: int | None
+    # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts.
+    if isinstance(ref, int) or str(ref).isdecimal():
+        number = int(ref)
+    elif ref == "latest":
+        number = session.scalar(
+            select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)
+        )
+    else:
+        number = model.aliases.get(str(ref))
+    found = None
+    # Version numbers start at 1 and fit an INTEGER column; binding a larger one would fail.
+    if number is not None and 0 < number < 2**31:
+        found = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.model_id == model.id, ModelVersion.number == number
+            )
+        )
+    if found is None:
+        raise NotFound(f"model {model.name!r} has no version {ref!r}")
+    return found
+
+
+def register_version(
+    session: Session,
+    *,
+    owner: str,
+    name: str,
+    source_job_id: str | None,
+    arch: str,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    artifact_digest: str,
+    artifact_size: int,
+    dataset_digest: str | None,
+    lineage: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Add the next version of `name` (creating the model). A job registers at most one
+    version: if `source_job_id` already has one (a redelivered job), that one is returned.
+
+    Without an explicit `lineage`, a job's version records the job's kind and spec, so the
+    version stays reproducible (dataset, target, split seed) even after the job is gone.
+    """
+    if source_job_id is not None:
+        existing = session.scalar(
+            select(ModelVersion).where(ModelVersion.source_job_id == source_job_id)
+        )
+        if existing is not None:
+            return existing
+        if lineage is None:
+            job = session.get(Job, source_job_id)
+            if job is not None:
+                lineage = {"origin": job.kind, "spec": job.spec}
+    model = session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
+    if model is None:
+        model = Model(owner=owner, name=name, aliases={}, last_number=0, created_at=utcnow())
+        session.add(model)
+        session.flush()
+    # One atomic increment: two versions registered at once get different numbers, and a
+    # deleted version's number is never given out again.
+    number = session.execute(
+        update(Model)
+        .where(Model.id == model.id)
+        .values(last_number=Model.last_number + 1)
+        .returning(Model.last_number),
+        execution_options={"synchronize_session": False},
+    ).scalar_one()
+    version = ModelVersion(
+        model_id=model.id,
+        number=number,
+        source_job_id=source_job_id,
+        arch=arch,
+        config=config,
+        metrics=metrics,
+        artifact_digest=artifact_digest,
+        artifact_size=artifact_size,
+        dataset_digest=dataset_digest,
+        lineage=lineage or {},
+        exports={},
+        created_at=utcnow(),
+    )
+    session.add(version)
+    session.flush()
+    session.expire(model, ["last_number"])
+    return version
+
+
+def _locked(session: Session, model: Model) -> Model:
+    """Re-read the model row FOR UPDATE, so concurrent alias moves apply one after another."""
+    session.refresh(model, with_for_update=True)
+    return model
+
+
+def set_alias(session: Session, model: Model, alias: str, number: int) -> Model:
+    """Point `alias` at version `number` (creating or moving it)."""
+    if not _ALIAS.match(alias) or alias == "latest":
+        raise InvalidRequest(
+            "an alias is 1-63 letters, digits, '.', '_' or '-', starts with a letter, "
+            "and is not 'latest'"
+        )
+    model = _locked(session, model)
+    resolve_version(session, model, number)  # 404 unless the version exists
+    # A new dict, not an in-place edit: JSON columns only notice reassignment.
+    model.aliases = {**model.aliases, alias: number}
+    session.flush()
+    return model
+
+
+def remove_alias(session: Session, model: Model, alias: str) -> Model:
+    model = _locked(session, model)
+    if alias not in model.aliases:
+        raise NotFound(f"model {model.name!r} has no alias {alias!r}")
+    model.aliases = {name: n for name, n in model.aliases.items() if name != alias}
+    session.flush()
+    return model
+
+
+def delete_version(session: Session, model: Model, ref: str | int) -> list[str]:
+    """Delete a version unless an alias points at it (InUse). Returns the digests of its
+    files that nothing else refers to any more: the caller removes them after committing."""
+    model = _locked(session, model)
+    version = resolve_version(session, model, ref)
+    pointing = sorted(alias for alias, n in model.aliases.items() if n == version.number)
+    if pointing:
+        raise InUse(
+            f"version {version.number} of {model.name!r} is aliased as {', '.join(pointing)}; "
+            "move or delete the alias first"
+        )
+    digests = {version.artifact_digest, *(e["digest"] for e in version.exports.values())}
+    session.delete(version)
+    session.flush()
+    return sorted(d for d in digests if not digest_in_use(session, d))
+
+
+def record_export(session: Session, version_id: str, fmt: str, digest: str, size: int) -> None:
+    """Note on a version that its `fmt` export is stored under `digest`."""
+    version = session.get(ModelVersion, version_id, with_for_update=True)
+    if version is None:
+        raise NotFound("the model version was deleted while it was being exported")
+    version.exports = {**version.exports, fmt: {"digest": digest, "size": size}}
+    session.flush()
+
+
+def versions_trained_on(session: Session, dataset: Dataset) -> list[str]:
+    """The owner's versions whose lineage names this dataset's file, as 'name vN'."""
+    rows = session.execute(
+        select(Model.name, ModelVersion.number)
+        .join(ModelVersion.model)
+        .where(Model.owner == dataset.owner, ModelVersion.dataset_digest == dataset.digest)
+        .order_by(Model.name, ModelVersion.number)
+    )
+    return [f"{name} v{number}" for name, number in rows]
+
+
+def digest_in_use(session: Session, digest: str) -> bool:
+    """Whether any row still refers to this artifact: a dataset, a version's weights or its
+    training data, or an export (the store shares one file between identical contents)."""
+    for column in (Dataset.digest, ModelVersion.artifact_digest, ModelVersion.dataset_digest):
+        if session.scalar(select(column).where(column == digest).limit(1)) is not None:
+            return True
+    # Exports live in a JSON column; there are few, so they are checked here, not in SQL.
+    exports = session.scalars(select(ModelVersion.exports))
+    return any(e.get("digest") == digest for found in exports for e in found.values())

@@ -1,0 +1,146 @@
+"""Schedules: cron arithmetic (UTC) and the rows' lifecycle; firing is a compare-and-set.
+
+A schedule fires by moving its next_run_at forward with a conditional UPDATE (from the time
+it was due to the next cron time after now) and creating its job in the same transaction,
+so two scheduler processes can never fire one slot twice, and a scheduler that was down for
+several slots fires once when it comes back, not once per missed slot.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from croniter import croniter
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db import jobs
+from db.base import utcnow
+from db.models import Job, Schedule
+from kiln import routing
+from kiln.errors import InvalidSpec, NotFound
+from kiln.specs import parse_spec
+
+
+def check_cron(expression: str) -> str:
+    """The expression, if it is a valid five-field cron line; InvalidSpec otherwise."""
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        raise InvalidSpec(
+            f"cron {expression!r} is not a five-field cron expression (minute hour day "
+            "month weekday), such as '0 2 * * *' for 02:00 UTC every day",
+            [{"loc": ["cron"], "msg": "invalid cron expression"}],
+        )
+    return expression
+
+
+def next_after(expression: str, when: datetime) -> datetime:
+    """The first time strictly after `when` that matches `expression` (UTC)."""
+    found = croniter(expression, when.astimezone(UTC)).get_next(datetime)
+    return found.astimezone(UTC)
+
+
+def upcoming(expression: str, after: datetime, count: int) -> list[datetime]:
+    """The next `count` times after `after`."""
+    times: list[datetime] = []
+    for _ in range(count):
+        after = next_after(expression, after)
+        times.append(after)
+    return times
+
+
+def create(
+    session: Session,
+    *,
+    owner: str,
+    name: str,
+    cron: str,
+    kind: str,
+    spec: dict[str, Any],
+    priority: int,
+    enabled: bool,
+) -> Schedule:
+    """Validate the cron line and the job template (the kind's spec, as POST /jobs does)."""
+    check_cron(cron)
+    template = parse_spec(kind, spec).model_dump(mode="json")
+    now = utcnow()
+    schedule = Schedule(
+        owner=owner,
+        name=name,
+        cron=cron,
+        kind=kind,
+        spec=template,
+        priority=priority,
+        enabled=enabled,
+        next_run_at=next_after(cron, now),
+        created_at=now,
+    )
+    session.add(schedule)
+    session.flush()
+    return schedule
+
+
+def get_owned(session: Session, schedule_id: str, owner: str | None) -> Schedule:
+    schedule = session.get(Schedule, schedule_id)
+    if schedule is None or (owner is not None and schedule.owner != owner):
+        raise NotFound(f"no schedule {schedule_id}")
+    return schedule
+
+
+def listed(session: Session, owner: str | None) -> list[Schedule]:
+    query = select(Schedule).order_by(Schedule.created_at, Schedule.id)
+    if owner is not None:
+        query = query.where(Schedule.owner == owner)
+    return list(session.scalars(query))
+
+
+def set_enabled(session: Session, schedule: Schedule, enabled: bool) -> Schedule:
+    """Pause or resume. Resuming counts from now: slots passed while paused never fire."""
+    if enabled and not schedule.enabled:
+        schedule.next_run_at = next_after(schedule.cron, utcnow())
+    schedule.enabled = enabled
+    session.flush()
+    return schedule
+
+
+def due(session: Session, now: datetime) -> list[Schedule]:
+    return list(
+        session.scalars(
+            select(Schedule).where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
+        )
+    )
+
+
+def fire(
+    session: Session, schedule: Schedule, was_due: datetime, next_run_at: datetime
+) -> Job | None:
+    """Move the schedule from `was_due` to `next_run_at` and create its job, if this caller
+    wins the move; the caller commits, then sends the job (as POST /jobs does)."""
+    now = utcnow()
+    won = session.execute(
+        update(Schedule)
+        .where(
+            Schedule.id == schedule.id,
+            Schedule.enabled.is_(True),
+            Schedule.next_run_at == was_due,
+        )
+        .values(next_run_at=next_run_at, last_run_at=now),
+        execution_options={"synchronize_session": False},
+    ).rowcount  # type: ignore[attr-defined]
+    if won != 1:
+        return None
+    spec = parse_spec(schedule.kind, schedule.spec)
+    job = jobs.create(
+        session,
+        kind=schedule.kind,
+        owner=schedule.owner,
+        spec=spec.model_dump(mode="json"),
+        queue=routing.queue_for(spec.device),
+        priority=schedule.priority,
+    )
+    jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
+    session.execute(
+        update(Schedule).where(Schedule.id == schedule.id).values(last_job_id=job.id),
+        execution_options={"synchronize_session": False},
+    )
+    return job

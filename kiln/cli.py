@@ -1,0 +1,266 @@
+"""The `kiln` command: client commands that call a Kiln server over HTTP, and server
+commands that run Kiln's processes on its own hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from kiln.client_cli import COMMANDS, Remote, exit_code
+from kiln.settings import Settings
+
+_HELP = """Kiln: an asynchronous job-queue backend for PyTorch.
+
+\b
+Client commands talk to a Kiln server over HTTP: the server at --url (or KILN_URL,
+default http://127.0.0.1:8000) with the key --api-key (or KILN_API_KEY).
+Server commands run on Kiln's own hosts and read KILN_DATABASE_URL, KILN_REDIS_URL and
+the other KILN_* settings. `kiln keys` is both: with a server named (--url or KILN_URL)
+it calls the API with an admin key; without one it writes to the database directly.
+
+\b
+Exit codes:
+  0  success (for wait: the job succeeded)
+  1  the job failed or was cancelled (wait, submit --wait)
+  2  usage error (bad flags, unreadable spec file)
+  3  the API refused the request (4xx other than below, 5xx)
+  4  not found (no such job, model, dataset or key; or not yours)
+  5  authentication or permission (no key, unknown or revoked key, not admin)
+  6  wait --timeout passed before the job finished
+  7  the server cannot be reached
+"""
+
+
+SERVER_SECTION = "Server commands (on Kiln's hosts)"
+CLIENT_SECTION = "Client commands (over HTTP)"
+
+
+class KilnGroup(click.Group):
+    """Lists commands in two sections and turns client errors into documented exit codes."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {CLIENT_SECTION: [], SERVER_SECTION: []}
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            section = getattr(command, "kiln_section", CLIENT_SECTION)
+            sections[section].append((name, command.get_short_help_str(limit=60)))
+        for title, rows in sections.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from kiln.client import ClientError
+
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:
+            click.echo(f"error: {exc}", err=True)
+            for detail in getattr(exc, "errors", []):
+                click.echo(f"  {'.'.join(map(str, detail.get('loc', [])))}: {detail.get('msg')}")
+            ctx.exit(exit_code(exc))
+
+
+def server_command(command: click.Command) -> click.Command:
+    command.kiln_section = SERVER_SECTION  # type: ignore[attr-defined]
+    return command
+
+
+@click.group(cls=KilnGroup, help=_HELP)
+@click.option("--url", envvar="KILN_URL", help="The Kiln server [KILN_URL].")
+@click.option("--api-key", envvar="KILN_API_KEY", help="Your API key [KILN_API_KEY].")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's answers as JSON.")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, api_key: str | None, as_json: bool) -> None:
+    ctx.obj = Remote(url=url, api_key=api_key, as_json=as_json)
+
+
+def _settings() -> Settings:
+    """Settings for a server command, with logging set up the way they ask."""
+    from kiln import logs
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logs.configure(settings.log_format)
+    return settings
+
+
+@server_command
+@main.command(short_help="Web, workers and scheduler together (foreground).")
+def run() -> None:
+    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all."""
+    from kiln.supervise import Supervisor
+
+    settings = _settings()
+    env = dict(os.environ)
+    redis = None
+    if not settings.redis_url:
+        from kiln.embedded import start_redis
+
+        redis, env["KILN_REDIS_URL"] = start_redis(settings.data_dir / "redis")
+        click.echo(f"no KILN_REDIS_URL: started an embedded Redis at {env['KILN_REDIS_URL']}")
+    _migrate(settings)
+    supervisor = Supervisor(restart=True)
+    for role in ("web", "worker", "scheduler"):
+        supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
+    click.echo(f"Kiln on http://{settings.host}:{settings.port} (Ctrl-C stops it)")
+    try:
+        sys.exit(supervisor.run())
+    finally:
+        if redis is not None:
+            redis.shutdown()
+
+
+@server_command
+@main.command(short_help="The web server (gunicorn).")
+def web() -> None:
+    """The web server (gunicorn), with /metrics summed over its worker processes."""
+    import shutil
+
+    settings = _settings()
+    # gunicorn's workers share Prometheus counters through files in this folder; a
+    # previous run's files would add stale counts, so it starts empty.
+    metrics_dir = settings.prometheus_dir / "web"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    os.execvp(  # noqa: S606 (fixed argv, replaces this process)
+        sys.executable,
+        [
+            sys.executable, "-m", "gunicorn", "web.wsgi:app",
+            "--bind", f"{settings.host}:{settings.port}",
+            "--workers", "2", "--threads", "4", "--access-logfile", "-",
+        ],
+    )  # fmt: skip
+
+
+@server_command
+@main.command(short_help="The worker launcher (a Celery worker per GPU).")
+def worker() -> None:
+    """The worker launcher: one Celery worker per GPU, or a CPU worker; metrics on
+    KILN_METRICS_PORT."""
+    from workers.launch import run as launch
+
+    sys.exit(launch(_settings()))
+
+
+@server_command
+@main.command(short_help="Re-queue lost jobs, resend lost messages.")
+def scheduler() -> None:
+    """Periodic maintenance: re-queue lost jobs, resend lost messages."""
+    from workers.scheduler import run_forever
+
+    run_forever(_settings())
+
+
+@server_command
+@main.command(short_help="Upgrade the database schema.")
+def migrate() -> None:
+    """Upgrade the database to the latest schema (and create KILN_ADMIN_KEY's key)."""
+    _migrate(_settings())
+    click.echo("database is at the latest schema")
+
+
+def _migrate(settings: Settings) -> None:
+    from db import keys
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.migrate import upgrade
+
+    upgrade(settings.resolved_database_url)
+    if settings.admin_key:
+        engine = make_engine(settings.resolved_database_url)
+        with session_scope(make_sessionmaker(engine)) as session:
+            keys.ensure_admin(session, settings.admin_key)
+        engine.dispose()
+
+
+@main.group(name="keys", short_help="API keys (over the API, or in the database).")
+def keys_group() -> None:
+    """API keys: over the API with --url/KILN_URL (admin key), else in the database."""
+
+
+def _key_line(key: dict[str, Any]) -> str:
+    revoked = f" revoked {key['revoked_at']}" if key.get("revoked_at") else ""
+    return f"{key['id']}  {key['owner']:<16} {key['role']:<6} {key['prefix']}…{revoked}"
+
+
+@keys_group.command(name="create")
+@click.option("--owner", required=True, help="Who the key belongs to.")
+@click.option("--role", type=click.Choice(["user", "admin"]), default="user")
+@click.pass_obj
+def create_key(remote: Remote, owner: str, role: str) -> None:
+    """Create a key and print it (it is shown this once)."""
+    if remote.url:
+        key = remote.client().create_key(owner, role)
+    else:
+        from db import keys
+
+        with _database() as session:
+            row, plaintext = keys.create(session, owner=owner, role=role)
+            key = {"id": row.id, "owner": owner, "role": role, "key": plaintext}
+    click.echo(f"id={key['id']} owner={owner} role={role}", err=True)
+    click.echo(key["key"])
+
+
+@keys_group.command(name="list")
+@click.pass_obj
+def list_keys(remote: Remote) -> None:
+    """Every key: id, owner, role, the first characters, and when it was revoked."""
+    if remote.url:
+        found = remote.client().keys()
+    else:
+        from db import keys
+        from kiln.schemas import KeyOut
+
+        with _database() as session:
+            found = [
+                KeyOut.model_validate(k).model_dump(mode="json") for k in keys.list_keys(session)
+            ]
+    if remote.as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for key in found:
+        click.echo(_key_line(key))
+
+
+@keys_group.command(name="revoke")
+@click.argument("key_id")
+@click.pass_obj
+def revoke_key(remote: Remote, key_id: str) -> None:
+    """Revoke a key by its id."""
+    if remote.url:
+        remote.client().revoke_key(key_id)
+    else:
+        from db import keys
+
+        with _database() as session:
+            keys.revoke(session, key_id)
+    click.echo(f"revoked {key_id}")
+
+
+@contextmanager
+def _database() -> Iterator[Any]:
+    from db.engine import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The `kiln` client commands: submit, status, wait, logs, cancel, download, datasets, models.
+
+Each is a thin shell over kiln.Client. Human output goes to stdout (ids alone where a
+script would capture them) and progress to stderr; --json prints the API's answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import click
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ExitCode(IntEnum):
+    """What `kiln` exits with; documented in `kiln --help` and docs/cli.md."""
+
+    OK = 0
+    JOB_NOT_SUCCEEDED = 1
+    USAGE = 2
+    API_ERROR = 3
+    NOT_FOUND = 4
+    AUTH = 5
+    TIMEOUT = 6
+    UNREACHABLE = 7
+
+
+def exit_code(exc: Exception) -> ExitCode:
+    """The documented exit code for a client error."""
+    from kiln.client import AuthError, ConnectionFailed, NotFoundError, WaitTimeout
+
+    for kind, code in (
+        (NotFoundError, ExitCode.NOT_FOUND),
+        (AuthError, ExitCode.AUTH),
+        (WaitTimeout, ExitCode.TIMEOUT),
+        (ConnectionFailed, ExitCode.UNREACHABLE),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return ExitCode.API_ERROR
+
+
+@dataclass(frozen=True)
+class Remote:
+    """The server the client commands call, from the group's flags or the environment."""
+
+    url: str | None
+    api_key: str | None
+    as_json: bool
+
+    def client(self) -> Any:
+        from kiln.client import Client
+
+        return Client(self.url, self.api_key)
+
+
+def _remote() -> Remote:
+    return click.get_current_context().find_object(Remote) or Remote(None, None, False)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+# Submitting
+
+
+@click.command(
+    short_help="Queue a job (spec from flags or a YAML/JSON file).",
+    options_metavar="[KIND] [--FIELD VALUE]... [OPTIONS]",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="Spec fields are given as --field value (dashes become underscores, dots nest: "
+    "--arch-params.hidden 64); values are read as JSON when they parse (20, 0.5, true, "
+    "[1,2]) and as text otherwise. They override the spec file's fields.",
+)
+@click.option(
+    "-f",
+    "--file",
+    "spec_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A YAML or JSON file: {kind, spec, priority}, or the spec alone.",
+)
+@click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
+@click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
+@click.pass_context
+def submit(
+    ctx: click.Context, spec_file: Path | None, priority: int | None, then_wait: bool
+) -> None:
+    """Queue a job: `kiln submit train --model-name digits --epochs 20`, or `-f spec.yaml`;
+    prints its id."""
+    # KIND is read here, not by click: as an optional argument it would swallow the
+    # value of a spec flag (`-f job.yaml --epochs 7` would make "7" the kind).
+    args = list(ctx.args)
+    kind = args.pop(0) if args and not args[0].startswith("-") else None
+    body = _read_spec_file(spec_file) if spec_file else {}
+    spec = dict(body.get("spec", {}))
+    for path, value in _spec_flags(args):
+        _set_nested(spec, path, value)
+    kind = kind or body.get("kind")
+    if not kind:
+        raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
+    remote = _remote()
+    job = remote.client().submit(
+        kind, spec, priority if priority is not None else body.get("priority", 0)
+    )
+    if remote.as_json and not then_wait:
+        _print_json(job)
+    elif not then_wait:
+        click.echo(job["id"])
+    click.echo(f"queued {kind} job {job['id']}", err=True)
+    if then_wait:
+        ctx.invoke(wait, job_id=job["id"])
+
+
+def _read_spec_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.UsageError(f"cannot read {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise click.UsageError(f"{path} must hold a mapping")
+    if "spec" in loaded or "kind" in loaded:
+        unknown = set(loaded) - {"kind", "spec", "priority"}
+        if unknown:
+            raise click.UsageError(f"{path}: unknown keys {sorted(unknown)}; put them in spec")
+        return loaded
+    return {"spec": loaded}
+
+
+def _spec_flags(args: list[str]) -> Iterator[tuple[list[str], Any]]:
+    """--some-field value and --some-field=value pairs, as (path, parsed value)."""
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        if not arg.startswith("--") or arg == "--":
+            raise click.UsageError(f"unexpected argument {arg!r}; spec fields are --name value")
+        name, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if position + 1 >= len(args):
+                raise click.UsageError(f"--{name} needs a value")
+            position += 1
+            value = args[position]
+        position += 1
+        yield [part.replace("-", "_") for part in name.split(".")], _parse_value(value)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _set_nested(spec: dict[str, Any], path: list[str], value: Any) -> None:
+    target = spec
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise click.UsageError(f"{'.'.join(path)}: {part} is not a mapping")
+    target[path[-1]] = value
+
+
+# Following a job
+
+
+@click.command(short_help="A job's state, progress, result or error.")
+@click.argument("job_id")
+def status(job_id: str) -> None:
+    """A job's state, progress, worker, result or error."""
+    remote = _remote()
+    job = remote.client().job(job_id)
+    if remote.as_json:
+        _print_json(job)
+        return
+    click.echo(
+        f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {job['message']}"
+    )
+    if job.get("worker"):
+        click.echo(f"worker {job['worker']} device {job['device']} attempt {job['attempt']}")
+    if job.get("error"):
+        click.echo(f"error {job['error']['type']}: {job['error']['message']}")
+    if job.get("result") is not None:
+        click.echo("result " + json.dumps(job["result"]))
+
+
+@click.command(name="jobs")
+@click.option("--state", type=click.Choice(["queued", "running", *TERMINAL]))
+@click.option("--kind")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
+    """Your jobs, newest first."""
+    remote = _remote()
+    found = list(remote.client().jobs(state=state, kind=kind, limit=limit))
+    if remote.as_json:
+        _print_json(found)
+        return
+    for job in found:
+        click.echo(f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}")
+
+
+@click.command(short_help="Wait for a job (progress bar); exit 0 if it succeeded.")
+@click.argument("job_id")
+@click.option(
+    "--timeout", "timeout_s", type=float, help="Give up after this many seconds (exit 6)."
+)
+@click.option("--interval", "poll_s", type=float, default=1.0, show_default=True)
+def wait(job_id: str, timeout_s: float | None, poll_s: float) -> None:
+    """Wait for a job with a progress bar and its latest metrics; exit 0 only if it
+    succeeded."""
+    remote = _remote()
+    client = remote.client()
+    with _progress() as progress:
+        bar = progress.add_task(job_id[:12], total=1.0, status="")
+
+        def show(job: dict[str, Any]) -> None:
+            latest = _latest_metrics(client.metrics(job_id)) if job["state"] != "queued" else ""
+            line = " ".join(filter(None, [job["state"], job["message"], latest]))
+            progress.update(bar, completed=job["progress"], status=line)
+
+        job = client.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_update=show)
+    if remote.as_json:
+        _print_json(job)
+    else:
+        click.echo(f"{job['id']} {job['state']}")
+        if job.get("error"):
+            click.echo(f"error {job['error']['type']}: {job['error']['message']}", err=True)
+        elif job.get("result") is not None:
+            click.echo(json.dumps(job["result"]))
+    if job["state"] != "succeeded":
+        raise SystemExit(ExitCode.JOB_NOT_SUCCEEDED)
+
+
+def _latest_metrics(series: dict[str, list[dict[str, Any]]]) -> str:
+    return " ".join(
+        f"{name}={points[-1]['value']:.4g}" for name, points in series.items() if points
+    )
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(job_id: str, follow: bool) -> None:
+    """A job's log lines (GET /jobs/<id>/events)."""
+    remote = _remote()
+    client = remote.client()
+    if follow:
+        events: Any = client.follow(job_id)
+    else:
+        events = _all_events(client, job_id)
+    for event in events:
+        if remote.as_json:
+            click.echo(json.dumps(event))
+        else:
+            click.echo(f"{event['at']} {event['level']:<7} {event['message']}")
+
+
+def _all_events(client: Any, job_id: str) -> Iterator[dict[str, Any]]:
+    after = 0
+    while batch := client.events(job_id, after):
+        yield from batch
+        after = batch[-1]["id"]
+
+
+@click.command(short_help="Cancel a queued or running job.")
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: a queued one never starts, a running one stops at its next step."""
+    remote = _remote()
+    job = remote.client().cancel(job_id)
+    if remote.as_json:
+        _print_json(job)
+    else:
+        click.echo(
+            f"{job['id']} {job['state']}" + (" (stopping)" if job["state"] == "running" else "")
+        )
+
+
+@click.command(short_help="Download a job's output file.")
+@click.argument("job_id")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="A file, or a folder to keep the server's file name in (default: here).",
+)
+def download(job_id: str, output: Path | None) -> None:
+    """Download a job's output file (GET /jobs/<id>/output)."""
+    with _transfer_bar("downloading") as on_progress:
+        path = _remote().client().download_output(job_id, output, on_progress)
+    click.echo(str(path))
+
+
+# Datasets, models, keys
+
+
+@click.group()
+def datasets() -> None:
+    """Upload, list and show datasets."""
+
+
+@datasets.command(name="upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="A name to show (default: the file name).")
+def upload_dataset(path: Path, name: str | None) -> None:
+    """Upload a CSV file, streamed with a progress bar; prints the dataset id."""
+    remote = _remote()
+    with _transfer_bar("uploading") as on_progress:
+        dataset = remote.client().upload_dataset(path, name, on_progress)
+    if remote.as_json:
+        _print_json(dataset)
+    else:
+        click.echo(dataset["id"])
+        click.echo(
+            f"{dataset['name']}: {dataset['rows']} rows, {len(dataset['columns'])} columns",
+            err=True,
+        )
+
+
+@datasets.command(name="list")
+def list_datasets() -> None:
+    """Your datasets."""
+    remote = _remote()
+    found = remote.client().datasets()
+    if remote.as_json:
+        _print_json(found)
+        return
+    for dataset in found:
+        click.echo(
+            f"{dataset['id']}  {dataset['name']}  {dataset['rows']} rows  {dataset['format']}"
+        )
+
+
+@datasets.command(name="show")
+@click.argument("dataset_id")
+def show_dataset(dataset_id: str) -> None:
+    """One dataset, with its columns."""
+    _print_json(_remote().client().dataset(dataset_id))
+
+
+@click.group()
+def models() -> None:
+    """List and show models; point aliases at versions."""
+
+
+@models.command(name="list")
+def list_models() -> None:
+    """Your models, with their versions and aliases."""
+    remote = _remote()
+    found = remote.client().models()
+    if remote.as_json:
+        _print_json(found)
+        return
+    for model in found:
+        aliases = ", ".join(f"{a}->v{n}" for a, n in sorted(model["aliases"].items()))
+        click.echo(f"{model['name']}  {len(model['versions'])} versions  {aliases}".rstrip())
+
+
+@models.command(name="show")
+@click.argument("name")
+@click.option("--version", help="A number, an alias or latest; default: the whole model.")
+def show_model(name: str, version: str | None) -> None:
+    """A model, or one of its versions (metrics, config, artifact digest)."""
+    client = _remote().client()
+    _print_json(client.model_version(name, version) if version else client.model(name))
+
+
+@models.command(name="alias")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=click.IntRange(1))
+def set_alias(name: str, alias: str, version: int) -> None:
+    """Point ALIAS (production, staging, ...) at version VERSION of model NAME."""
+    model = _remote().client().set_alias(name, alias, version)
+    click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
+
+
+# Progress display (rich, on stderr; plain when stderr is not a terminal)
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
+    )
+    with progress:
+        yield progress
+
+
+@contextmanager
+def _transfer_bar(verb: str) -> Iterator[Any]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(
+        TextColumn(verb),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+    )
+    with progress:
+        bar = progress.add_task(verb, total=None)
+
+        def on_progress(done: int, total: int | None) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        yield on_progress
+
+
+COMMANDS = [submit, status, list_jobs, wait, logs, cancel, download, datasets, models]

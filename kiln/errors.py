@@ -1,0 +1,79 @@
+"""The KilnError hierarchy: each class declares its HTTP status and machine-readable code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KilnError(Exception):
+    """Base of every error Kiln reports to a user."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class InvalidRequest(KilnError):
+    status, code = 400, "invalid_request"
+
+
+class InvalidSpec(KilnError):
+    status, code = 422, "invalid_spec"
+
+
+class Unauthorized(KilnError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(KilnError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(KilnError):
+    status, code = 404, "not_found"
+
+
+class NoOutput(NotFound):
+    """The job exists but has no such file (yet, or at all)."""
+
+    code = "no_output"
+
+
+class IllegalTransition(KilnError):
+    status, code = 409, "illegal_transition"
+
+
+class InUse(KilnError):
+    """A delete refused because something still refers to the thing (an alias, a model)."""
+
+    status, code = 409, "in_use"
+
+
+class ExportMissing(KilnError):
+    status, code = 404, "export_missing"
+
+
+class UnsafeModelFile(KilnError):
+    """An upload that is (or hides) a pickle or zip archive: Kiln only loads safetensors."""
+
+    status, code = 415, "unsafe_model_file"
+
+
+class InvalidModelFile(KilnError):
+    status, code = 422, "invalid_model_file"
+
+
+class PayloadTooLarge(KilnError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedDataset(KilnError):
+    status, code = 422, "unsupported_dataset"
+
+
+class JobFailure(Exception):
+    """Raised inside a runner for a failure the user caused: the job fails, no retry."""

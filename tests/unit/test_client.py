@@ -1,0 +1,154 @@
+"""kiln.Client and the CLI's own parsing, against a stubbed HTTP server (`responses`).
+
+The real server, broker and worker are exercised in tests/integration/ops/test_ops_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import responses
+from click.testing import CliRunner
+
+import kiln
+from kiln.cli import main
+from kiln.client import ApiError, AuthError, Client, NotFoundError
+from kiln.client_cli import ExitCode
+
+URL = "http://kiln.test"
+JOB = {"id": "j" * 32, "kind": "train", "state": "queued", "progress": 0.0, "message": ""}
+
+
+@pytest.fixture
+def api() -> responses.RequestsMock:
+    with responses.RequestsMock() as mock:
+        yield mock
+
+
+def test_import_kiln_stays_light_and_exports_client_lazily() -> None:
+    code = "import sys, kiln; assert 'requests' not in sys.modules; kiln.Client; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+    assert kiln.Client is Client
+
+
+def test_url_and_key_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, api) -> None:
+    monkeypatch.setenv("KILN_URL", URL + "/")
+    monkeypatch.setenv("KILN_API_KEY", "secret")
+    api.get(f"{URL}/api/v1/jobs/x", json=JOB)
+    Client().job("x")
+    assert api.calls[0].request.headers["Authorization"] == "Bearer secret"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(404, NotFoundError), (401, AuthError), (403, AuthError), (500, ApiError)]
+)
+def test_problem_answers_become_typed_errors(api, status: int, kind: type[ApiError]) -> None:
+    body = {"status": status, "code": "some_code", "detail": "what happened", "errors": []}
+    api.get(f"{URL}/api/v1/jobs/x", json=body, status=status)
+    with pytest.raises(kind) as caught:
+        Client(URL, "k").job("x")
+    assert (caught.value.status, caught.value.code, caught.value.detail) == (
+        status, "some_code", "what happened",
+    )  # fmt: skip
+
+
+def test_an_error_without_a_problem_body_still_has_a_code(api) -> None:
+    api.get(f"{URL}/api/v1/jobs/x", body="<html>bad gateway</html>", status=502)
+    with pytest.raises(ApiError) as caught:
+        Client(URL, "k").job("x")
+    assert caught.value.code == "http_502"
+
+
+def test_download_keeps_the_servers_file_name_and_reports_progress(api, tmp_path: Path) -> None:
+    api.get(
+        f"{URL}/api/v1/jobs/j/output",
+        body=b"a,b\n1,2\n",
+        headers={"Content-Disposition": 'attachment; filename="../../predictions.csv"'},
+    )
+    seen: list[int] = []
+    path = Client(URL, "k").download_output("j", tmp_path, lambda done, total: seen.append(done))
+    assert path == tmp_path / "predictions.csv"  # never outside the folder asked for
+    assert path.read_bytes() == b"a,b\n1,2\n"
+    assert seen[-1] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+
+
+def test_jobs_follow_the_cursor_until_the_limit(api) -> None:
+    page = lambda n, cursor: {"jobs": [{**JOB, "id": f"{n}{i}"} for i in range(2)],  # noqa: E731
+                              "next_cursor": cursor}  # fmt: skip
+    api.get(f"{URL}/api/v1/jobs", json=page("a", "c1"))
+    api.get(f"{URL}/api/v1/jobs", json=page("b", None))
+    assert [j["id"] for j in Client(URL, "k").jobs(limit=3)] == ["a0", "a1", "b0"]
+    assert "cursor=c1" in api.calls[1].request.url
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), env={"KILN_URL": URL, "KILN_API_KEY": "k"})
+
+
+def test_submit_flags_become_a_typed_nested_spec(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    result = invoke(
+        "submit", "train", "--model-name", "digits", "--epochs", "20", "--lr=0.01",
+        "--arch-params.hidden", "[32, 16]", "--priority", "5",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == JOB["id"]
+    sent = json.loads(api.calls[0].request.body)
+    assert sent == {
+        "kind": "train",
+        "spec": {
+            "model_name": "digits",
+            "epochs": 20,
+            "lr": 0.01,
+            "arch_params": {"hidden": [32, 16]},
+        },
+        "priority": 5,
+    }
+
+
+def test_a_spec_file_is_read_and_flags_override_it(api, tmp_path: Path) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    spec = tmp_path / "job.yaml"
+    spec.write_text("kind: train\npriority: 2\nspec:\n  model_name: a\n  epochs: 3\n")
+    assert invoke("submit", "-f", str(spec), "--epochs", "7").exit_code == 0
+    sent = json.loads(api.calls[0].request.body)
+    assert sent == {"kind": "train", "spec": {"model_name": "a", "epochs": 7}, "priority": 2}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("submit",),  # no kind
+        ("submit", "echo", "stray"),
+        ("submit", "echo", "--message"),
+        ("submit", "-f", "/no/such/file.yaml"),
+    ],
+)
+def test_bad_usage_exits_2_without_calling_the_api(api, args: tuple[str, ...]) -> None:
+    assert invoke(*args).exit_code == ExitCode.USAGE
+    assert len(api.calls) == 0
+
+
+def test_unknown_keys_in_a_spec_file_are_usage_errors(api, tmp_path: Path) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"kind": "echo", "spec": {}, "priorty": 1}))
+    result = invoke("submit", "-f", str(spec))
+    assert result.exit_code == ExitCode.USAGE
+    assert "priorty" in result.output
+
+
+def test_invalid_spec_errors_are_printed_field_by_field(api) -> None:
+    problem = {
+        "status": 422, "code": "invalid_spec", "detail": "spec.epochs: too small",
+        "errors": [{"loc": ["spec", "epochs"], "msg": "Input should be greater than 0"}],
+    }  # fmt: skip
+    api.post(f"{URL}/api/v1/jobs", json=problem, status=422)
+    result = invoke("submit", "train", "--epochs", "0")
+    assert result.exit_code == ExitCode.API_ERROR
+    assert "spec.epochs: Input should be greater than 0" in result.output

@@ -1,0 +1,162 @@
+"""Cron schedules: the pure tick, firing against the database, and the /schedules API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from db import schedules
+from db.models import Job, Schedule
+from workers.scheduler import fire_due, tick
+
+NOON = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Row:
+    id: str
+    cron: str
+    enabled: bool
+    next_run_at: datetime
+
+
+def test_a_schedule_that_missed_many_slots_fires_once_and_skips_to_the_next_slot():
+    hourly = Row("s1", "0 * * * *", True, NOON - timedelta(hours=5))
+    now = NOON + timedelta(minutes=7)
+
+    firings = tick([hourly], now)
+
+    assert len(firings) == 1
+    assert firings[0].was_due == NOON - timedelta(hours=5)
+    assert firings[0].next_run_at == NOON + timedelta(hours=1)
+
+
+def test_paused_and_not_yet_due_schedules_do_not_fire():
+    paused = Row("p", "* * * * *", False, NOON - timedelta(minutes=1))
+    later = Row("l", "* * * * *", True, NOON + timedelta(seconds=1))
+    exactly_now = Row("n", "*/5 * * * *", True, NOON)
+
+    firings = tick([paused, later, exactly_now], NOON)
+
+    assert [f.schedule_id for f in firings] == ["n"]
+    assert firings[0].next_run_at == NOON + timedelta(minutes=5)
+
+
+def _schedule(sessions, cron="0 * * * *", **fields) -> Schedule:
+    with sessions() as session:
+        schedule = schedules.create(
+            session,
+            owner="alice",
+            name="nightly",
+            cron=cron,
+            kind="echo",
+            spec={"message": "hi"},
+            priority=3,
+            enabled=True,
+        )
+        for name, value in fields.items():
+            setattr(schedule, name, value)
+        session.commit()
+        return schedule
+
+
+def test_a_missed_window_fires_exactly_once_in_the_database(sessions):
+    created = _schedule(sessions, next_run_at=NOON - timedelta(hours=3))
+    now = NOON + timedelta(minutes=1)
+    sent: list[Job] = []
+
+    first = fire_due(sessions, sent.append, now)
+    again = fire_due(sessions, sent.append, now)
+
+    assert len(first) == 1
+    assert again == []
+    assert [j.id for j in sent] == [first[0].id]
+    with sessions() as session:
+        job = session.get(Job, first[0].id)
+        schedule = session.get(Schedule, created.id)
+        all_jobs = session.scalars(select(Job)).all()
+    assert len(all_jobs) == 1
+    assert (job.kind, job.owner, job.state, job.priority) == ("echo", "alice", "queued", 3)
+    assert job.spec["message"] == "hi"
+    assert schedule.next_run_at == NOON + timedelta(hours=1)
+    assert schedule.last_job_id == job.id
+
+
+def test_a_second_scheduler_with_a_stale_read_cannot_fire_the_same_slot(sessions):
+    created = _schedule(sessions, next_run_at=NOON)
+    with sessions() as session:
+        stale = session.get(Schedule, created.id)
+    fire_due(sessions, lambda job: None, NOON)
+
+    with sessions() as session:
+        lost = schedules.fire(session, stale, NOON, NOON + timedelta(hours=1))
+        session.commit()
+
+    assert lost is None
+
+
+# --- API ------------------------------------------------------------------------------------
+
+
+def _create(client, headers, **overrides):
+    body = {"name": "nightly", "cron": "30 2 * * *", "kind": "echo", "spec": {"message": "x"}}
+    return client.post("/api/v1/schedules", json=body | overrides, headers=headers)
+
+
+def test_creating_a_schedule_shows_its_next_run_times(client, alice):
+    response = _create(client, alice)
+
+    assert response.status_code == 201
+    body = response.get_json()
+    assert response.headers["Location"] == f"/api/v1/schedules/{body['id']}"
+    times = [datetime.fromisoformat(t) for t in body["upcoming"]]
+    assert len(times) == 3
+    assert all((t.hour, t.minute) == (2, 30) for t in times)
+    assert times[1] - times[0] == timedelta(days=1)
+    assert datetime.fromisoformat(body["next_run_at"]) == times[0]
+    assert body["spec"]["sleep_s"] == 0.0  # stored as validated, defaults filled in
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"cron": "61 * * * *"}, "invalid_spec"),
+        ({"cron": "* * * *"}, "invalid_spec"),
+        ({"kind": "nope"}, "invalid_spec"),
+        ({"spec": {"sleep_s": -1}}, "invalid_spec"),
+        ({"priority": 11}, "invalid_body"),
+    ],
+)
+def test_a_bad_schedule_answers_422(client, alice, overrides, code):
+    response = _create(client, alice, **overrides)
+
+    assert response.status_code == 422
+    assert response.get_json()["code"] == code
+
+
+def test_schedules_are_owner_isolated(client, alice, bob, admin):
+    mine = _create(client, alice).get_json()
+
+    assert client.get("/api/v1/schedules", headers=bob).get_json()["schedules"] == []
+    assert client.get(f"/api/v1/schedules/{mine['id']}", headers=bob).status_code == 404
+    assert client.delete(f"/api/v1/schedules/{mine['id']}", headers=bob).status_code == 404
+    listed = client.get("/api/v1/schedules", headers=admin).get_json()["schedules"]
+    assert [s["id"] for s in listed] == [mine["id"]]
+
+
+def test_pause_resume_and_delete(client, alice):
+    created = _create(client, alice).get_json()
+    url = f"/api/v1/schedules/{created['id']}"
+
+    paused = client.post(f"{url}/pause", headers=alice).get_json()
+    resumed = client.post(f"{url}/resume", headers=alice).get_json()
+    deleted = client.delete(url, headers=alice)
+
+    assert (paused["enabled"], paused["next_run_at"], paused["upcoming"]) == (False, None, [])
+    assert resumed["enabled"] is True
+    assert len(resumed["upcoming"]) == 3
+    assert deleted.status_code == 204
+    assert client.get(url, headers=alice).status_code == 404

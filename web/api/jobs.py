@@ -1,0 +1,248 @@
+"""Jobs: submit, list, read, cancel; a job's metrics, log lines, output and error files."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import datetime
+
+from flask import Response, current_app, request, send_file
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from db import jobs
+from db.models import Job, JobEvent, Metric
+from kiln import routing
+from kiln.artifacts import open_store
+from kiln.errors import InvalidRequest, KilnError, NoOutput
+from kiln.schemas import (
+    EventOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    JobSubmission,
+    MetricPoint,
+    MetricSeries,
+)
+from kiln.specs import parse_spec
+from kiln.states import JobState
+from web import dispatch, limits, session
+from web.api import bp
+from web.api.body import answer, parse
+from web.auth import principal
+
+_MAX_PAGE = 200
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+class IdempotencyKeyReused(KilnError):
+    status, code = 422, "idempotency_key_reused"
+
+
+class IdempotentRequestInFlight(KilnError):
+    status, code = 409, "request_in_flight"
+
+
+@bp.post("/jobs")
+def submit_job() -> Response:
+    """Submit a job. With an Idempotency-Key header a retry returns the first job (see
+    docs/reliability.md): same key and body → that job; other body → 422; first request
+    not yet sent → 409."""
+    key = _idempotency_key()
+    submission = parse(JobSubmission)
+    spec = parse_spec(submission.kind, submission.spec)
+    owner = principal().owner
+    fingerprint = _fingerprint() if key else None
+    db = session.get()
+    if key and (earlier := jobs.find_idempotent(db, owner, key)) is not None:
+        return _replay(earlier, fingerprint)
+    limits.check_queue_quota(jobs.count_queued(db, owner))
+    try:
+        job = jobs.create(
+            db,
+            kind=submission.kind,
+            owner=owner,
+            spec=spec.model_dump(mode="json"),
+            queue=routing.queue_for(spec.device),
+            priority=submission.priority,
+            idempotency_key=key,
+            idempotency_fingerprint=fingerprint,
+        )
+        db.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the unique (owner, key) constraint.
+        db.rollback()
+        earlier = jobs.find_idempotent(db, owner, key) if key else None
+        if earlier is None:
+            raise
+        return _replay(earlier, fingerprint)
+    if dispatch.send_job(job):
+        jobs.mark_sent(db, job.id, job.attempt)
+        db.commit()
+    return answer(JobOut.model_validate(job), 202, {"Location": f"/api/v1/jobs/{job.id}"})
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
+def _fingerprint() -> str:
+    """sha256 of the body as canonical JSON: key order and whitespace do not matter."""
+    canonical = json.dumps(request.get_json(silent=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(earlier: Job, fingerprint: str | None) -> Response:
+    """Answer a repeated Idempotency-Key with the first request's job, or say why not."""
+    if earlier.idempotency_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used with a different request body; use a new key"
+        )
+    if earlier.state == JobState.QUEUED and earlier.attempt == 0 and earlier.sent_at is None:
+        raise IdempotentRequestInFlight(
+            "the first request with this Idempotency-Key is still being processed; retry"
+        )
+    location = {"Location": f"/api/v1/jobs/{earlier.id}"}
+    return answer(JobOut.model_validate(earlier), 200, location)
+
+
+@bp.get("/jobs")
+def list_jobs() -> Response:
+    limit = _int_arg("limit", 50, 1, _MAX_PAGE)
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    owner = principal().visible_owner
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if state := request.args.get("state"):
+        if state not in {s.value for s in JobState}:
+            raise InvalidRequest(f"unknown state {state!r}")
+        query = query.where(Job.state == state)
+    if kind := request.args.get("kind"):
+        query = query.where(Job.kind == kind)
+    if cursor := request.args.get("cursor"):
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    rows = list(session.get().scalars(query))
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = _encode_cursor(page[-1]) if more else None
+    return answer(JobPage(jobs=[JobOut.model_validate(j) for j in page], next_cursor=next_cursor))
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return answer(JobOut.model_validate(_owned(job_id)))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    db = session.get()
+    job = jobs.request_cancel(db, _owned(job_id))
+    db.commit()
+    return answer(JobOut.model_validate(job), 202)
+
+
+@bp.get("/jobs/<job_id>/metrics")
+def job_metrics(job_id: str) -> Response:
+    job = _owned(job_id)
+    points = session.get().scalars(
+        select(Metric).where(Metric.job_id == job.id).order_by(Metric.name, Metric.step)
+    )
+    series: dict[str, list[MetricPoint]] = {}
+    for point in points:
+        series.setdefault(point.name, []).append(
+            MetricPoint(step=point.step, value=point.value, at=point.at)
+        )
+    return answer(MetricSeries(job_id=job.id, series=series))
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """Log lines in order; pass ?after=<last id seen> to follow the tail."""
+    job = _owned(job_id)
+    after = _int_arg("after", 0, 0, 2**62)
+    limit = _int_arg("limit", 500, 1, 5000)
+    events = session.get().scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return answer(EventPage(events=[EventOut.model_validate(e) for e in events]))
+
+
+_MEDIA_TYPES = {
+    "parquet": "application/vnd.apache.parquet",
+    "csv": "text/csv",
+    "jsonl": "application/x-ndjson",
+}
+
+
+@bp.get("/jobs/<job_id>/output")
+def job_output(job_id: str) -> Response:
+    """The job's output file (a batch_predict's predictions), streamed."""
+    return _result_file(_owned(job_id), "output")
+
+
+@bp.get("/jobs/<job_id>/errors")
+def job_errors(job_id: str) -> Response:
+    """The job's error file: one JSON line per input row that could not be scored."""
+    return _result_file(_owned(job_id), "error_file")
+
+
+def _result_file(job: Job, entry: str) -> Response:
+    described = (job.result or {}).get(entry)
+    if not isinstance(described, dict) or "digest" not in described:
+        what = "output" if entry == "output" else "error file"
+        raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")
+    fmt = str(described.get("format", "bin"))
+    store = open_store(current_app.config["KILN_SETTINGS"])
+    suffix = "errors" if entry == "error_file" else "output"
+    return send_file(
+        store.path(described["digest"]),
+        mimetype=_MEDIA_TYPES.get(fmt, "application/octet-stream"),
+        as_attachment=True,
+        download_name=f"{job.id}-{suffix}.{fmt}",
+        etag=described["digest"],
+        conditional=True,
+    )
+
+
+def _owned(job_id: str) -> Job:
+    return jobs.get_owned(session.get(), job_id, principal().visible_owner)
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, job_id = base64.urlsafe_b64decode(cursor).decode().split("|", 1)
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None:  # the API's cursors carry an offset; a naive one would 500
+            raise ValueError("cursor time has no UTC offset")
+        return when, job_id
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("cursor is not one this API returned") from None

@@ -1,0 +1,205 @@
+"""The model registry: models, versions, aliases, uploads, and downloads of stored files."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Response, current_app, request, send_file
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from db import registry
+from db.models import Model, ModelVersion
+from kiln import modelfile
+from kiln.artifacts import ArtifactStore, open_store
+from kiln.errors import (
+    ExportMissing,
+    InvalidModelFile,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from kiln.schemas import AliasRequest, ModelConfigIn, ModelList, ModelOut, ModelVersionOut
+from kiln.settings import Settings
+from kiln.specs import check_model_name
+from web import session
+from web.api import bp
+from web.api.body import answer, parse
+from web.auth import principal
+from web.errors import validation_details
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    query = select(Model).order_by(Model.name)
+    owner = principal().visible_owner
+    if owner is not None:
+        query = query.where(Model.owner == owner)
+    found = session.get().scalars(query)
+    return answer(ModelList(models=[ModelOut.model_validate(m) for m in found]))
+
+
+@bp.get("/models/<name>")
+def get_model(name: str) -> Response:
+    return answer(ModelOut.model_validate(_model(name)))
+
+
+@bp.get("/models/<name>/versions/<version>")
+def get_version(name: str, version: str) -> Response:
+    return answer(ModelVersionOut.model_validate(_version(name, version)))
+
+
+@bp.post("/models/<name>/versions")
+def upload_version(name: str) -> Response:
+    """Register an externally trained model: safetensors weights plus a JSON config."""
+    _check_name(name)
+    weights = request.files.get("weights")
+    if weights is None:
+        raise InvalidRequest("send the weights as multipart/form-data field 'weights'")
+    config = _upload_config()
+    # The header is read and checked before anything is stored, so a refused file (a
+    # pickle, say) never reaches the artifact store.
+    prefix, header = modelfile.read_header(weights.stream.read)
+    _check_fits(header, config)
+    limit = _settings().max_upload_bytes
+    if header.file_size > limit:
+        raise PayloadTooLarge(f"the file is larger than {limit} bytes")
+    stored = _store().put_chunks(
+        modelfile.exact_chunks(prefix, weights.stream, header.file_size), max_bytes=limit
+    )
+    db = session.get()
+    version = registry.register_version(
+        db,
+        owner=principal().owner,
+        name=name,
+        source_job_id=None,
+        arch=config.arch,
+        config=config.model_dump(),
+        metrics={},
+        artifact_digest=stored.digest,
+        artifact_size=stored.size,
+        dataset_digest=None,
+        lineage={"origin": "upload", "filename": weights.filename or ""},
+    )
+    db.commit()
+    location = f"/api/v1/models/{name}/versions/{version.number}"
+    return answer(ModelVersionOut.model_validate(version), 201, {"Location": location})
+
+
+@bp.delete("/models/<name>/versions/<version>")
+def delete_version(name: str, version: str) -> Response:
+    """Delete a version (409 while an alias points at it) and the files only it used."""
+    db = session.get()
+    orphans = registry.delete_version(db, _model(name), version)
+    db.commit()
+    store = _store()
+    for digest in orphans:
+        store.discard(digest)
+    return Response(status=204)
+
+
+@bp.put("/models/<name>/aliases/<alias>")
+def set_alias(name: str, alias: str) -> Response:
+    """Create or move an alias (production, staging, any name) to a version number."""
+    model = _model(name)  # an unknown (or another owner's) model is 404 before the body
+    body = parse(AliasRequest)
+    db = session.get()
+    model = registry.set_alias(db, model, alias, body.version)
+    db.commit()
+    return answer(ModelOut.model_validate(model))
+
+
+@bp.delete("/models/<name>/aliases/<alias>")
+def delete_alias(name: str, alias: str) -> Response:
+    db = session.get()
+    model = registry.remove_alias(db, _model(name), alias)
+    db.commit()
+    return answer(ModelOut.model_validate(model))
+
+
+@bp.get("/models/<name>/versions/<version>/weights")
+def download_weights(name: str, version: str) -> Response:
+    """The version's safetensors file, streamed from the artifact store."""
+    found = _version(name, version)
+    return _send(found.artifact_digest, f"{name}-v{found.number}.safetensors")
+
+
+@bp.get("/models/<name>/versions/<version>/export")
+def download_export(name: str, version: str) -> Response:
+    """An export made by an `export` job; 404 export_missing until one has run."""
+    fmt = request.args.get("format", "torchscript")
+    if fmt != "torchscript":
+        raise InvalidRequest("format must be 'torchscript'")
+    found = _version(name, version)
+    made = found.exports.get(fmt)
+    if made is None:
+        raise ExportMissing(
+            f"version {found.number} of {name!r} has no {fmt} export yet: submit a job "
+            f'{{"kind": "export", "spec": {{"model": "{name}", "version": {found.number}}}}} '
+            "and download once it has succeeded"
+        )
+    return _send(made["digest"], f"{name}-v{found.number}.torchscript.pt")
+
+
+def _send(digest: str, filename: str) -> Response:
+    path = _store().path(digest)
+    if not path.is_file():
+        raise NotFound("the stored file is missing from the artifact store")
+    return send_file(
+        path, mimetype="application/octet-stream", as_attachment=True, download_name=filename
+    )
+
+
+def _upload_config() -> ModelConfigIn:
+    """The config, from form field 'config' (JSON text) or a file part of that name."""
+    part = request.files.get("config")
+    raw = part.read() if part is not None else request.form.get("config")
+    if not raw:
+        raise InvalidRequest("send the model config as multipart/form-data field 'config'")
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("config is not valid JSON") from None
+    try:
+        return ModelConfigIn.model_validate(parsed)
+    except ValidationError as exc:
+        details = validation_details(exc, ("config",))
+        raise InvalidRequest(
+            f"{'.'.join(details[0]['loc'])}: {details[0]['msg']}", details
+        ) from None
+
+
+def _check_fits(header: modelfile.Header, config: ModelConfigIn) -> None:
+    """What the web can check without building the network: the normalisation buffers, when
+    present, match the feature count. Layer shapes are checked when a worker loads it."""
+    width = len(config.feature_names)
+    for buffer in ("mean", "std"):
+        shape = header.shapes.get(buffer)
+        if shape is not None and shape != [width]:
+            raise InvalidModelFile(
+                f"tensor {buffer!r} has shape {shape}; the config names {width} features"
+            )
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(f"model name {exc}") from None
+
+
+def _model(name: str) -> Model:
+    # A user's names are their own; an admin asking by name sees their own namespace too.
+    return registry.get_model(session.get(), principal().owner, name)
+
+
+def _version(name: str, ref: str) -> ModelVersion:
+    return registry.resolve_version(session.get(), _model(name), ref)
+
+
+def _settings() -> Settings:
+    return current_app.config["KILN_SETTINGS"]
+
+
+def _store() -> ArtifactStore:
+    return open_store(_settings())

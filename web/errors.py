@@ -1,0 +1,62 @@
+"""Every API error as application/problem+json with a machine-readable code."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from flask import Flask, Response, json
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from kiln.errors import KilnError
+from kiln.schemas import Problem
+
+log = logging.getLogger(__name__)
+
+
+def problem(status: int, code: str, detail: str, errors: list[dict] | None = None) -> Response:
+    """Build the one error body Kiln's API answers with (RFC 9457)."""
+    body = Problem(
+        title=_title(status), status=status, code=code, detail=detail, errors=errors or []
+    )
+    return Response(
+        json.dumps(body.model_dump()), status=status, mimetype="application/problem+json"
+    )
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict]:
+    return [{"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(KilnError)
+    def _kiln_error(exc: KilnError) -> Response:
+        return problem(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(ValidationError)
+    def _validation_error(exc: ValidationError) -> Response:
+        details = validation_details(exc)
+        first = details[0] if details else {"loc": [], "msg": "invalid"}
+        return problem(422, "invalid_body", f"{'.'.join(first['loc'])}: {first['msg']}", details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = problem(status, code, exc.description or exc.name)
+        if status == 405 and exc.get_response().allow:
+            response.headers["Allow"] = ", ".join(exc.get_response().allow)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return problem(500, "internal_error", "an unexpected error occurred; it was logged")

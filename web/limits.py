@@ -1,0 +1,88 @@
+"""Rate limits per API key (Flask-Limiter) and the per-owner quota of queued jobs, both
+answered as 429 problem+json with Retry-After."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+from flask import Flask, Response, current_app, request
+from flask_limiter import Limiter
+from flask_limiter.errors import RateLimitExceeded
+
+from kiln.errors import KilnError
+from kiln.settings import Settings
+from web.api import bp as api_bp
+from web.errors import problem
+
+#: What a client over its queue quota is told to wait: jobs finish on their own time.
+_QUOTA_RETRY_AFTER_S = 30
+
+
+class QueueQuotaExceeded(KilnError):
+    status, code = 429, "queue_quota_exceeded"
+
+
+def storage_uri(settings: Settings) -> str:
+    """Counters live in Redis when Kiln has one (shared by every web process), else memory."""
+    url = settings.redis_url
+    if url.startswith("redis+socket://"):  # kombu's name for the embedded Redis socket
+        return "redis+unix://" + url.removeprefix("redis+socket://")
+    return url if url.startswith(("redis://", "rediss://")) else "memory://"
+
+
+def _caller() -> str:
+    """Who a limit counts: the API key (by digest, never in clear), else the address."""
+    header = request.headers.get("Authorization", "")
+    token = header.partition(" ")[2].strip()
+    if token:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    if settings.rate_limit:
+        limiter = Limiter(
+            _caller,
+            app=app,
+            storage_uri=storage_uri(settings),
+            key_prefix="kiln-limits",
+            headers_enabled=True,
+            # A Redis outage must not take the API down with it: count in memory meanwhile.
+            swallow_errors=True,
+            in_memory_fallback_enabled=True,
+        )
+        limiter.limit(settings.rate_limit)(api_bp)
+        app.extensions["kiln.limiter"] = limiter
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded) -> Response:
+        response = problem(429, "rate_limited", f"rate limit exceeded ({exc.description})")
+        response.headers["Retry-After"] = str(_seconds_to_reset())
+        return response
+
+    @app.errorhandler(QueueQuotaExceeded)
+    def _over_quota(exc: QueueQuotaExceeded) -> Response:
+        response = problem(exc.status, exc.code, exc.message)
+        response.headers["Retry-After"] = str(_QUOTA_RETRY_AFTER_S)
+        return response
+
+
+def _seconds_to_reset() -> int:
+    limiter: Limiter | None = current_app.extensions.get("kiln.limiter")
+    current = limiter.current_limit if limiter is not None else None
+    if current is None:
+        return 1
+    return max(1, math.ceil(current.reset_at - time.time()))
+
+
+def check_queue_quota(queued: int) -> None:
+    """Raise QueueQuotaExceeded when the caller already has its quota of queued jobs."""
+    settings: Settings = current_app.config["KILN_SETTINGS"]
+    if queued >= settings.max_queued_per_owner:
+        raise QueueQuotaExceeded(
+            f"you have {queued} jobs waiting, the most allowed "
+            f"(max_queued_per_owner={settings.max_queued_per_owner}); "
+            "wait for some to start or cancel some"
+        )

@@ -1,0 +1,153 @@
+"""Jobs pages: the list (live), one job (live status, log, chart data), cancel, downloads."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import abort, jsonify, redirect, render_template, request, url_for
+from sqlalchemy import select
+from werkzeug import Response
+
+from db import jobs as job_store
+from db.models import Job, JobEvent, Metric
+from kiln.specs import KINDS
+from kiln.states import JobState
+from web import session
+from web.ui import auth, bp, bridge
+
+_LIST_LIMIT = 100
+_LOG_TAIL = 200
+_STATES = [s.value for s in JobState]
+
+
+@bp.get("/jobs")
+@auth.signed_in
+def jobs() -> str:
+    return render_template("jobs.html", **_listing())
+
+
+@bp.get("/jobs/table")
+@auth.signed_in
+def jobs_table() -> str:
+    """The table alone: what the list page's htmx poll swaps in."""
+    return render_template("_jobs_table.html", **_listing())
+
+
+def _listing() -> dict[str, Any]:
+    state = request.args.get("state", "")
+    kind = request.args.get("kind", "")
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(_LIST_LIMIT)
+    owner = auth.current().visible_owner
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if state in _STATES:
+        query = query.where(Job.state == state)
+    if kind:
+        query = query.where(Job.kind == kind)
+    return {
+        "jobs": list(session.get().scalars(query)),
+        "state": state if state in _STATES else "",
+        "kind": kind,
+        "states": _STATES,
+        "kinds": sorted(KINDS),
+        "limit": _LIST_LIMIT,
+    }
+
+
+@bp.get("/jobs/<job_id>")
+@auth.signed_in
+def job(job_id: str) -> str:
+    found = _owned(job_id)
+    return render_template(
+        "job.html",
+        job=found,
+        spec_json=json.dumps(found.spec, indent=2),
+        **_status(found),
+        **_log(found),
+    )
+
+
+@bp.get("/jobs/<job_id>/live")
+@auth.signed_in
+def job_live(job_id: str) -> str:
+    """Status and result: what the job page's htmx poll swaps in."""
+    found = _owned(job_id)
+    return render_template("_job_live.html", job=found, **_status(found))
+
+
+@bp.get("/jobs/<job_id>/log")
+@auth.signed_in
+def job_log(job_id: str) -> str:
+    """The log tail: what the job page's other htmx poll swaps in."""
+    found = _owned(job_id)
+    terminal = JobState(found.state).is_terminal
+    return render_template("_job_log.html", job=found, terminal=terminal, **_log(found))
+
+
+def _status(found: Job) -> dict[str, Any]:
+    return {
+        "terminal": JobState(found.state).is_terminal,
+        "result_json": json.dumps(found.result, indent=2) if found.result else "",
+        "downloads": _downloads(found),
+    }
+
+
+def _downloads(found: Job) -> list[str]:
+    """The files this job's result names (output..., errors...) that an API route serves."""
+    keys = list(found.result or {})
+    return [
+        what for what in bridge.available_downloads() if any(key.startswith(what) for key in keys)
+    ]
+
+
+def _log(found: Job) -> dict[str, Any]:
+    tail = list(
+        session.get().scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == found.id)
+            .order_by(JobEvent.id.desc())
+            .limit(_LOG_TAIL)
+        )
+    )
+    return {"events": tail[::-1]}
+
+
+@bp.get("/jobs/<job_id>/metrics.json")
+@auth.signed_in
+def job_metrics(job_id: str) -> Response:
+    """Metric series for the job page's charts: {state, series: {name: [[step, value]]}}."""
+    found = _owned(job_id)
+    points = session.get().scalars(
+        select(Metric).where(Metric.job_id == found.id).order_by(Metric.name, Metric.step)
+    )
+    series: dict[str, list[list[float]]] = {}
+    for point in points:
+        series.setdefault(point.name, []).append([point.step, point.value])
+    terminal = JobState(found.state).is_terminal
+    return jsonify(state=found.state, terminal=terminal, series=series)
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@auth.signed_in
+def cancel(job_id: str) -> Response:
+    db = session.get()
+    job_store.request_cancel(db, _owned(job_id))
+    db.commit()
+    return redirect(url_for("ui.job", job_id=job_id))
+
+
+@bp.get("/jobs/<job_id>/download/<what>")
+@auth.signed_in
+def download(job_id: str, what: str) -> Any:
+    """A job's output file through the API route that serves it (see web.ui.bridge)."""
+    _owned(job_id)
+    route = bridge.route_for(what)
+    if route is None:
+        abort(404, f"jobs have no {what} download in this version of Kiln")
+    endpoint, argument = route
+    return bridge.call(endpoint, **{argument: job_id})
+
+
+def _owned(job_id: str) -> Job:
+    return job_store.get_owned(session.get(), job_id, auth.current().visible_owner)

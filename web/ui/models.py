@@ -1,0 +1,64 @@
+"""Models page: each model's versions with their metrics side by side, aliases, lineage."""
+
+from __future__ import annotations
+
+from flask import flash, redirect, render_template, request, url_for
+from sqlalchemy import select
+from werkzeug import Response
+
+from db import registry
+from db.models import Dataset, Model
+from kiln.errors import InvalidRequest, NotFound
+from web import session
+from web.ui import auth, bp
+
+
+@bp.get("/models")
+@auth.signed_in
+def models() -> str:
+    query = select(Model).order_by(Model.name)
+    owner = auth.current().visible_owner
+    if owner is not None:
+        query = query.where(Model.owner == owner)
+    found = list(session.get().scalars(query))
+    return render_template(
+        "models.html",
+        models=found,
+        metric_names={m.id: _metric_names(m) for m in found},
+        datasets=_datasets_by_digest(found),
+    )
+
+
+@bp.post("/models/<model_id>/aliases")
+@auth.signed_in
+def set_alias(model_id: str) -> Response:
+    """Point an alias (production, by default) at one of the model's versions."""
+    db = session.get()
+    model = db.get(Model, model_id)
+    owner = auth.current().visible_owner
+    if model is None or (owner is not None and model.owner != owner):
+        raise NotFound(f"no model {model_id}")
+    alias = request.form.get("alias", "production").strip() or "production"
+    version = request.form.get("version", "")
+    if not version.isdecimal():
+        raise InvalidRequest("version must be a version number")
+    registry.set_alias(db, model, alias, int(version))
+    db.commit()
+    flash(f"{model.name}: {alias} now points at version {version}.")
+    return redirect(url_for("ui.models") + f"#model-{model.id}")
+
+
+def _metric_names(model: Model) -> list[str]:
+    names: set[str] = set()
+    for version in model.versions:
+        names.update(version.metrics)
+    return sorted(names)
+
+
+def _datasets_by_digest(found: list[Model]) -> dict[tuple[str, str], Dataset]:
+    """The uploads the versions were trained on, by (owner, digest), for lineage links."""
+    digests = {v.dataset_digest for m in found for v in m.versions if v.dataset_digest}
+    if not digests:
+        return {}
+    rows = session.get().scalars(select(Dataset).where(Dataset.digest.in_(digests)))
+    return {(d.owner, d.digest): d for d in rows}

@@ -1,0 +1,1 @@
+"""Celery workers: the only part of Kiln that imports torch."""

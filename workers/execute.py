@@ -1,0 +1,224 @@
+"""One attempt of one job: claim it, run its kind's runner, record how it ended.
+
+How an attempt ends, and what it costs the job:
+- returns → succeeded; JobFailure or any unexpected exception → failed at once (bad input
+  or a bug: retrying would fail the same way);
+- TransientError / RetryableOOM / a database or Redis disconnect → re-queued with
+  exponential back-off while attempts remain (the attempt counts), then failed;
+- WorkerShutdown (SIGTERM) → re-queued at once, the attempt refunded (shutdown_attempts);
+- JobTimeout (soft limit) or Celery's SoftTimeLimitExceeded → failed with the limit;
+- the process dies (SIGKILL, OOM killer, Celery's hard time limit) → nothing is written
+  here; the heartbeat stops and the reconciler re-queues or fails the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from db import jobs
+from db.base import utcnow
+from db.engine import session_scope
+from db.models import Job
+from kiln import logs
+from kiln.errors import InvalidSpec, JobFailure
+from kiln.specs import parse_spec
+from workers.context import (
+    SHUTDOWN,
+    ClaimLost,
+    JobCancelled,
+    JobTimeout,
+    RetryableOOM,
+    RunContext,
+    TransientError,
+    WorkerShutdown,
+)
+from workers.runners import RUNNERS
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Sends a message for the job's current queued attempt, delivered after `countdown` s.
+Send = Callable[[Job, float], None]
+
+
+def execute_attempt(
+    runtime: Runtime, job_id: str, queued_attempt: int, worker: str, send: Send
+) -> None:
+    """Run the job if this message still stands for it; a stale or duplicate message is
+    dropped by the claim, so a job never runs twice at once."""
+    if SHUTDOWN.is_set():
+        # This pool process is stopping: hand the message back rather than start a job.
+        raise Reject("worker is shutting down", requeue=True)
+    with session_scope(runtime.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("job=%s event=dropped reason=unknown_job", job_id)
+            return
+        if job.state != "queued" or job.attempt != queued_attempt:
+            # Already taken (by a batch leader, say) or finished: the claim would refuse it,
+            # so skip parsing and the UPDATE; this is the common path under dynamic batching.
+            log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
+            return
+        kind, owner, oom_retries = job.kind, job.owner, job.oom_retries
+        try:
+            spec = parse_spec(kind, job.spec)
+            device = runtime.device_for(spec.device)
+        except (InvalidSpec, JobFailure) as exc:
+            jobs.fail(session, job_id, None, type(exc).__name__, str(exc))
+            return
+        attempt = jobs.claim(session, job_id, queued_attempt, worker, str(device))
+    if attempt is None:
+        log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
+        return
+    log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
+    limit = runtime.settings.job_time_limit_s
+    ctx = RunContext(
+        job_id=job_id,
+        attempt=attempt,
+        owner=owner,
+        device=device,
+        runtime=runtime,
+        oom_retries=oom_retries,
+        deadline=time.monotonic() + limit if limit else None,
+    )
+    tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
+    with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
+        _run(ctx, kind, spec, send)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is an infrastructure hiccup worth a retry, never a user's mistake."""
+    if isinstance(exc, TransientError | RedisConnectionError | RedisTimeoutError):
+        return True
+    if isinstance(exc, KombuOperationalError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
+    sessions, job_id, attempt = ctx.runtime.sessions, ctx.job_id, ctx.attempt
+    try:
+        result = RUNNERS[kind](spec, ctx)
+    except JobCancelled:
+        with session_scope(sessions) as session:
+            jobs.mark_cancelled(session, job_id, attempt)
+        log.info("job=%s attempt=%d event=cancelled", job_id, attempt)
+    except ClaimLost:
+        log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
+    except WorkerShutdown:
+        _requeue(ctx, send, "its worker shut down (SIGTERM)", delay_s=0.0, graceful=True)
+    except (JobTimeout, SoftTimeLimitExceeded):
+        limit = ctx.runtime.settings.job_time_limit_s or 0.0
+        _fail(ctx, "TimeLimitExceeded", str(JobTimeout(limit)))
+    except JobFailure as exc:
+        _fail(ctx, "JobFailure", str(exc))
+    except Exception as exc:
+        if is_transient(exc):
+            _retry_transient(ctx, send, exc)
+        else:
+            log.exception("job=%s attempt=%d event=crashed", job_id, attempt)
+            _fail(ctx, type(exc).__name__, str(exc) or repr(exc))
+    else:
+        with session_scope(sessions) as session:
+            jobs.succeed(session, job_id, attempt, result)
+        log.info("job=%s attempt=%d event=succeeded", job_id, attempt)
+
+
+def _retry_transient(ctx: RunContext, send: Send, exc: Exception) -> None:
+    """Re-queue with exponential back-off while attempts remain; then fail with the cause."""
+    settings = ctx.runtime.settings
+    what = f"{type(exc).__name__}: {exc}"[:500]
+    try:
+        with session_scope(ctx.runtime.sessions) as session:
+            job = session.get(Job, ctx.job_id)
+            charged = job.charged_attempts if job is not None else settings.max_attempts
+    except Exception:
+        # The database itself is down: the heartbeat stops too, and the reconciler
+        # re-queues the job once it is back. Nothing is lost by giving up here.
+        log.exception("job=%s attempt=%d event=retry_unrecorded", ctx.job_id, ctx.attempt)
+        return
+    if charged >= settings.max_attempts:
+        _fail(ctx, type(exc).__name__, f"gave up after {charged} attempts: {what}")
+        return
+    delay = min(settings.retry_backoff_s * 2 ** max(charged - 1, 0), settings.retry_backoff_max_s)
+    log.warning("job=%s attempt=%d event=transient_error %s", ctx.job_id, ctx.attempt, what)
+    _requeue(
+        ctx,
+        send,
+        f"transient error, retrying in {delay:g} s: {what}",
+        delay_s=delay,
+        oom=isinstance(exc, RetryableOOM),
+    )
+
+
+def _requeue(
+    ctx: RunContext,
+    send: Send,
+    reason: str,
+    *,
+    delay_s: float,
+    graceful: bool = False,
+    oom: bool = False,
+) -> None:
+    """Put the attempt back in the queue and send its message; if sending fails the job
+    stays queued in the database and the reconciler sends it."""
+    try:
+        with session_scope(ctx.runtime.sessions) as session:
+            if not jobs.requeue(
+                session, ctx.job_id, ctx.attempt, reason, graceful=graceful, oom=oom
+            ):
+                return
+            jobs.log(session, ctx.job_id, f"re-queued: {reason}", "warning")
+            job = session.get(Job, ctx.job_id)
+        assert job is not None
+        send(job, delay_s)
+        with session_scope(ctx.runtime.sessions) as session:
+            due = utcnow() + timedelta(seconds=delay_s)
+            jobs.mark_sent(session, ctx.job_id, job.attempt, due)
+    except Exception:
+        log.exception("job=%s attempt=%d event=requeue_incomplete", ctx.job_id, ctx.attempt)
+        return
+    log.info("job=%s attempt=%d event=requeued reason=%s", ctx.job_id, ctx.attempt, reason)
+
+
+def _fail(ctx: RunContext, error_type: str, message: str) -> None:
+    with session_scope(ctx.runtime.sessions) as session:
+        jobs.fail(session, ctx.job_id, ctx.attempt, error_type, message)
+        jobs.log(session, ctx.job_id, f"failed: {message}", "error")
+    log.info("job=%s attempt=%d event=failed error=%s", ctx.job_id, ctx.attempt, error_type)
+
+
+@contextmanager
+def _heartbeats(runtime: Runtime, job_id: str, attempt: int) -> Iterator[None]:
+    """Beat in a thread while the runner works, so a long step never looks like a crash."""
+    stop = threading.Event()
+    interval = runtime.settings.heartbeat_timeout_s / 4
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with session_scope(runtime.sessions) as session:
+                    if not jobs.heartbeat(session, job_id, attempt):
+                        return
+            except Exception:
+                log.exception("job=%s attempt=%d event=heartbeat_failed", job_id, attempt)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,1 @@
+"""PyTorch building blocks: architectures, datasets, the training loop, model bundles."""

@@ -1,0 +1,408 @@
+"""The training loop: seeded, checkpointed, resumable, cancellable between steps; runs alone
+or as one rank of a DistributedDataParallel group."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workers.ml import checkpoint as ckpt
+from workers.ml.data import REGRESSION, Table
+
+_EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    seed: int
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    grad_clip: float | None = None
+    patience: int | None = None
+    monitor: str = "auto"
+    precision: str = "auto"
+    log_every_steps: int | None = None
+    checkpoint_every_s: float = 60.0
+    task: str = "classification"
+    #: Regression: the network learns (target - mean) / std; metrics are in target units.
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def monitored(self) -> str:
+        if self.monitor != "auto":
+            return self.monitor
+        return "val_mae" if self.task == REGRESSION else "val_accuracy"
+
+
+def _ignore(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How the loop reports; each may raise to stop training (cancellation)."""
+
+    #: Before every step: (epoch, step, steps_per_epoch).
+    step: Callable[[int, int, int], None] = _ignore
+    #: After every epoch: (epoch, metrics).
+    epoch: Callable[[int, dict[str, float]], None] = _ignore
+    #: Every log_every_steps steps: (global step, that step's training loss).
+    step_loss: Callable[[int, float], None] = _ignore
+    log: Callable[[str], None] = _ignore
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a DistributedDataParallel group."""
+
+    rank: int
+    world: int
+
+
+@dataclass
+class Position:
+    """Where training stands: everything besides tensors that a checkpoint must restore."""
+
+    epoch: int = 1
+    step: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    epochs_run: int
+    stopped_early: bool
+    resumed_from: Position | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(config: LoopConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params, decay = model.parameters(), config.weight_decay
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def make_schedule(
+    config: LoopConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-epoch learning-rate schedule, or None for a constant rate."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.lr_step_epochs, gamma=config.lr_gamma
+        )
+    return None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype: CUDA only, so the CPU path stays exactly fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+class Trainer:
+    """One training run's state: model, optimizer, schedule, RNGs and position."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Table,
+        config: LoopConfig,
+        device: torch.device,
+        group: Group | None = None,
+    ) -> None:
+        torch.manual_seed(config.seed)
+        self.model, self.config, self.device, self.group = model, config, device, group
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch_rng = self.generator.get_state()
+        self.x = torch.from_numpy(train.features).to(device)
+        targets = torch.from_numpy(train.targets)
+        if config.task == REGRESSION:
+            targets = (targets - config.target_mean) / config.target_std
+        self.y = targets.to(device)
+        self.optimizer = make_optimizer(config, model)
+        self.schedule = make_schedule(config, self.optimizer)
+        self.dtype = autocast_dtype(config.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.position = Position()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        #: Each finished epoch's metrics, kept in checkpoints so a resumed job can restore
+        #: series points its lost attempt had not yet written.
+        self.history: list[dict[str, float]] = []
+        self.net: nn.Module = model
+        if group is not None:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    @property
+    def steps(self) -> int:
+        """Steps per epoch; under DDP every step gives each rank at least one row."""
+        n, size = len(self.y), self.config.batch_size
+        steps = math.ceil(n / size)
+        if self.group is not None and n - (steps - 1) * size < self.group.world:
+            steps -= 1
+        return steps
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.config.task == REGRESSION:
+            return nn.functional.mse_loss(output.squeeze(1).float(), target)
+        return nn.functional.cross_entropy(output.float(), target)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)
+
+    def train_step(self, rows: torch.Tensor) -> float:
+        with self.autocast():
+            loss = self.loss(self.net(self.x[rows]), self.y[rows])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.item())
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def state(self, config_key: dict[str, Any]) -> ckpt.Checkpoint:
+        optim_tensors, optim_rest = ckpt.optimizer_parts(self.optimizer.state_dict())
+        rng = {"torch": torch.get_rng_state(), "shuffle": self.generator.get_state()}
+        rng["shuffle_epoch"] = self.epoch_rng
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors = {"model": self.model.state_dict(), "optim": optim_tensors, "rng": rng}
+        if self.best_state is not None:
+            tensors["best"] = self.best_state
+        info = {
+            "position": asdict(self.position),
+            "optim": optim_rest,
+            "schedule": self.schedule.state_dict() if self.schedule else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "key": config_key,
+            "history": self.history,
+        }
+        return ckpt.Checkpoint(tensors=tensors, info=info)
+
+    def restore(self, saved: ckpt.Checkpoint) -> None:
+        self.model.load_state_dict(saved.tensors["model"])
+        self.optimizer.load_state_dict(
+            ckpt.optimizer_state(saved.tensors.get("optim", {}), saved.info["optim"])
+        )
+        if self.schedule is not None and saved.info["schedule"] is not None:
+            self.schedule.load_state_dict(saved.info["schedule"])
+        if self.scaler.is_enabled() and saved.info["scaler"] is not None:
+            self.scaler.load_state_dict(saved.info["scaler"])
+        rng = saved.tensors["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.generator.set_state(rng["shuffle"])
+        self.epoch_rng = rng["shuffle_epoch"]
+        self.best_state = saved.tensors.get("best")
+        self.position = Position(**saved.info["position"])
+        self.history = list(saved.info.get("history", []))
+
+
+def fit(
+    model: nn.Module,
+    train: Table,
+    val: Table,
+    config: LoopConfig,
+    device: torch.device,
+    hooks: Hooks = Hooks(),
+    checkpoint: Path | None = None,
+    resume: ckpt.Checkpoint | None = None,
+    group: Group | None = None,
+    config_key: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train `model` in place (restoring the best epoch's weights when early stopping is
+    on); checkpoints to `checkpoint` each epoch and every checkpoint_every_s seconds."""
+    trainer = Trainer(model, train, config, device, group)
+    if resume is not None:
+        trainer.restore(resume)
+    resumed = copy.copy(trainer.position) if resume is not None else None
+    writes = checkpoint is not None and (group is None or group.rank == 0)
+    key = config_key or {}
+    writer = ckpt.BackgroundWriter()
+
+    def save_now() -> None:
+        if writes and checkpoint is not None:
+            writer.submit(trainer.state(key), checkpoint)
+
+    history, position = trainer.history, trainer.position
+    try:
+        while not position.finished and position.epoch <= config.epochs:
+            epoch = position.epoch
+            _train_epoch(trainer, hooks, save_now if writes else None)
+            metrics = _end_epoch(trainer, val, group)
+            history.append(metrics)
+            hooks.epoch(epoch, metrics)
+            if config.patience is not None and position.bad_epochs >= config.patience:
+                position.finished = position.stopped_early = True
+                hooks.log(
+                    f"early stopping after epoch {epoch}: {config.monitored} has not improved "
+                    f"for {config.patience} epochs (best {position.best:.4f} at epoch "
+                    f"{position.best_epoch})"
+                )
+            save_now()
+    finally:
+        writer.close()  # a checkpoint in flight is complete before anyone reads it
+    if config.patience is not None and trainer.best_state is not None:
+        model.load_state_dict(trainer.best_state)
+    metrics = evaluate(model, val, device, config)
+    return FitResult(metrics, position.epoch - 1, position.stopped_early, resumed, history)
+
+
+def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None) -> None:
+    """Run the rest of the current epoch's steps (all of them unless resuming mid-epoch);
+    `save` is called whenever checkpoint_every_s has passed since the last save."""
+    position, config, group = trainer.position, trainer.config, trainer.group
+    if position.step == 0:
+        trainer.epoch_rng = trainer.generator.get_state()
+    else:  # resuming mid-epoch: replay this epoch's shuffle, then skip the steps done
+        trainer.generator.set_state(trainer.epoch_rng)
+    order = torch.randperm(len(trainer.y), generator=trainer.generator).to(trainer.device)
+    trainer.model.train()
+    steps, last_save = trainer.steps, time.monotonic()
+    for step in range(position.step, steps):
+        hooks.step(position.epoch, step, steps)
+        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        if group is not None:
+            rows = rows[group.rank :: group.world]
+        loss = trainer.train_step(rows)
+        position.loss_sum += loss * len(rows)
+        position.seen += len(rows)
+        position.global_step += 1
+        position.step = step + 1
+        if config.log_every_steps and position.global_step % config.log_every_steps == 0:
+            hooks.step_loss(position.global_step, loss)
+        if save is not None and time.monotonic() - last_save >= config.checkpoint_every_s:
+            save()
+            last_save = time.monotonic()
+
+
+def _end_epoch(trainer: Trainer, val: Table, group: Group | None) -> dict[str, float]:
+    """Close the epoch: schedule step, evaluation, best-so-far tracking, next position."""
+    position, config = trainer.position, trainer.config
+    totals = torch.tensor([position.loss_sum, float(position.seen)], dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(totals)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    if trainer.schedule is not None:
+        trainer.schedule.step()
+    # Every rank evaluates the same weights on the same rows, so all agree on stopping.
+    metrics = {
+        "train_loss": float(totals[0] / max(totals[1], 1.0)),
+        **evaluate(trainer.model, val, trainer.device, config),
+        "lr": lr,
+    }
+    value = metrics[config.monitored]
+    lower_is_better = config.monitored in ("val_loss", "val_mae")
+    better = position.best is None or (
+        value < position.best if lower_is_better else value > position.best
+    )
+    if better:
+        position.best, position.best_epoch, position.bad_epochs = value, position.epoch, 0
+        trainer.best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    else:
+        position.bad_epochs += 1
+    position.epoch += 1
+    position.step = position.seen = 0
+    position.loss_sum = 0.0
+    return metrics
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The network's raw outputs for `features`, in batches, as float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    parts = [
+        model(torch.from_numpy(features[i : i + _EVAL_BATCH]).to(device)).float().cpu()
+        for i in range(0, len(features), _EVAL_BATCH)
+    ]
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+def evaluate(
+    model: nn.Module, data: Table, device: torch.device, config: LoopConfig | None = None
+) -> dict[str, float]:
+    """Validation metrics: loss, accuracy and macro F1; or loss, MAE and RMSE."""
+    out = outputs(model, data.features, device)
+    if data.task == REGRESSION:
+        mean, std = (config.target_mean, config.target_std) if config else (0.0, 1.0)
+        predicted = out.squeeze(1).double() * std + mean
+        truth = torch.from_numpy(data.targets).double()
+        error = predicted - truth
+        return {
+            "val_loss": float(((error / std) ** 2).mean()),
+            "val_mae": float(error.abs().mean()),
+            "val_rmse": float((error**2).mean().sqrt()),
+        }
+    targets = torch.from_numpy(data.targets)
+    predicted = out.argmax(dim=1)
+    return {
+        "val_loss": float(nn.functional.cross_entropy(out, targets)),
+        "val_accuracy": float((predicted == targets).double().mean()),
+        "val_f1": macro_f1(predicted, targets),
+    }
+
+
+def macro_f1(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """F1 averaged over the classes that occur in either tensor (as scikit-learn's macro F1)."""
+    size = int(torch.cat([predicted, targets]).max()) + 1
+    hits = torch.bincount(targets[predicted == targets], minlength=size).double()
+    guessed = torch.bincount(predicted, minlength=size).double()
+    actual = torch.bincount(targets, minlength=size).double()
+    present = (guessed + actual) > 0
+    return float((2 * hits[present] / (guessed[present] + actual[present])).mean())
+
+
+def predict_proba(model: nn.Module, features: np.ndarray, device: torch.device) -> np.ndarray:
+    return torch.softmax(outputs(model, features, device), dim=1).numpy()
+
+
+def predict_values(
+    model: nn.Module, features: np.ndarray, device: torch.device, mean: float, std: float
+) -> np.ndarray:
+    """Regression predictions in target units."""
+    return (outputs(model, features, device).squeeze(1).double() * std + mean).numpy()

@@ -1,0 +1,131 @@
+"""Make the database and the broker agree: the database is the record, the broker a hint.
+
+- A running job whose heartbeat stopped lost its worker: it goes back to the queue while
+  attempts remain, and fails with the reason once they are spent. A job past its time
+  limit (Celery's hard limit killed its pool process) fails with that reason instead. If
+  its user had asked to cancel it, it is cancelled (a re-queued job would never be claimed).
+- A queued job whose message is gone is sent again. "Gone" is decided per job, not per
+  queue: Redis here keeps nothing on disk, and a restart from a stale snapshot brings back
+  some old messages while losing newer ones, so an empty-queue test would strand the jobs
+  behind a resurrected message. Each job row records when its latest message was sent
+  (`sent_at`); a queued job whose message is older than `resend_after_s` and whose
+  (id, attempt) is not in the broker's list is resent. Old messages that come back are
+  harmless: the claim (state and attempt compare-and-set) drops every message but one.
+  A Redis set of "ids with live messages" was the alternative; it would itself be lost or
+  rolled back with the same restart, so reading the lists is the one source that cannot
+  disagree with what workers will actually receive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.base import utcnow
+from db.engine import session_scope
+from db.models import Job
+from kiln.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Job], None]
+#: (job id, attempt) of every message waiting in a queue.
+WaitingMessages = Callable[[str], set[tuple[str, int]]]
+
+
+@dataclass(frozen=True)
+class Report:
+    requeued: int = 0
+    failed: int = 0
+    resent: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+
+
+def reconcile(
+    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+) -> Report:
+    """One sweep: recover stalled running jobs, then resend queued jobs with no message."""
+    stalled = _recover_stalled(sessions, settings, send)
+    resent = _resend_orphans(sessions, settings, send, waiting)
+    return Report(resent=resent, **stalled)
+
+
+def time_limit_reason(limit_s: float) -> str:
+    """The one wording of a time-limit failure (soft limit in the runner, hard here)."""
+    return f"exceeded its time limit of {limit_s:g} s"
+
+
+def _recover_stalled(
+    sessions: sessionmaker[Session], settings: Settings, send: Send
+) -> dict[str, int]:
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
+    timeout = timedelta(seconds=settings.heartbeat_timeout_s)
+    with session_scope(sessions) as session:
+        stalled = jobs.stalled(session, timeout)
+    for job in stalled:
+        with session_scope(sessions) as session:
+            outcome = _recover_one(session, settings, job)
+        if outcome == "requeued":
+            _send_and_mark(sessions, send, job)
+        if outcome:
+            counts[outcome] += 1
+    return counts
+
+
+def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
+    """Decide one stalled job's fate; returns what happened, or None if it lost the race."""
+    limit = settings.job_time_limit_s
+    if limit and job.started_at and utcnow() - job.started_at >= timedelta(seconds=limit):
+        if jobs.fail(session, job.id, job.attempt, "TimeLimitExceeded", time_limit_reason(limit)):
+            return "timed_out"
+        return None
+    if job.cancel_requested:
+        if jobs.mark_cancelled(session, job.id, job.attempt):
+            reason = f"worker {job.worker} was lost after the cancel request"
+            jobs.log(session, job.id, f"cancelled: {reason}", "warning")
+            return "cancelled"
+        return None
+    if job.charged_attempts < settings.max_attempts:
+        reason = f"worker {job.worker} stopped heartbeating (attempt {job.attempt})"
+        if jobs.requeue(session, job.id, job.attempt, reason):
+            jobs.log(session, job.id, reason, "warning")
+            return "requeued"
+        return None
+    reason = (
+        f"the worker running this job was lost {job.charged_attempts} times "
+        f"(last: {job.worker}); it may be crashing its worker (out of memory?)"
+    )
+    if jobs.fail(session, job.id, job.attempt, "WorkerLost", reason):
+        jobs.log(session, job.id, f"failed: {reason}", "error")
+        return "failed"
+    return None
+
+
+def _resend_orphans(
+    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+) -> int:
+    # The database is read before the broker: a message sent in between is then seen as
+    # present or is younger than the grace period, so a live job is never counted as lost.
+    with session_scope(sessions) as session:
+        candidates = jobs.waiting(session, timedelta(seconds=settings.resend_after_s))
+    present: set[tuple[str, int]] = set()
+    for queue in {job.queue for job in candidates}:
+        present |= waiting(queue)
+    orphans = [job for job in candidates if (job.id, job.attempt) not in present]
+    for job in orphans:
+        log.warning("job=%s attempt=%d event=resent reason=no_live_message", job.id, job.attempt)
+        _send_and_mark(sessions, send, job)
+    return len(orphans)
+
+
+def _send_and_mark(sessions: sessionmaker[Session], send: Send, job: Job) -> None:
+    """Send a message for the job's current queued attempt and record when."""
+    send(job)
+    with session_scope(sessions) as session:
+        jobs.mark_sent(session, job.id, job.attempt)

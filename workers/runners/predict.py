@@ -1,0 +1,244 @@
+"""predict: score a few rows with a registered model version, batching waiting jobs together.
+
+Dynamic batching: the job this worker claimed (the leader) looks in the database for other
+queued predict jobs of the same owner, model and version reference that run on this device,
+and claims each with the usual compare-and-set (so each gets its own attempt, and a job
+cancelled while queued is never taken). Their rows go through one forward pass with the
+leader's, up to `predict_batch_max_rows` rows, waiting at most `predict_batch_wait_ms` for
+more when fewer are queued. Each job then succeeds or fails on its own, with its own result.
+Their broker messages stay queued and are dropped as stale when a worker takes them (the
+claim refuses a job that is no longer queued). The model comes from the worker's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from torch import nn
+
+from db import jobs, registry
+from db.engine import session_scope
+from db.models import Job
+from kiln.errors import InvalidSpec, JobFailure, NotFound
+from kiln.specs import PredictSpec, Row, parse_spec
+from workers import model_cache
+from workers.context import RunContext
+from workers.ml import bundle, text
+from workers.ml.training import predict_proba, predict_values
+
+#: Candidates read per look at the queue, as a multiple of the rows still wanted.
+_CANDIDATES_PER_ROW = 2
+
+
+@dataclass
+class Follower:
+    job_id: str
+    attempt: int
+    spec: PredictSpec
+
+
+def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
+    with session_scope(ctx.runtime.sessions) as session:
+        try:
+            model_row = registry.get_model(session, ctx.owner, spec.model)
+            version = registry.resolve_version(session, model_row, spec.version)
+        except NotFound as exc:
+            raise JobFailure(exc.message) from None
+        config, digest, number = version.config, version.artifact_digest, version.number
+    followers = _claim_followers(spec, ctx)
+    try:
+        model, device = model_cache.load_version(ctx.runtime, digest, config, ctx.device)
+        inputs = [_features_or_error(s.inputs, config, device) for s in [spec, *_specs(followers)]]
+        good = [m for m in inputs if isinstance(m, np.ndarray)]
+        predictions = _predict(model, np.concatenate(good), device, config) if good else []
+    except BaseException as exc:
+        _fail_followers(ctx, followers, f"the batch this job was scored in failed: {exc!r}")
+        raise
+    results = _split(inputs, predictions, spec, number)
+    _finish_followers(ctx, followers, results[1:])
+    if isinstance(results[0], JobFailure):
+        raise results[0]
+    ctx.raise_if_cancelled()
+    return results[0] | {"batch_jobs": len(inputs)}
+
+
+def _specs(followers: list[Follower]) -> list[PredictSpec]:
+    return [f.spec for f in followers]
+
+
+def _claim_followers(spec: PredictSpec, ctx: RunContext) -> list[Follower]:
+    """Claim queued predict jobs that can share this forward pass (CAS per job)."""
+    settings = ctx.runtime.settings
+    budget = settings.predict_batch_max_rows - len(spec.inputs)
+    followers: list[Follower] = []
+    deadline = time.monotonic() + settings.predict_batch_wait_ms / 1000
+    while budget > 0:
+        found = _claim_some(spec, ctx, budget)
+        if found:
+            followers += found
+            budget -= sum(len(f.spec.inputs) for f in found)
+        elif time.monotonic() >= deadline:
+            break
+        else:
+            time.sleep(0.001)
+    return followers
+
+
+def _claim_some(spec: PredictSpec, ctx: RunContext, budget: int) -> list[Follower]:
+    with session_scope(ctx.runtime.sessions) as session:
+        leader = session.get(Job, ctx.job_id)
+        worker, device = (leader.worker or "unknown", leader.device or str(ctx.device))
+        candidates = session.scalars(
+            select(Job)
+            .where(
+                Job.state == "queued",
+                Job.kind == "predict",
+                Job.owner == ctx.owner,
+                Job.cancel_requested.is_(False),
+            )
+            .order_by(Job.priority.desc(), Job.created_at)
+            .limit(budget * _CANDIDATES_PER_ROW)
+        ).all()
+        claimed = []
+        for job in candidates:
+            other = _compatible(job, spec, ctx)
+            if other is None or len(other.inputs) > budget:
+                continue
+            attempt = jobs.claim(session, job.id, job.attempt, worker, device)
+            if attempt is not None:
+                claimed.append(Follower(job.id, attempt, other))
+                budget -= len(other.inputs)
+        return claimed
+
+
+def _compatible(job: Job, spec: PredictSpec, ctx: RunContext) -> PredictSpec | None:
+    """The job's spec if it names the same model and version and runs on this device."""
+    try:
+        other = parse_spec("predict", job.spec)
+        same_device = ctx.runtime.device_for(other.device) == ctx.device
+    except (InvalidSpec, JobFailure):
+        return None
+    if not isinstance(other, PredictSpec) or not same_device:
+        return None
+    if (other.model, str(other.version)) != (spec.model, str(spec.version)):
+        return None
+    return other
+
+
+def _features_or_error(
+    rows: list[Row], config: dict[str, Any], device: torch.device
+) -> np.ndarray | JobFailure:
+    """One job's rows as the model's input matrix, or why they cannot be scored."""
+    try:
+        if config.get("input") == "text":
+            return text.embed(to_texts(rows, config["text_column"]), device)
+        return to_matrix(rows, config["feature_names"])
+    except JobFailure as exc:
+        return exc
+    except (ValueError, TypeError) as exc:
+        return JobFailure(f"inputs are not numbers: {exc}")
+
+
+def _predict(
+    model: nn.Module, features: np.ndarray, device: torch.device, config: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One prediction per row: a value (regression) or a label with class probabilities."""
+    if bundle.task(config) == "regression":
+        values = predict_values(
+            model, features, device, config["target_mean"], config["target_std"]
+        )
+        return [{"value": float(v)} for v in values]
+    labels = config["label_names"]
+    return [
+        {
+            "label": labels[int(row.argmax())],
+            "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)},
+        }
+        for row in predict_proba(model, features, device)
+    ]
+
+
+def _split(
+    inputs: list[np.ndarray | JobFailure],
+    predictions: list[dict[str, Any]],
+    spec: PredictSpec,
+    number: int,
+) -> list[dict[str, Any] | JobFailure]:
+    """Each job's own result (or failure), in the order the inputs were stacked."""
+    results: list[dict[str, Any] | JobFailure] = []
+    start = 0
+    for matrix in inputs:
+        if isinstance(matrix, JobFailure):
+            results.append(matrix)
+            continue
+        mine = predictions[start : start + len(matrix)]
+        start += len(matrix)
+        results.append({"model": spec.model, "version": number, "predictions": mine})
+    return results
+
+
+def _finish_followers(
+    ctx: RunContext, followers: list[Follower], results: list[dict[str, Any] | JobFailure]
+) -> None:
+    """Record each follower's own ending in one transaction; a cancel request that came in
+    while it ran is honoured."""
+    if not followers:
+        return
+    with session_scope(ctx.runtime.sessions) as session:
+        ids = [f.job_id for f in followers]
+        cancelled = set(
+            session.scalars(select(Job.id).where(Job.id.in_(ids), Job.cancel_requested.is_(True)))
+        )
+        for follower, result in zip(followers, results, strict=True):
+            if follower.job_id in cancelled:
+                jobs.mark_cancelled(session, follower.job_id, follower.attempt)
+            elif isinstance(result, JobFailure):
+                jobs.fail(session, follower.job_id, follower.attempt, "JobFailure", str(result))
+            else:
+                result["batched_with"] = ctx.job_id
+                jobs.succeed(session, follower.job_id, follower.attempt, result)
+
+
+def _fail_followers(ctx: RunContext, followers: list[Follower], message: str) -> None:
+    with session_scope(ctx.runtime.sessions) as session:
+        for follower in followers:
+            jobs.fail(session, follower.job_id, follower.attempt, "BatchFailed", message)
+
+
+def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
+    """Rows (lists in feature order, or dicts by feature name) as a float32 matrix."""
+    width = len(feature_names)
+    matrix = np.empty((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            missing = [name for name in feature_names if name not in row]
+            if missing:
+                raise JobFailure(f"input row {i} lacks features {missing[:5]}")
+            values = [row[name] for name in feature_names]
+        else:
+            if len(row) != width:
+                raise JobFailure(f"input row {i} has {len(row)} values; the model takes {width}")
+            values = row
+        try:
+            matrix[i] = values
+        except (TypeError, ValueError):
+            raise JobFailure(f"input row {i} has values that are not numbers") from None
+    if not np.isfinite(matrix).all():
+        raise JobFailure("inputs contain NaN or infinite values")
+    return matrix
+
+
+def to_texts(rows: list[Row], column: str) -> list[str]:
+    """Rows for a text model: {column: "some text"} each."""
+    texts = []
+    for i, row in enumerate(rows):
+        value = row.get(column) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise JobFailure(f"input row {i} must be an object with a string {column!r}")
+        texts.append(value)
+    return texts

@@ -1,0 +1,338 @@
+"""train: fit a zoo model on a dataset, checkpointing as it goes, and register the result
+as a new model version. A redelivered attempt resumes from this job's checkpoint; a new
+job resumes from another's with `resume_from`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from db import jobs, registry
+from db.engine import session_scope
+from db.models import Dataset, Job
+from kiln import datasets
+from kiln.errors import JobFailure
+from kiln.specs import TrainSpec
+from kiln.states import JobState
+from workers.context import JobCancelled, RunContext
+from workers.ml import bundle, data, distributed, text
+from workers.ml import checkpoint as ckpt
+from workers.ml.training import FitResult, Hooks, LoopConfig, fit
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The dataset as the network sees it, and the bundle config that describes it."""
+
+    table: data.Table
+    dataset_digest: str | None
+    config: dict[str, Any]
+
+
+def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
+    prepared = _prepare(spec, ctx)
+    train_rows, val_rows = data.split(prepared.table, spec.val_fraction, spec.seed)
+    config = dict(prepared.config)
+    target_mean, target_std = 0.0, 1.0
+    if prepared.table.task == data.REGRESSION:
+        target_mean, target_std = data.target_scale(train_rows)
+        config |= {"target_mean": target_mean, "target_std": target_std}
+    torch.manual_seed(spec.seed)  # the initial weights are part of what the seed fixes
+    try:
+        model = bundle.build(config)
+    except ValueError as exc:  # an arch that cannot take this data (cnn on flat rows)
+        raise JobFailure(str(exc)) from None
+    mean, std = data.normalisation(train_rows.features)
+    model.mean.copy_(torch.tensor(mean))
+    model.std.copy_(torch.tensor(std))
+    loop = _loop_config(spec, prepared.table.task, target_mean, target_std)
+    # A checkpoint only fits a run with the same network and the same optimizer shapes.
+    key = json.loads(json.dumps({"config": config, "optimizer": spec.optimizer,
+                                 "lr_schedule": spec.lr_schedule}))  # fmt: skip
+    checkpoint = ctx.scratch_dir / ckpt.FILENAME
+    resume, resume_path = _load_resume(spec, ctx, checkpoint, key)
+    ctx.log(
+        f"training {spec.arch} ({prepared.table.task}) on {len(train_rows.targets)} rows, "
+        f"validating on {len(val_rows.targets)}, device {ctx.device}, {spec.gpus} process(es)"
+    )
+    reporter = _Reporter(ctx)
+    if resume is not None:
+        at = resume.info["position"]
+        ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
+        # Points the lost attempt had buffered but not written come back from the checkpoint.
+        for number, metrics in enumerate(resume.info.get("history", []), start=1):
+            reporter.epoch(number, metrics, quiet=True)
+    try:
+        result = _fit(
+            spec, ctx, model, train_rows, val_rows, loop, checkpoint, resume, resume_path,
+            key, reporter,
+        )  # fmt: skip
+    finally:
+        reporter.flush()
+    return _register(spec, ctx, model, config, result, prepared.dataset_digest, checkpoint)
+
+
+def _fit(
+    spec: TrainSpec,
+    ctx: RunContext,
+    model: bundle.Network,
+    train_rows: data.Table,
+    val_rows: data.Table,
+    loop: LoopConfig,
+    checkpoint: Path,
+    resume: ckpt.Checkpoint | None,
+    resume_path: Path | None,
+    key: dict[str, Any],
+    reporter: _Reporter,
+) -> FitResult:
+    """Train in this process, or in spec.gpus DistributedDataParallel processes."""
+    hooks = _hooks(spec, ctx, reporter)
+    if spec.gpus == 1:
+        model.to(ctx.device)
+        return fit(model, train_rows, val_rows, loop, ctx.device, hooks, checkpoint, resume,
+                   config_key=key)  # fmt: skip
+    if ctx.device.type == "cuda" and torch.cuda.device_count() < spec.gpus:
+        raise JobFailure(
+            f"the job asks for {spec.gpus} GPUs but this worker sees "
+            f"{torch.cuda.device_count()} (workers are pinned to one GPU each)"
+        )
+    job = distributed.Job(
+        model_config=dict(json.loads(json.dumps(key["config"]))),
+        model_state={k: v.cpu() for k, v in model.state_dict().items()},
+        train=train_rows,
+        val=val_rows,
+        loop=loop,
+        device_type=ctx.device.type,
+        checkpoint=checkpoint,
+        resume=resume_path,
+        weights_out=ctx.scratch_dir / "final.safetensors",
+        rendezvous=ctx.scratch_dir / "ddp.rendezvous",
+        config_key=key,
+    )
+    try:
+        result = distributed.run(job, spec.gpus, hooks)
+    except distributed.Stopped:
+        raise JobCancelled(ctx.job_id) from None
+    distributed.load_weights(model, job.weights_out)
+    model.to(ctx.device)
+    return result
+
+
+def _register(
+    spec: TrainSpec,
+    ctx: RunContext,
+    model: bundle.Network,
+    config: dict[str, Any],
+    result: FitResult,
+    dataset_digest: str | None,
+    checkpoint: Path,
+) -> dict[str, Any]:
+    ctx.progress(1.0, "saving the model", force=True)
+    weights = ctx.scratch_dir / "model.safetensors"
+    bundle.save(model, config, weights)
+    stored = ctx.runtime.store.put_file(weights)
+    with session_scope(ctx.runtime.sessions) as session:
+        version = registry.register_version(
+            session,
+            owner=ctx.owner,
+            name=spec.model_name,
+            source_job_id=ctx.job_id,
+            arch=spec.arch,
+            config=config,
+            metrics=result.metrics,
+            artifact_digest=stored.digest,
+            artifact_size=stored.size,
+            dataset_digest=dataset_digest,
+        )
+        number = version.number
+    # The version is registered: the checkpoint has served its purpose.
+    checkpoint.unlink(missing_ok=True)
+    resumed = result.resumed_from
+    return {
+        "model": spec.model_name,
+        "version": number,
+        "task": config["task"],
+        "metrics": result.metrics,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": resumed.epoch if resumed is not None else None,
+    }
+
+
+def _loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
+    return LoopConfig(
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        optimizer=spec.optimizer,
+        seed=spec.seed,
+        weight_decay=spec.weight_decay,
+        lr_schedule=spec.lr_schedule,
+        lr_step_epochs=spec.lr_step_epochs,
+        lr_gamma=spec.lr_gamma,
+        grad_clip=spec.grad_clip,
+        patience=spec.early_stopping_patience,
+        monitor=spec.early_stopping_metric,
+        precision=spec.precision,
+        log_every_steps=spec.log_every_steps,
+        checkpoint_every_s=spec.checkpoint_every_s,
+        task=task,
+        target_mean=target_mean,
+        target_std=target_std,
+    )
+
+
+class _Reporter:
+    """Epoch metrics, step losses and log lines, written in one transaction at most every
+    _FLUSH_S seconds: per-epoch commits would cost more than a small model's epoch."""
+
+    _FLUSH_S = 0.5
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.points: list[tuple[str, int, float]] = []
+        self.lines: list[tuple[str, str]] = []
+        self.flushed = time.monotonic()
+
+    def epoch(self, number: int, metrics: dict[str, float], quiet: bool = False) -> None:
+        self.points += [(name, number, value) for name, value in metrics.items()]
+        if not quiet:
+            summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            self.log(f"epoch {number}: {summary}")
+        self._maybe_flush()
+
+    def point(self, name: str, step: int, value: float) -> None:
+        self.points.append((name, step, value))
+        self._maybe_flush()
+
+    def log(self, line: str, level: str = "info") -> None:
+        self.lines.append((line, level))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self.flushed >= self._FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.points or self.lines:
+            with session_scope(self.ctx.runtime.sessions) as session:
+                jobs.record_metrics(session, self.ctx.job_id, self.points)
+                for line, level in self.lines:
+                    jobs.log(session, self.ctx.job_id, line, level)
+        self.points, self.lines = [], []
+        self.flushed = time.monotonic()
+
+
+def _hooks(spec: TrainSpec, ctx: RunContext, reporter: _Reporter) -> Hooks:
+    """Report to the job: cancellation and progress with ETA per step, metrics per epoch."""
+    started = time.monotonic()
+    first: list[float] = []
+
+    def step(epoch: int, index: int, steps: int) -> None:
+        ctx.raise_if_cancelled()
+        done = (epoch - 1 + index / steps) / spec.epochs
+        if not first:
+            first.append(done)  # a resumed run's ETA counts only the work left
+        ctx.progress(done, f"epoch {epoch}/{spec.epochs}{_eta(started, first[0], done)}")
+
+    def step_loss(global_step: int, loss: float) -> None:
+        reporter.point("train_loss_step", global_step, loss)
+
+    return Hooks(step=step, epoch=reporter.epoch, step_loss=step_loss, log=reporter.log)
+
+
+def _eta(started: float, first: float, done: float) -> str:
+    if done <= first:
+        return ""
+    left = (time.monotonic() - started) * (1 - done) / (done - first)
+    return f", about {left:.0f}s left"
+
+
+def _load_resume(
+    spec: TrainSpec, ctx: RunContext, own: Path, key: dict[str, Any]
+) -> tuple[ckpt.Checkpoint | None, Path | None]:
+    """The checkpoint to start from (and its path), checked to fit this run."""
+    path = _resume_source(spec, ctx, own)
+    if path is None:
+        return None, None
+    resume, unreadable = ckpt.load_or_none(path)
+    if unreadable is not None:
+        if path != own:
+            raise JobFailure(f"cannot resume: the checkpoint of {spec.resume_from} is unreadable")
+        ctx.log(f"ignoring an unreadable checkpoint ({unreadable}); starting over", "warning")
+        return None, None
+    if resume is not None and resume.info.get("key") != key:
+        raise JobFailure(
+            "the checkpoint to resume from was trained with another model, dataset, "
+            "optimizer or schedule; resume with the same ones"
+        )
+    return resume, path
+
+
+def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
+    """This job's own checkpoint (an earlier attempt died), else resume_from's, else None."""
+    if own.exists():
+        return own
+    if spec.resume_from is None:
+        return None
+    with session_scope(ctx.runtime.sessions) as session:
+        source = session.get(Job, spec.resume_from)
+        if source is None or source.owner != ctx.owner or source.kind != "train":
+            raise JobFailure(f"cannot resume: no train job {spec.resume_from} of yours")
+        state = source.state
+    if state in (JobState.QUEUED, JobState.RUNNING):
+        raise JobFailure(f"cannot resume from job {spec.resume_from}: it is still {state}")
+    path = ctx.runtime.settings.data_dir / "work" / spec.resume_from / ckpt.FILENAME
+    if not path.exists():
+        raise JobFailure(
+            f"cannot resume: job {spec.resume_from} left no checkpoint "
+            "(a job that succeeded drops its checkpoint once its model is registered)"
+        )
+    return path
+
+
+def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
+    """Load the dataset (embedding text for the text arch) and describe it for the bundle."""
+    if spec.dataset.startswith("builtin:"):
+        if spec.arch == "text":
+            raise JobFailure("the text architecture needs an uploaded dataset with a text column")
+        table, digest = data.builtin(spec.dataset.removeprefix("builtin:")), None
+        if spec.task != "auto" and spec.task != table.task:
+            raise JobFailure(f"{spec.dataset} is a {table.task} dataset, not {spec.task}")
+    else:
+        arrow, digest = _uploaded(spec, ctx)
+        if spec.arch == "text":
+            column = spec.arch_params.text_column  # type: ignore[union-attr]
+            texts = data.text_column(arrow, column, spec.target)
+            ctx.log(f"embedding {len(texts)} texts with {text.ENCODER}")
+            features = text.embed(texts, ctx.device)
+            names = [f"embedding_{i}" for i in range(features.shape[1])]
+            table = data.with_target(features, names, arrow[spec.target], spec.target, spec.task)
+        else:
+            table = data.from_arrow(arrow, spec.target, spec.task)
+    config: dict[str, Any] = {
+        "arch": spec.arch,
+        "arch_params": spec.arch_params.model_dump(exclude={"arch"}),
+        "feature_names": table.feature_names,
+        "label_names": table.label_names,
+        "task": table.task,
+        "input_shape": list(table.shape),
+        "input": "features",
+    }
+    if spec.arch == "text":
+        config |= {"input": "text", "encoder": text.ENCODER, "text_column": column}
+    return Prepared(table, digest, config)
+
+
+def _uploaded(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
+    with session_scope(ctx.runtime.sessions) as session:
+        found = session.get(Dataset, spec.dataset)
+        if found is None or found.owner != ctx.owner:
+            raise JobFailure(f"no dataset {spec.dataset}")
+        fmt, digest = found.format, found.digest
+    return datasets.read_table(ctx.runtime.store.path(digest), fmt), digest
