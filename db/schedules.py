@@ -135,7 +135,7 @@ def fire(
         kind=schedule.kind,
         owner=schedule.owner,
         spec=spec.model_dump(mode="json"),
-        queue=routing.queue_for(spec.device),
+        queue=routing.queue_for(spec),
         priority=schedule.priority,
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")

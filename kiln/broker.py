@@ -44,6 +44,10 @@ def make_celery(settings: Settings) -> Celery:
             # harmless, and a long timeout keeps it rare. The reconciler, not this timeout,
             # is what recovers jobs from dead workers quickly (heartbeats).
             "visibility_timeout": settings.visibility_timeout_s,
+            # A GPU worker lists its queues as (gpu.<n>, gpu, cpu): take them in that order,
+            # so a GPU is never busy with CPU work while GPU jobs wait (kombu's default
+            # rotates between queues). Message priority still comes first.
+            "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
         # A broker blip (Redis restarting) must not kill running jobs: they finish and

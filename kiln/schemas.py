@@ -7,9 +7,16 @@ them, so the documentation cannot drift from what is served.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kiln.specs import ARCH_PARAMS
 
@@ -126,8 +133,21 @@ class ModelConfigIn(BaseModel):
 
     arch: str = Field(description="An architecture of Kiln's zoo, e.g. 'mlp'.")
     arch_params: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["classification", "regression"] = "classification"
     feature_names: list[str] = Field(min_length=1, max_length=100_000)
-    label_names: list[str] = Field(min_length=2, max_length=100_000)
+    label_names: list[str] = Field(
+        default_factory=list,
+        max_length=100_000,
+        description="Class names in output order (classification); none for regression.",
+    )
+    # A config downloaded from a trained version carries these too, so it uploads as is.
+    # Text models embed with an encoder the config names; their upload is not supported.
+    input: Literal["features"] = "features"
+    input_shape: list[int] | None = Field(default=None, max_length=8)
+    target_mean: float | None = Field(
+        default=None, description="Regression: predictions are scaled back by mean and std."
+    )
+    target_std: float | None = Field(default=None, gt=0)
 
     @field_validator("feature_names", "label_names")
     @classmethod
@@ -135,6 +155,23 @@ class ModelConfigIn(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("names must be distinct")
         return names
+
+    @field_validator("label_names")
+    @classmethod
+    def _labels_fit_task(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        task = info.data.get("task", "classification")
+        if task == "classification" and len(names) < 2:
+            raise ValueError("a classification model needs at least 2 label_names")
+        if task == "regression" and names:
+            raise ValueError("a regression model has no label_names")
+        return names
+
+    @model_validator(mode="after")
+    def _regression_scale(self) -> ModelConfigIn:
+        if self.task == "regression":  # a network trained on raw targets: identity scaling
+            self.target_mean = 0.0 if self.target_mean is None else self.target_mean
+            self.target_std = 1.0 if self.target_std is None else self.target_std
+        return self
 
     @model_validator(mode="after")
     def _known_arch(self) -> ModelConfigIn:

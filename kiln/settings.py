@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     port: int = 8000
     #: When set, an admin API key with exactly this value exists after start-up.
     admin_key: str = ""
-    #: GPUs to run workers on: "auto" (all visible), "none", or indices such as "0,1".
+    #: GPUs to run workers on: "auto" (all visible), "none", or indices such as "0,1";
+    #: "0+1,2" pins one worker to GPUs 0 and 1 together (for `gpus: 2` jobs), one to 2.
     gpus: str = "auto"
     #: CPU worker processes; by default one, and none when GPU workers exist.
     cpu_workers: int | None = Field(default=None, ge=0)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import registry
 from db.base import utcnow
-from db.models import Dataset
+from db.models import Dataset, Job
 from kiln import datasets
 from kiln.artifacts import ArtifactStore
 from workers.ml import bundle
@@ -105,3 +105,8 @@ def expected_labels(model: torch.nn.Module, table: pa.Table, names: list[str]) -
     with torch.inference_mode():
         best = model(torch.from_numpy(matrix)).argmax(dim=1).numpy()
     return [LABELS[i] for i in best]
+
+
+def never_resent(job: Job, countdown: float) -> None:
+    """execute_attempt's `send` for jobs that end in one attempt: nothing may send them again."""
+    raise AssertionError(f"job {job.id} was unexpectedly sent again")

@@ -61,6 +61,8 @@ class RunContext:
     owner: str
     device: torch.device
     runtime: Runtime
+    #: The Celery worker running the attempt (gpu0@host): the label on its metrics.
+    worker: str = "unknown"
     #: Attempts of this job that ended in RetryableOOM: halve the batch this many times.
     oom_retries: int = 0
     #: time.monotonic() past which the soft time limit raises JobTimeout; None: no limit.

@@ -90,6 +90,7 @@ def execute_attempt(
         owner=owner,
         device=device,
         runtime=runtime,
+        worker=worker,
         oom_retries=oom_retries,
         deadline=time.monotonic() + limit if limit else None,
     )

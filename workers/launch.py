@@ -43,15 +43,23 @@ class WorkerProcess:
 
 def plan(gpu_ids: Sequence[str], cpu_workers: int | None) -> list[WorkerProcess]:
     """One worker per GPU (its own queue, the shared gpu queue, then cpu work when idle),
-    plus `cpu_workers` CPU workers (default: one when there is no GPU, else none)."""
-    workers = [
-        WorkerProcess(
-            name=f"gpu{gpu}",
-            queues=(routing.gpu_queue(gpu), routing.GPU_QUEUE, routing.CPU_QUEUE),
-            env={"CUDA_VISIBLE_DEVICES": gpu},
+    plus `cpu_workers` CPU workers (default: one when there is no GPU, else none).
+
+    An entry "0+1" reserves GPUs 0 and 1 for one worker: it sees both, and besides the
+    single-GPU queues it serves the queues of jobs that need 2 (or fewer, above 1) GPUs
+    at once (`gpus: N` training with DistributedDataParallel), largest first.
+    """
+    workers = []
+    for entry in gpu_ids:
+        group = entry.split("+")
+        multi = tuple(routing.multi_gpu_queue(n) for n in range(len(group), 1, -1))
+        workers.append(
+            WorkerProcess(
+                name=f"gpu{'-'.join(group)}",
+                queues=(routing.gpu_queue(entry), *multi, routing.GPU_QUEUE, routing.CPU_QUEUE),
+                env={"CUDA_VISIBLE_DEVICES": ",".join(group)},
+            )
         )
-        for gpu in gpu_ids
-    ]
     count = cpu_workers if cpu_workers is not None else (0 if gpu_ids else 1)
     # A CPU worker sees no GPU, so nothing it runs can grab one by accident.
     workers += [
@@ -88,6 +96,9 @@ def _nvidia_smi_gpus() -> list[str]:
 def run(settings: Settings) -> int:
     """Start the planned workers and supervise them until signalled; returns an exit code."""
     workers = plan(visible_gpus(settings.gpus, os.environ), settings.cpu_workers)
+    if not workers:
+        log.error("event=no_workers reason='no GPU is visible and KILN_CPU_WORKERS is 0'")
+        return 2
     env = dict(os.environ)
     if settings.metrics_port:
         # Every worker of this host (and its pool processes) counts into one folder that

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers import metrics
+from workers.context import RunContext
 from workers.ml import bundle
-from workers.runtime import Runtime
 
 DEFAULT_MAX_MODELS = 8
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -50,19 +51,22 @@ class ModelCache:
         self._entries: OrderedDict[tuple[str, str], tuple[nn.Module, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, digest: str, device: torch.device, load: Callable[[], nn.Module]) -> nn.Module:
-        """The model for `digest` on `device`, calling `load` only on a miss."""
+    def get(
+        self, digest: str, device: torch.device, load: Callable[[], nn.Module]
+    ) -> tuple[nn.Module, bool]:
+        """The model for `digest` on `device`, and whether it was loaded already (`load` is
+        called only on a miss)."""
         key = (digest, str(device))
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
-                return self._entries[key][0]
+                return self._entries[key][0], True
             self.stats.misses += 1
             model = load()
             self._entries[key] = (model, model_bytes(model))
             self._evict()
-            return model
+            return model, False
 
     def _evict(self) -> None:
         # The newest entry always stays, even when it alone is over the byte budget.
@@ -93,12 +97,16 @@ def shared(max_models: int = DEFAULT_MAX_MODELS, max_bytes: int = DEFAULT_MAX_BY
 
 
 def load_version(
-    runtime: Runtime, digest: str, config: dict[str, Any], device: torch.device
+    ctx: RunContext, digest: str, config: dict[str, Any]
 ) -> tuple[nn.Module, torch.device]:
-    """A registered version's model ready to score, and the device it runs on (the CPU for
-    a quantized version), from the cache when loaded."""
-    cache = shared(runtime.settings.model_cache_models, runtime.settings.model_cache_bytes)
-    target = bundle.inference_device(config, device)
-    path = runtime.store.path(digest)
-    model = cache.get(digest, target, lambda: bundle.load_for_inference(path, config, target)[0])
+    """A registered version's model ready to score on the job's device, and the device it
+    runs on (the CPU for a quantized version), from the cache when loaded."""
+    settings = ctx.runtime.settings
+    cache = shared(settings.model_cache_models, settings.model_cache_bytes)
+    target = bundle.inference_device(config, ctx.device)
+    path = ctx.runtime.store.path(digest)
+    model, hit = cache.get(
+        digest, target, lambda: bundle.load_for_inference(path, config, target)[0]
+    )
+    metrics.record_model_cache(ctx.worker, hit)
     return model, target

@@ -18,7 +18,7 @@ from db.models import Job
 from kiln import routing
 from kiln.broker import queue_length
 from kiln.settings import Settings
-from workers.reconcile import QUEUED_GRACE, Report, reconcile
+from workers.reconcile import Report, reconcile
 
 pytestmark = pytest.mark.integration
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -80,7 +80,7 @@ def test_a_job_that_loses_its_worker_max_attempts_times_fails_with_worker_lost(
             stale = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 60)
             session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
         reports.append(
-            reconcile(sessions, settings, lambda j: sent.append((j.id, j.attempt)), lambda _: 1)
+            reconcile(sessions, settings, lambda j: sent.append((j.id, j.attempt)), lambda _: set())
         )
 
     assert [(r.requeued, r.failed) for r in reports] == [(1, 0), (1, 0), (0, 1)]
@@ -100,10 +100,12 @@ def test_a_queued_job_whose_message_was_lost_is_resent_and_runs(
     celery_app: Celery,
     create_job: Callable[..., Job],
     reconcile_once: Callable[[], Report],
+    live_settings: Settings,
 ) -> None:
     # Committed but never sent (the broker was down, say), and older than the grace period.
+    grace = timedelta(seconds=live_settings.resend_after_s)
     orphan = create_job(
-        spec={"message": "found again"}, created_at=utcnow() - QUEUED_GRACE - timedelta(minutes=1)
+        spec={"message": "found again"}, created_at=utcnow() - grace - timedelta(minutes=1)
     )
     young = create_job(spec={"message": "may still be in flight"})
     assert queue_length(celery_app, routing.CPU_QUEUE) == 0

@@ -256,7 +256,7 @@ def test_an_uploaded_dataset_is_pinned_by_its_versions_and_reused_to_evaluate(ap
         "/models/ext/versions",
         data={"weights": (io.BytesIO(weights), "w.safetensors"), "config": json.dumps(config)},
     )
-    assert upload.status_code == 201
+    assert upload.status_code == 201, upload.get_json()
     failed = run_job(api, "optimize", {"model": "ext"})
     assert failed["state"] == "failed"
     assert "spec.dataset" in failed["error"]["message"]

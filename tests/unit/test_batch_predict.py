@@ -10,7 +10,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
-from modelkit import FEATURES, add_dataset, expected_labels, feature_table, register_model
+from modelkit import (
+    FEATURES,
+    add_dataset,
+    expected_labels,
+    feature_table,
+    never_resent,
+    register_model,
+)
 
 from db import jobs
 from db.engine import session_scope
@@ -67,7 +74,7 @@ def test_every_input_row_gets_one_output_row_and_bad_rows_an_error_line(
     spec |= {"batch_size": 5, "output_format": output_format, "max_error_fraction": 0.1}
     job_id = _job(sessions, spec)
 
-    execute_attempt(runtime, job_id, 0, "w1")
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "succeeded", job.error_message
@@ -111,11 +118,11 @@ def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
 
     monkeypatch.setattr(batch, "_score", score_then_die_at_chunk_4)
     with pytest.raises(Killed):
-        execute_attempt(runtime, job_id, 0, "w1")
+        execute_attempt(runtime, job_id, 0, "w1", never_resent)
     with session_scope(sessions) as session:
         assert jobs.requeue(session, job_id, 1, "worker lost")
 
-    execute_attempt(runtime, job_id, 1, "w2")
+    execute_attempt(runtime, job_id, 1, "w2", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "succeeded", job.error_message
@@ -137,7 +144,7 @@ def test_past_the_error_fraction_the_job_fails_with_its_error_file(runtime, sess
     spec = {"model": "m", "dataset": dataset, "features": ["x"], "passthrough": ["id"]}
     job_id = _job(sessions, spec | {"max_error_fraction": 0.2})
 
-    execute_attempt(runtime, job_id, 0, "w1")
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "failed"
@@ -156,7 +163,7 @@ def test_npz_vectors_of_the_right_width_are_scored(runtime, sessions, tmp_path):
     spec = {"model": "m", "dataset": dataset, "features": ["x_0", "x_1", "x_2", "x_3"]}
     job_id = _job(sessions, spec | {"passthrough": ["id"], "probabilities": True})
 
-    execute_attempt(runtime, job_id, 0, "w1")
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "succeeded", job.error_message
@@ -174,7 +181,7 @@ def test_a_dataset_without_the_model_features_fails_with_a_reason(runtime, sessi
     dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
     job_id = _job(sessions, {"model": "m", "dataset": dataset})
 
-    execute_attempt(runtime, job_id, 0, "w1")
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "failed"
@@ -207,7 +214,7 @@ def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_pa
 
     monkeypatch.setattr(batch, "_score", score_and_ask_to_cancel)
 
-    execute_attempt(runtime, job_id, 0, "w1")
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "cancelled"

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from kiln import routing
 from kiln.settings import Settings
-from workers.launch import WorkerProcess, plan, visible_gpus
+from kiln.specs import parse_spec
+from workers.launch import WorkerProcess, plan, run, visible_gpus
 
 
 def _option(argv: list[str], name: str) -> str:
@@ -25,6 +27,28 @@ def test_one_worker_per_gpu_pinned_to_it_serving_its_queue_then_gpu_then_cpu() -
         {"CUDA_VISIBLE_DEVICES": "1"},
     ]
     assert [w.queues for w in workers] == [("gpu.0", "gpu", "cpu"), ("gpu.1", "gpu", "cpu")]
+
+
+def test_a_gpu_group_is_one_worker_that_sees_them_all_and_serves_multi_gpu_jobs() -> None:
+    big, small = plan(["0+1+2", "3"], cpu_workers=None)
+
+    assert (big.name, dict(big.env)) == ("gpu0-1-2", {"CUDA_VISIBLE_DEVICES": "0,1,2"})
+    assert big.queues == ("gpu.0+1+2", "gpu.x3", "gpu.x2", "gpu", "cpu")
+    assert small.queues == ("gpu.3", "gpu", "cpu")
+
+
+@pytest.mark.parametrize(("kind", "spec", "queue"), [
+    ("train", {"device": "gpu"}, "gpu"),
+    ("train", {"device": "gpu", "gpus": 2}, "gpu.x2"),
+    ("train", {"device": "cpu", "gpus": 2}, "cpu"),
+    ("train", {"gpus": 4}, "cpu"),
+    ("echo", {"device": "gpu"}, "gpu"),
+])  # fmt: skip
+def test_jobs_needing_several_gpus_go_where_a_worker_holds_that_many(
+    kind: str, spec: dict[str, object], queue: str
+) -> None:
+    train = {"model_name": "m", "dataset": "builtin:digits"} if kind == "train" else {}
+    assert routing.queue_for(parse_spec(kind, train | spec)) == queue
 
 
 def test_without_gpus_one_cpu_worker_that_sees_no_gpu() -> None:
@@ -67,6 +91,12 @@ def test_worker_argv_runs_one_job_at_a_time_and_reserves_none(worker: WorkerProc
 
 def test_gpus_none_plans_no_gpu_worker_even_where_gpus_are_visible() -> None:
     assert visible_gpus("none", {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+
+
+def test_nothing_to_run_is_an_error_not_a_silent_idle_launcher(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, gpus="none", cpu_workers=0, metrics_port=0)
+
+    assert run(settings) == 2
 
 
 def test_kiln_gpus_environment_variable_reaches_the_setting(

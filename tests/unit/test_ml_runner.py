@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from modelkit import never_resent
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,11 +27,6 @@ from workers.runtime import Runtime
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 SMALL = {"dataset": "builtin:digits", "arch_params": {"hidden": [32]}, "batch_size": 64}
-
-
-def _never_resent(job: Job, countdown: float) -> None:
-    """These jobs run to an end in one attempt; nothing may send them again."""
-    raise AssertionError(f"job {job.id} was unexpectedly sent again")
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +52,7 @@ def run_job(
 
     def run(spec: dict[str, Any], kind: str = "train", owner: str = "alice") -> Job:
         job = create_job(owner=owner, kind=kind, spec=spec)
-        execute_attempt(runtime, job.id, 0, worker="test", send=_never_resent)
+        execute_attempt(runtime, job.id, 0, worker="test", send=never_resent)
         with sessions() as session:
             found = session.get(Job, job.id)
             assert found is not None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from modelkit import never_resent
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Dataset, Job
@@ -31,11 +32,6 @@ VEHICLES = ["a red sports car", "the bus is late", "a truck on the highway", "a 
             "an airplane taking off", "the bicycle has a flat tyre", "a motorbike roars",
             "a taxi in traffic", "the tram stops", "a tractor ploughs", "a sailing boat",
             "a delivery van"]  # fmt: skip
-
-
-def _never_resent(job: Job, countdown: float) -> None:
-    """These jobs run to an end in one attempt; nothing may send them again."""
-    raise AssertionError(f"job {job.id} was unexpectedly sent again")
 
 
 def _upload(settings: Settings, sessions: sessionmaker[Session], tmp_path: Path) -> str:
@@ -65,7 +61,7 @@ def test_text_head_learns_topics_and_predicts_from_strings(
     spec = {"model_name": "topics", "arch": "text", "dataset": dataset, "target": "kind",
             "epochs": 30, "batch_size": 8, "val_fraction": 0.25, "device": "cpu"}  # fmt: skip
     job = create_job(kind="train", spec=spec)
-    execute_attempt(runtime, job.id, 0, worker="test", send=_never_resent)
+    execute_attempt(runtime, job.id, 0, worker="test", send=never_resent)
     with sessions() as session:
         trained = session.get(Job, job.id)
         assert trained is not None
@@ -73,7 +69,7 @@ def test_text_head_learns_topics_and_predicts_from_strings(
         assert trained.result["metrics"]["val_accuracy"] >= 5 / 6  # type: ignore[index]
     inputs = [{"text": "a fluffy kitten"}, {"text": "a lorry full of boxes"}]
     predict = create_job(kind="predict", spec={"model": "topics", "inputs": inputs})
-    execute_attempt(runtime, predict.id, 0, worker="test", send=_never_resent)
+    execute_attempt(runtime, predict.id, 0, worker="test", send=never_resent)
     with sessions() as session:
         done = session.get(Job, predict.id)
         assert done is not None
@@ -87,7 +83,7 @@ def test_text_arch_needs_an_uploaded_dataset(
 ) -> None:
     runtime = Runtime(settings, sessions, ArtifactStore(settings.artifacts_dir))
     job = create_job(kind="train", spec={"model_name": "t", "arch": "text"})
-    execute_attempt(runtime, job.id, 0, worker="test", send=_never_resent)
+    execute_attempt(runtime, job.id, 0, worker="test", send=never_resent)
     with sessions() as session:
         failed = session.get(Job, job.id)
         assert failed is not None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from modelkit import FEATURES, LABELS, register_model
+from modelkit import FEATURES, LABELS, never_resent, register_model
+from prometheus_client import REGISTRY
 
 from db import jobs
 from db.models import Job
@@ -37,6 +38,11 @@ def _job(sessions, job_id: str) -> Job:
         return session.get(Job, job_id)
 
 
+def _cache_requests(worker: str, result: str) -> float:
+    labels = {"worker": worker, "result": result}
+    return REGISTRY.get_sample_value("kiln_model_cache_requests_total", labels) or 0.0
+
+
 def _labels(model, rows) -> list[str]:
     with torch.inference_mode():
         best = model(torch.tensor(rows, dtype=torch.float32)).argmax(dim=1)
@@ -51,14 +57,15 @@ def test_the_cache_loads_once_and_evicts_the_least_recently_used(database_url):
         return lambda: loads.append(name) or torch.nn.Linear(2, 2)
 
     cpu = torch.device("cpu")
-    first = cache.get("a", cpu, loader("a"))
-    again = cache.get("a", cpu, loader("a"))
+    first, was_loaded = cache.get("a", cpu, loader("a"))
+    again, hit = cache.get("a", cpu, loader("a"))
     cache.get("b", cpu, loader("b"))
     cache.get("a", cpu, loader("a"))  # a is now the most recently used
     cache.get("c", cpu, loader("c"))  # evicts b
     cache.get("b", cpu, loader("b"))
 
     assert again is first
+    assert (was_loaded, hit) == (False, True)
     assert loads == ["a", "b", "c", "b"]
     assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 4, 2)
 
@@ -79,13 +86,15 @@ def test_the_second_predict_on_a_version_is_a_cache_hit(runtime, sessions, tmp_p
     model, _ = register_model(sessions, runtime.store, tmp_path)
     rows = [[0.1, 0.2, 0.3, 0.4]]
     first = _submit(sessions, {"model": "m", "inputs": rows})
-    execute_attempt(runtime, first, 0, "w1")
+    execute_attempt(runtime, first, 0, "w1", never_resent)
     second = _submit(sessions, {"model": "m", "version": 1, "inputs": rows})
 
-    execute_attempt(runtime, second, 0, "w1")
+    hits_before = _cache_requests("w1", "hit")
+    execute_attempt(runtime, second, 0, "w1", never_resent)
 
     stats = model_cache.shared(8, runtime.settings.model_cache_bytes).stats
     assert (stats.misses, stats.hits) == (1, 1)
+    assert _cache_requests("w1", "hit") == hits_before + 1  # the worker's metric counts it
     assert _job(sessions, second).result["predictions"][0]["label"] == _labels(model, rows)[0]
 
 
@@ -106,7 +115,7 @@ def test_waiting_jobs_for_the_same_version_share_one_forward_pass(runtime, sessi
         jobs.request_cancel(session, session.get(Job, cancelled))
         session.commit()
 
-    execute_attempt(runtime, ids[0], 0, "w1")
+    execute_attempt(runtime, ids[0], 0, "w1", never_resent)
 
     for job_id, rows in zip([*ids, by_name], [*inputs, inputs[:1][0][:1]], strict=True):
         job = _job(sessions, job_id)
@@ -126,10 +135,10 @@ def test_a_batched_jobs_own_message_is_dropped_as_stale(runtime, sessions, tmp_p
     register_model(sessions, runtime.store, tmp_path)
     leader = _submit(sessions, {"model": "m", "inputs": [[0.0] * 4]})
     follower = _submit(sessions, {"model": "m", "inputs": [[1.0] * 4]})
-    execute_attempt(runtime, leader, 0, "w1")
+    execute_attempt(runtime, leader, 0, "w1", never_resent)
     before = _job(sessions, follower)
 
-    execute_attempt(runtime, follower, 0, "w2")
+    execute_attempt(runtime, follower, 0, "w2", never_resent)
 
     after = _job(sessions, follower)
     assert (before.state, after.state) == ("succeeded", "succeeded")
@@ -145,7 +154,7 @@ def test_batching_can_be_turned_off(settings, sessions, tmp_path):
     first = _submit(sessions, {"model": "m", "inputs": [[0.0] * 4]})
     second = _submit(sessions, {"model": "m", "inputs": [[1.0] * 4]})
 
-    execute_attempt(runtime, first, 0, "w1")
+    execute_attempt(runtime, first, 0, "w1", never_resent)
 
     assert _job(sessions, first).result["batch_jobs"] == 1
     assert _job(sessions, second).state == "queued"

@@ -74,7 +74,7 @@ def upload_version(name: str) -> Response:
         name=name,
         source_job_id=None,
         arch=config.arch,
-        config=config.model_dump(),
+        config=config.model_dump(exclude_none=True),
         metrics={},
         artifact_digest=stored.digest,
         artifact_size=stored.size,

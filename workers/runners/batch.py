@@ -97,9 +97,7 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
         _commit_manifest(work, manifest)
     elif manifest["chunks"]:
         ctx.log(f"resuming at row {manifest['rows']} ({manifest['chunks']} chunks were done)")
-    model, device = model_cache.load_version(
-        ctx.runtime, plan.model_digest, plan.config, ctx.device
-    )
+    model, device = model_cache.load_version(ctx, plan.model_digest, plan.config)
     labels = pa.array(plan.config["label_names"], pa.string())
     allowed_errors = int(spec.max_error_fraction * plan.total_rows)
     started, first_row = time.monotonic(), manifest["rows"]

@@ -52,7 +52,7 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
         config, digest, number = version.config, version.artifact_digest, version.number
     followers = _claim_followers(spec, ctx)
     try:
-        model, device = model_cache.load_version(ctx.runtime, digest, config, ctx.device)
+        model, device = model_cache.load_version(ctx, digest, config)
         inputs = [_features_or_error(s.inputs, config, device) for s in [spec, *_specs(followers)]]
         good = [m for m in inputs if isinstance(m, np.ndarray)]
         predictions = _predict(model, np.concatenate(good), device, config) if good else []
