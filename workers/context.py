@@ -89,6 +89,10 @@ class RunContext:
         with session_scope(self.runtime.sessions) as session:
             jobs.log(session, self.job_id, message, level)
 
+    def batch_size(self, requested: int) -> int:
+        """The batch size for this attempt: halved once per earlier out-of-memory attempt."""
+        return max(1, requested >> self.oom_retries)
+
     def should_stop(self) -> bool:
         """True once the worker is shutting down (SIGTERM): checkpoint now, then raise
         WorkerShutdown (returning would record success); the job is re-queued without

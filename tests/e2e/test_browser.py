@@ -1,6 +1,6 @@
 """The UI in a real browser against a real server and worker: sign in, upload, train, watch
-the chart grow, promote, cancel. Set KILN_SCREENSHOTS=docs/screenshots to refresh the
-README's screenshots from this run."""
+the chart grow, promote, batch-score and download, cancel, schedule. Set
+KILN_SCREENSHOTS=docs/screenshots to refresh the README's screenshots from this run."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def _sign_in(page: Any, server: Server) -> None:
     page.wait_for_url(re.compile(r"/jobs$"))
 
 
-def test_train_watch_promote_and_cancel(page: Any, server: Server, tmp_path: Path) -> None:
+def test_train_watch_promote_score_cancel_and_schedule(
+    page: Any, server: Server, tmp_path: Path
+) -> None:
     from playwright.sync_api import expect
 
     problems: list[str] = []  # console errors, CSP violations among them
@@ -86,7 +88,7 @@ def test_train_watch_promote_and_cancel(page: Any, server: Server, tmp_path: Pat
 
     # Train on it through the form; the hyper-parameters start at TrainSpec's defaults.
     page.goto(f"{server.url}/jobs/new/train")
-    expect(page.locator("#f-lr")).to_have_value("0.001")
+    expect(page.locator("#f-lr")).to_have_value("0.003")
     _shoot(page, "new-training-form")
     page.fill("#f-model_name", "blobs-mlp")
     page.select_option("#f-dataset", label="blobs (2000 rows)")
@@ -129,6 +131,28 @@ def test_train_watch_promote_and_cancel(page: Any, server: Server, tmp_path: Pat
     expect(page.locator("tbody tr").nth(1)).to_contain_text("production")
     _shoot(page, "models")
 
+    # Batch-score the uploaded CSV with the production version, then download the output.
+    page.goto(f"{server.url}/jobs/new/batch_predict")
+    page.fill("#f-model", "blobs-mlp")
+    page.fill("#f-version", "production")
+    page.select_option("#f-dataset", label="blobs (2000 rows)")
+    page.fill("#f-passthrough", "label")
+    page.select_option("#f-output_format", "csv")
+    page.click("button:has-text('Submit job')")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
+    batch_url = page.url
+    expect(_badge(page)).to_have_text("succeeded", timeout=120_000)
+    expect(page.locator("#job-live")).to_contain_text("Used blobs-mlp version 1")
+    with page.expect_download() as downloading:
+        page.click("#download-output")
+    download = downloading.value
+    assert download.suggested_filename.endswith("-output.csv")
+    with open(download.path(), newline="") as scored:
+        rows_out = list(csv.DictReader(scored))
+    assert len(rows_out) == 2000  # one output row per input row
+    assert {"label", "prediction", "score"} <= set(rows_out[0])
+    assert page.locator("#download-errors").count() == 0  # every row was scored
+
     # A long job, cancelled from its page while it runs.
     page.goto(f"{server.url}/jobs/new/train")
     page.fill("#f-model_name", "never-finishes")
@@ -141,11 +165,29 @@ def test_train_watch_promote_and_cancel(page: Any, server: Server, tmp_path: Pat
 
     page.goto(f"{server.url}/jobs")
     rows = page.locator("#jobs-table tbody tr")
-    expect(rows).to_have_count(3)
+    expect(rows).to_have_count(4)
     expect(rows.nth(0).locator(".badge")).to_have_text("cancelled")
-    expect(rows.nth(1).locator(".badge")).to_have_text("succeeded")
-    expect(rows.nth(2).locator(".badge")).to_have_text("succeeded")
+    expect(rows.nth(1)).to_contain_text("batch_predict")
+    for n in (1, 2, 3):
+        expect(rows.nth(n).locator(".badge")).to_have_text("succeeded")
     _shoot(page, "jobs")
+
+    # Schedule the scoring nightly, from its job's settings (no scheduler runs here, so the
+    # schedule only shows its next run times and submits nothing).
+    page.goto(batch_url)
+    page.click("text=Schedule this…")
+    expect(page.locator("#f-model")).to_have_value("blobs-mlp")
+    page.fill("#f-name", "nightly-scoring")
+    page.fill("#f-cron", "0 3 * * *")
+    page.click("button:has-text('Create schedule')")
+    page.wait_for_url(re.compile(r"/schedules#schedule-[0-9a-f]{32}$"))
+    expect(page.locator(".flash")).to_contain_text("Schedule nightly-scoring created")
+    schedule = page.locator("#schedules-table tbody tr", has_text="nightly-scoring")
+    expect(schedule).to_contain_text("0 3 * * *")
+    expect(schedule.locator(".badge")).to_have_text("active")
+    expect(schedule.locator(".next-runs div")).to_have_count(3)
+    expect(schedule.locator(".next-runs div").first).to_contain_text("03:00:00 UTC")
+    _shoot(page, "schedules")
 
     assert problems == []
 
@@ -159,7 +201,10 @@ def test_sign_out_ends_the_session(page: Any, server: Server) -> None:
 
 
 def test_forms_work_without_javascript(browser: Any, server: Server) -> None:
-    """Sign in and submit a job with scripts disabled: plain form posts all the way."""
+    """Sign in, submit a job, create and pause a schedule with scripts disabled: plain
+    form posts all the way."""
+    from playwright.sync_api import expect
+
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
     try:
@@ -169,5 +214,16 @@ def test_forms_work_without_javascript(browser: Any, server: Server) -> None:
         page.click("button:has-text('Submit job')")
         page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
         assert "no scripts needed" in page.content()
+
+        page.goto(f"{server.url}/schedules/new/echo")
+        page.fill("#f-name", "hourly-echo")
+        page.fill("#f-cron", "0 * * * *")
+        page.fill("#f-message", "on the hour")
+        page.click("button:has-text('Create schedule')")
+        page.wait_for_url(re.compile(r"/schedules#schedule-[0-9a-f]{32}$"))
+        row = page.locator("#schedules-table tbody tr", has_text="hourly-echo")
+        row.locator("button:has-text('Pause')").click()
+        expect(row.locator(".badge")).to_have_text("paused")
+        expect(page.locator(".flash")).to_contain_text("Paused hourly-echo.")
     finally:
         context.close()

@@ -97,6 +97,42 @@ def test_every_input_row_gets_one_output_row_and_bad_rows_an_error_line(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_out_of_gpu_memory_retries_at_half_the_batch_from_the_last_chunk(
+    runtime, sessions, tmp_path, monkeypatch
+):
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    table = feature_table(60)
+    pacsv.write_csv(table, tmp_path / "in.csv")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    spec = {"model": "m", "dataset": dataset, "chunk_rows": 20, "batch_size": 16}
+    job_id = _job(sessions, {**spec, "passthrough": ["id"]})
+    batch_sizes: list[int] = []
+    real_score = batch._score
+
+    def score_until_the_gpu_fills_up(model, features, batch_size, device):
+        batch_sizes.append(batch_size)
+        if batch_size > 8 and len(batch_sizes) == 2:  # the second chunk does not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_score(model, features, batch_size, device)
+
+    monkeypatch.setattr(batch, "_score", score_until_the_gpu_fills_up)
+    sent: list[int] = []
+    execute_attempt(runtime, job_id, 0, "w1", lambda job, _: sent.append(job.attempt))
+
+    requeued = _state(sessions, job_id)
+    assert (requeued.state, requeued.oom_retries) == ("queued", 1)
+    assert sent == [requeued.attempt]
+    execute_attempt(runtime, job_id, requeued.attempt, "w1", never_resent)
+
+    job = _state(sessions, job_id)
+    assert job.state == "succeeded", job.error_message
+    assert batch_sizes == [16, 16, 8, 8]  # chunk 1 kept; chunks 2 and 3 at half the batch
+    out = _read(runtime, job.result["output"])
+    assert out["id"].to_pylist() == list(range(1000, 1060))
+    assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
     runtime, sessions, tmp_path, monkeypatch
 ):

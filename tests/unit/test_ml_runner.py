@@ -182,6 +182,46 @@ def test_cancelled_job_keeps_its_checkpoint_and_a_new_job_resumes_from_it(
     ]
 
 
+def test_a_warm_shutdown_checkpoints_the_step_it_stopped_at_and_the_next_attempt_goes_on(
+    runtime: Runtime,
+    create_job: Callable[..., Job],
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = create_job(kind="train", spec={**SMALL, "model_name": "warm", "epochs": 2})
+    report = context.RunContext.progress
+
+    def progress_then_sigterm(self: context.RunContext, fraction: float, *a: Any, **k: Any) -> None:
+        report(self, fraction, *a, **k)
+        if fraction > 0.2:  # mid-epoch 1: what workers.shutdown does on SIGTERM
+            context.SHUTDOWN.set()
+
+    sent: list[tuple[str, int]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(context.RunContext, "progress", progress_then_sigterm)
+        try:
+            execute_attempt(runtime, job.id, 0, "w1", lambda j, _: sent.append((j.id, j.attempt)))
+        finally:
+            context.SHUTDOWN.clear()
+
+    with sessions() as session:
+        requeued = session.get(Job, job.id)
+        assert requeued is not None
+        assert (requeued.state, requeued.shutdown_attempts) == ("queued", 1)
+    assert sent == [(job.id, requeued.attempt)]
+    execute_attempt(runtime, job.id, requeued.attempt, "w2", never_resent)
+
+    with sessions() as session:
+        done = session.get(Job, job.id)
+        assert done is not None
+        assert done.state == "succeeded", done.error_message
+    resumed = [line for line in _log(sessions, job.id) if line.startswith("resuming from")]
+    assert len(resumed) == 1
+    epoch, step = (int(word) for word in resumed[0].split()[-3::2])
+    assert epoch == 1
+    assert step > 0  # within the epoch, not back at its start
+
+
 def test_resume_from_refuses_other_owners_and_jobs_without_checkpoints(
     run_job: Callable[..., Job], create_job: Callable[..., Job]
 ) -> None:

@@ -6,17 +6,18 @@ import io
 import re
 import stat
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from flask import Flask, Response
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs, keys, registry
 from db.models import Dataset, Job, Model
+from kiln.artifacts import ArtifactStore
 from kiln.settings import Settings
 from kiln.specs import TrainSpec
-from web.auth import principal
 from web.secret import secret_key
 from web.ui import forms
 
@@ -184,7 +185,7 @@ def test_an_admin_sees_everyones_jobs(
 def test_the_training_form_starts_at_the_spec_defaults(as_alice: FlaskClient) -> None:
     page = as_alice.get("/jobs/new/train").text
     assert 'name="epochs" type="text" inputmode="decimal" value="20"' in page
-    assert 'name="lr" type="text" inputmode="decimal" value="0.001"' in page
+    assert 'name="lr" type="text" inputmode="decimal" value="0.003"' in page
     assert 'value="128, 64"' in page
     assert '<option value="builtin:digits" selected>' in page
 
@@ -209,8 +210,9 @@ def test_a_valid_form_queues_the_job_and_sends_it(
         assert job is not None
         assert job.owner == "alice"
         assert job.priority == 4
-        assert job.spec["arch_params"] == {"hidden": [32, 16], "dropout": 0.0}
-        assert (job.spec["epochs"], job.spec["optimizer"], job.spec["lr"]) == (3, "sgd", 0.001)
+        assert job.spec["arch_params"] == {"arch": "mlp", "hidden": [32, 16], "dropout": 0.0}
+        assert (job.spec["epochs"], job.spec["optimizer"], job.spec["lr"]) == (3, "sgd", 0.003)
+        assert job.sent_at is not None  # sent as POST /api/v1/jobs sends it
     assert [s[0] for s in sent] == [job_id]
 
 
@@ -255,6 +257,53 @@ def test_bad_json_is_reported_beside_its_field(as_alice: FlaskClient) -> None:
     assert response.status_code == 422
     assert "not valid JSON" in _field_block(response.text, "inputs")
     assert "[[1, 2</textarea>" in _field_block(response.text, "inputs")
+
+
+def test_only_the_chosen_architectures_params_are_read(
+    as_alice: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """Every arch's params are on the form; the MLP's defaults must not reach a CNN spec."""
+    page = as_alice.get("/jobs/new/train").text
+    assert "Used when arch is cnn." in _field_block(page, "arch_params.channels")
+    form = {
+        "csrf_token": _token(as_alice, "/jobs"),
+        "model_name": "conv",
+        "arch": "cnn",
+        "arch_params.hidden": "128, 64",
+        "arch_params.channels": "8, 16",
+        "arch_params.kernel_size": "5",
+        "arch_params.dropout": "0.2",
+    }
+    response = as_alice.post("/jobs/new/train", data=form)
+    assert response.status_code == 302
+    job_id = response.headers["Location"].rsplit("/", 1)[1]
+    with sessions() as session:
+        spec = session.get(Job, job_id).spec  # type: ignore[union-attr]
+    assert spec["arch_params"] == {
+        "arch": "cnn", "channels": [8, 16], "kernel_size": 5, "dropout": 0.2
+    }  # fmt: skip
+
+    bad = as_alice.post("/jobs/new/train", data={**form, "arch_params.channels": "0"})
+    assert bad.status_code == 422
+    assert "greater than or equal to 1" in _field_block(bad.text, "arch_params.channels")
+
+
+def test_a_user_over_the_queue_quota_is_told_so_on_the_form(
+    make_app: Callable[..., Flask],
+    create_key: Callable[..., str],
+    create_job: Callable[..., Job],
+    sent: list,
+) -> None:
+    """The form applies the API's quota (429 there) and says why, keeping the values."""
+    client = make_app(max_queued_per_owner=1).test_client()
+    _sign_in(client, create_key("alice"))
+    create_job(owner="alice")
+    form = {"csrf_token": _token(client, "/jobs"), "message": "one too many"}
+    response = client.post("/jobs/new/echo", data=form)
+    assert response.status_code == 429
+    assert "max_queued_per_owner=1" in response.text
+    assert "one too many" in _field_block(response.text, "message")
+    assert sent == []
 
 
 def test_resubmit_fills_the_form_from_the_job(
@@ -369,10 +418,11 @@ def test_pages_carry_security_headers_and_the_api_is_unchanged(
     assert "script-src 'self';" in headers["Content-Security-Policy"]
     assert headers["X-Frame-Options"] == "DENY"
     assert headers["X-Content-Type-Options"] == "nosniff"
-    assert headers["Referrer-Policy"] == "same-origin"
+    assert headers["Referrer-Policy"] == "no-referrer"
     api = as_alice.get("/api/v1/jobs", headers=alice)
     assert api.status_code == 200
-    assert "Content-Security-Policy" not in api.headers
+    # The API keeps its own (web.headers) policy, not the pages' one.
+    assert "script-src" not in api.headers["Content-Security-Policy"]
     # A browser session is no API key: the API still wants a Bearer header.
     assert as_alice.get("/api/v1/jobs").status_code == 401
 
@@ -433,36 +483,42 @@ def test_promote_a_version_to_production(
     assert as_alice.post(f"/models/{model_id}/aliases", data=missing).status_code == 404
 
 
-def test_download_links_reach_the_api_route_that_serves_the_file(
-    make_app: Callable[..., Flask],
-    create_key: Callable[..., str],
+def _finish_with(sessions: sessionmaker[Session], job_id: str, result: dict[str, Any]) -> None:
+    with sessions() as session:
+        session.get(Job, job_id).result = result  # type: ignore[union-attr]
+        session.commit()
+
+
+def test_stored_files_are_offered_and_served_by_the_api_views(
+    as_alice: FlaskClient,
     create_job: Callable[..., Job],
     sessions: sessionmaker[Session],
+    settings: Settings,
 ) -> None:
-    """A route such as batch scoring's /api/v1/jobs/<id>/output is served to the session."""
-    app = make_app()
-    seen: list[str] = []
+    content = b"id,prediction\n1,a\n2,b\n"
+    stored = ArtifactStore(settings.artifacts_dir).put_bytes(content)
+    described = {"digest": stored.digest, "size": stored.size, "format": "csv", "rows": 2}
+    scored = create_job(owner="alice", kind="batch_predict", state="succeeded")
+    _finish_with(sessions, scored.id, {"rows": 2, "output": described, "error_file": None})
 
-    def fake_output(id: str) -> Response:  # any name for the job id argument is found
-        seen.append(principal().owner)
-        return Response(f"rows of {id}", mimetype="text/csv")
+    page = as_alice.get(f"/jobs/{scored.id}").text
+    assert f'href="/jobs/{scored.id}/download/output"' in page
+    assert "csv, 2 rows" in page
+    assert "Download errors" not in page  # error_file is None: nothing was stored
+    with as_alice.get(f"/jobs/{scored.id}/download/output") as download:
+        assert download.status_code == 200
+        assert download.data == content
+        assert download.mimetype == "text/csv"
+        assert f"{scored.id}-output.csv" in download.headers["Content-Disposition"]
+    assert as_alice.get(f"/jobs/{scored.id}/download/errors").status_code == 404
+    assert as_alice.get(f"/jobs/{scored.id}/download/model").status_code == 404
 
-    app.add_url_rule("/api/v1/jobs/<id>/output", "api.fake_output", fake_output)
-    client = app.test_client()
-    _sign_in(client, create_key("alice"))
-    job = create_job(owner="alice", state="succeeded")  # result {"echo": ...}: no output named
-    assert "Download output" not in client.get(f"/jobs/{job.id}").text
-    with_output = create_job(owner="alice", kind="batch", state="succeeded")
-    with sessions() as session:
-        session.get(Job, with_output.id).result = {"output_rows": 3}  # type: ignore[union-attr]
-        session.commit()
-    page = client.get(f"/jobs/{with_output.id}").text
-    assert f'href="/jobs/{with_output.id}/download/output"' in page
-    assert "Download errors" not in page
-    download = client.get(f"/jobs/{with_output.id}/download/output")
-    assert download.text == f"rows of {with_output.id}"
-    assert seen == ["alice"]
-    assert client.get(f"/jobs/{with_output.id}/download/errors").status_code == 404
-    bobs = create_job(owner="bob", state="succeeded")
-    assert client.get(f"/jobs/{bobs.id}/download/output").status_code == 404
-    assert seen == ["alice"]
+    # Only an entry that names a stored file counts, not a key that merely looks like one.
+    counted = create_job(owner="alice", state="succeeded")
+    _finish_with(sessions, counted.id, {"output_rows": 3, "errors": 0})
+    assert "Download" not in as_alice.get(f"/jobs/{counted.id}").text
+    assert as_alice.get(f"/jobs/{counted.id}/download/output").status_code == 404
+
+    bobs = create_job(owner="bob", kind="batch_predict", state="succeeded")
+    _finish_with(sessions, bobs.id, {"output": described})
+    assert as_alice.get(f"/jobs/{bobs.id}/download/output").status_code == 404

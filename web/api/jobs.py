@@ -14,7 +14,6 @@ from sqlalchemy.exc import IntegrityError
 
 from db import jobs
 from db.models import Job, JobEvent, Metric
-from kiln import routing
 from kiln.artifacts import open_store
 from kiln.errors import InvalidRequest, KilnError, NoOutput
 from kiln.schemas import (
@@ -28,10 +27,11 @@ from kiln.schemas import (
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
-from web import dispatch, limits, session
+from web import session
 from web.api import bp
 from web.api.body import answer, parse
 from web.auth import principal
+from web.submit import submit
 
 _MAX_PAGE = 200
 _MAX_IDEMPOTENCY_KEY = 255
@@ -58,19 +58,16 @@ def submit_job() -> Response:
     db = session.get()
     if key and (earlier := jobs.find_idempotent(db, owner, key)) is not None:
         return _replay(earlier, fingerprint)
-    limits.check_queue_quota(jobs.count_queued(db, owner))
     try:
-        job = jobs.create(
+        job = submit(
             db,
-            kind=submission.kind,
             owner=owner,
-            spec=spec.model_dump(mode="json"),
-            queue=routing.queue_for(spec.device),
+            kind=submission.kind,
+            spec=spec,
             priority=submission.priority,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
         )
-        db.commit()
     except IntegrityError:
         # A concurrent request with the same key won the unique (owner, key) constraint.
         db.rollback()
@@ -78,9 +75,6 @@ def submit_job() -> Response:
         if earlier is None:
             raise
         return _replay(earlier, fingerprint)
-    if dispatch.send_job(job):
-        jobs.mark_sent(db, job.id, job.attempt)
-        db.commit()
     return answer(JobOut.model_validate(job), 202, {"Location": f"/api/v1/jobs/{job.id}"})
 
 

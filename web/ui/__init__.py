@@ -34,11 +34,10 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def _security_headers(response: Response) -> Response:
-    """Harden every page and static file; the JSON API's answers are left as they were."""
+    """The pages' CSP and framing rule; web.headers adds nosniff and Referrer-Policy to
+    every response (this one included), and the JSON API's own headers to the API's."""
     if request.path.startswith("/api/"):
         return response
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
     if response.mimetype == "text/html":
         response.headers.setdefault("Content-Security-Policy", _CSP)
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -52,5 +51,6 @@ from web.ui import (  # noqa: E402, F401  (register routes)
     forms_views,
     jobs,
     models,
+    schedules,
     signin,
 )

@@ -9,7 +9,8 @@ from werkzeug import Response
 from db.models import Dataset
 from kiln.errors import KilnError
 from web import session
-from web.ui import auth, bp, bridge
+from web.api import datasets as api_datasets
+from web.ui import auth, bp
 
 
 @bp.get("/datasets")
@@ -21,9 +22,10 @@ def datasets() -> str:
 @bp.post("/datasets")
 @auth.signed_in
 def upload() -> Response | tuple[str, int]:
-    """Store the upload through the API's own upload view, so both accept the same files."""
+    """Store the upload through the API's own upload view, so both accept the same files
+    (it reads the session's principal, which auth.load_principal put in g.principal)."""
     try:
-        answer = bridge.call("api.upload_dataset")
+        answer = api_datasets.upload_dataset()
     except KilnError as exc:
         page = render_template(
             "datasets.html",

@@ -2,6 +2,10 @@
 
 Every form field is named by its dotted path in the spec ("arch_params.dropout"), so the
 `loc` of a validation error (from kiln.specs.parse_spec) names the field it belongs beside.
+
+A discriminated union of models (TrainSpec.arch_params: one params model per `arch`) shows
+the fields of every member at once, each marked with the members it belongs to; only the
+chosen member's fields are read back, so a plain form without scripts can still offer them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ from kiln.errors import InvalidSpec
 _SCALARS = (int, float, str)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Where a field of one member of a discriminated union applies."""
+
+    #: The input whose value picks the member: a sibling such as "arch", or the tag itself.
+    selector: str
+    #: The spec path of the union's discriminator ("arch_params.arch").
+    tag: str
+    #: The selector values (members) this field belongs to.
+    values: tuple[str, ...]
+    #: The member used when the selector is left empty (the union's default).
+    fallback: str
+
+
 @dataclass
 class FormField:
     """One input of a job form."""
@@ -35,6 +53,9 @@ class FormField:
     help: str = ""
     choices: list[str] = field(default_factory=list)
     step: str = "any"
+    #: A select's typed value per choice, where the Literal is not of strings (3, not "3").
+    choice_values: dict[str, Any] = field(default_factory=dict)
+    variant: Variant | None = None
 
 
 def builtin_datasets() -> tuple[str, ...]:
@@ -50,10 +71,63 @@ def fields_for(spec_type: type[BaseModel], prefix: str = "") -> list[FormField]:
     for name, info in spec_type.model_fields.items():
         path = f"{prefix}{name}"
         annotation = _unwrap(info.annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if _is_model(annotation):
             fields.extend(fields_for(annotation, prefix=f"{path}."))
-            continue
-        fields.append(_field(path, info, annotation))
+        elif isinstance(info.discriminator, str) and _union_models(annotation):
+            fields.extend(_union_fields(spec_type, prefix, path, info, info.discriminator))
+        else:
+            fields.append(_field(path, info, annotation))
+    return fields
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _either(values: tuple[str, ...]) -> str:
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def _union_models(annotation: Any) -> list[type[BaseModel]]:
+    members = [_unwrap(a) for a in get_args(annotation)] if _is_union(annotation) else []
+    return members if members and all(_is_model(m) for m in members) else []
+
+
+def _union_fields(
+    parent: type[BaseModel], prefix: str, path: str, info: FieldInfo, discriminator: str
+) -> list[FormField]:
+    """Every member's fields under `path`, each tagged with the members that have it."""
+    members = _union_models(_unwrap(info.annotation))
+    default = info.get_default(call_default_factory=True)
+    # The default member first, so a field several members share starts at its value.
+    members.sort(key=lambda m: not isinstance(default, m))
+    tags = {m: str(m.model_fields[discriminator].default) for m in members}
+    fallback = tags[members[0]]
+    # A sibling field of the same name (TrainSpec.arch) picks the member; else a select.
+    has_sibling = discriminator in parent.model_fields
+    selector = f"{prefix}{discriminator}" if has_sibling else f"{path}.{discriminator}"
+    tag = f"{path}.{discriminator}"
+    found: dict[str, FormField] = {}
+    owners: dict[str, list[str]] = {}
+    for member in members:
+        for f in fields_for(member, prefix=f"{path}."):
+            if f.name == tag:
+                continue
+            found.setdefault(f.name, f)
+            owners.setdefault(f.name, []).append(tags[member])
+    fields: list[FormField] = []
+    if not has_sibling:
+        fields.append(
+            FormField(name=tag, label=tag.replace("_", " ").replace(".", " · "),
+                      widget="select", default=fallback, choices=list(tags.values()))
+        )  # fmt: skip
+    leaf = selector.rsplit(".", 1)[-1]
+    for name, f in found.items():
+        values = tuple(owners[name])
+        f.variant = Variant(selector=selector, tag=tag, values=values, fallback=fallback)
+        if len(values) < len(members):
+            f.help = " ".join(filter(None, [f.help, f"Used when {leaf} is {_either(values)}."]))
+        fields.append(f)
     return fields
 
 
@@ -70,7 +144,12 @@ def _field(path: str, info: FieldInfo, annotation: Any) -> FormField:
         help=info.description or "",
         choices=choices,
         step=step,
+        choice_values=_typed_choices(annotation) if widget == "select" else {},
     )
+
+
+def _typed_choices(annotation: Any) -> dict[str, Any]:
+    return {str(a): a for a in get_args(annotation) if not isinstance(a, str)}
 
 
 def _widget(path: str, annotation: Any) -> tuple[str, list[str], str]:
@@ -151,6 +230,11 @@ def spec_from_form(
     for f in fields:
         text = form.get(f.name, "")
         value: Any
+        if f.variant is not None:
+            chosen = form.get(f.variant.selector, "").strip() or f.variant.fallback
+            if chosen not in f.variant.values:
+                continue  # another member's field: not part of this spec
+            _put(raw, f.variant.tag.split("."), chosen)
         if f.widget == "checkbox":
             value = f.name in form
         elif not text.strip():
@@ -164,7 +248,7 @@ def spec_from_form(
                 errors[f.name] = f"not valid JSON: {exc}"
                 continue
         else:
-            value = text.strip()
+            value = f.choice_values.get(text.strip(), text.strip())
         _put(raw, f.name.split("."), value)
     return raw, errors
 
@@ -178,12 +262,15 @@ def _put(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def errors_by_field(fields: list[FormField], exc: InvalidSpec) -> tuple[dict[str, str], list[str]]:
     """Place each validation error beside the field its loc names; the rest go on top."""
     names = {f.name for f in fields}
+    # pydantic names the member inside a union's loc (arch_params.mlp.hidden); the form does not.
+    unions = {f.variant.tag.rsplit(".", 1)[0] for f in fields if f.variant is not None}
     placed: dict[str, str] = {}
     general: list[str] = []
     for detail in exc.details:
         loc = [str(part) for part in detail.get("loc", [])]
         if loc[:1] == ["spec"]:
             loc = loc[1:]
+        loc = _without_member_tags(loc, unions)
         target = next(
             (".".join(loc[:n]) for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in names),
             None,
@@ -196,3 +283,16 @@ def errors_by_field(fields: list[FormField], exc: InvalidSpec) -> tuple[dict[str
     if not exc.details:
         general.append(exc.message)
     return placed, general
+
+
+def _without_member_tags(loc: list[str], unions: set[str]) -> list[str]:
+    """Drop the member name pydantic puts after a union's path in an error's loc."""
+    kept: list[str] = []
+    skip = False
+    for part in loc:
+        if skip:
+            skip = False
+            continue
+        kept.append(part)
+        skip = ".".join(kept) in unions
+    return kept

@@ -1,7 +1,13 @@
-"""New-job forms: one per kind in kiln.specs.KINDS, validated by the kind's own spec."""
+"""New-job forms: one per kind in kiln.specs.KINDS, validated by the kind's own spec.
+
+The schedule form (web.ui.schedules) is this same form with a name and a cron line added,
+so it reads and checks the job template through the functions here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import abort, redirect, render_template, request, url_for
@@ -10,10 +16,11 @@ from werkzeug import Response
 
 from db import jobs as job_store
 from db.models import Dataset, Job, Model
-from kiln import routing
 from kiln.errors import InvalidSpec
-from kiln.specs import KINDS, parse_spec
-from web import dispatch, session
+from kiln.specs import KINDS, Spec, parse_spec
+from web import session
+from web.limits import QueueQuotaExceeded
+from web.submit import submit
 from web.ui import auth, bp, forms
 
 #: The forms offered first, in this order; any other kind follows alphabetically.
@@ -24,6 +31,21 @@ _TITLES = {
     "batch_predict": "Batch-score a dataset",
     "echo": "Echo (smoke test)",
 }
+
+
+@dataclass
+class Filled:
+    """A posted job form: what to show again, what is wrong, and the spec if it is valid."""
+
+    values: dict[str, str]
+    errors: dict[str, str]
+    general: list[str]
+    spec: Spec | None
+    priority: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spec is not None and not self.errors and not self.general
 
 
 def kinds_in_order() -> list[str]:
@@ -44,25 +66,53 @@ def new_job_menu() -> str:
 @bp.route("/jobs/new/<kind>", methods=["GET", "POST"])
 @auth.signed_in
 def new_job(kind: str) -> Response | str | tuple[str, int]:
+    fields = job_fields(kind)
+    if request.method == "GET":
+        return render_form(kind, fields, initial_values(fields), {}, [])
+    filled = read_form(kind, fields)
+    if not filled.ok or filled.spec is None:
+        return render_form(kind, fields, filled.values, filled.errors, filled.general), 422
+    try:
+        job = submit(
+            session.get(),
+            owner=auth.current().owner,
+            kind=kind,
+            spec=filled.spec,
+            priority=filled.priority,
+        )
+    except QueueQuotaExceeded as exc:
+        # The API answers 429 with Retry-After; a person gets the form back, values kept.
+        page = render_form(kind, fields, filled.values, {}, [exc.message])
+        return page, exc.status
+    return redirect(url_for("ui.job", job_id=job.id))
+
+
+def job_fields(kind: str) -> list[forms.FormField]:
+    """The form fields of `kind`'s spec; 404 for a kind that does not exist."""
     spec_type = KINDS.get(kind)
     if spec_type is None:
         abort(404, f"there is no job kind {kind!r}")
-    fields = forms.fields_for(spec_type)
-    if request.method == "GET":
-        values = {f.name: f.default for f in fields}
-        values["priority"] = "0"
-        if source_id := request.args.get("from"):
-            source = _owned(source_id)
-            values.update(forms.values_from_spec(fields, source.spec))
-            values["priority"] = str(source.priority)
-        # Links elsewhere pre-fill single fields: /jobs/new/train?dataset=<id>.
-        values.update({k: v for k, v in request.args.items() if k in values})
-        return _render(kind, fields, values, {}, [])
-    return _submit(kind, fields)
+    return forms.fields_for(spec_type)
 
 
-def _submit(kind: str, fields: list[forms.FormField]) -> Response | tuple[str, int]:
+def initial_values(fields: list[forms.FormField], extra: Iterable[str] = ()) -> dict[str, str]:
+    """A new form's values: the spec's defaults, or a job's (?from=<id>), then ?field=value."""
+    values = {f.name: f.default for f in fields}
+    values.update({name: "" for name in extra})
+    values["priority"] = "0"
+    if source_id := request.args.get("from"):
+        source = _owned(source_id)
+        values.update(forms.values_from_spec(fields, source.spec))
+        values["priority"] = str(source.priority)
+    # Links elsewhere pre-fill single fields: /jobs/new/train?dataset=<id>.
+    values.update({k: v for k, v in request.args.items() if k in values})
+    return values
+
+
+def read_form(kind: str, fields: list[forms.FormField], extra: Iterable[str] = ()) -> Filled:
+    """The posted form checked by parse_spec (the API's own validation); errors by field."""
     values = {f.name: request.form.get(f.name, "") for f in fields}
+    values.update({name: request.form.get(name, "") for name in extra})
     values["priority"] = request.form.get("priority", "0")
     raw, errors = forms.spec_from_form(fields, request.form)
     general: list[str] = []
@@ -73,20 +123,7 @@ def _submit(kind: str, fields: list[forms.FormField]) -> Response | tuple[str, i
     except InvalidSpec as exc:
         placed, general = forms.errors_by_field(fields, exc)
         errors = {**placed, **errors}
-    if errors or general or spec is None:
-        return _render(kind, fields, values, errors, general), 422
-    db = session.get()
-    job = job_store.create(
-        db,
-        kind=kind,
-        owner=auth.current().owner,
-        spec=spec.model_dump(mode="json"),
-        queue=routing.queue_for(spec.device),
-        priority=priority,
-    )
-    db.commit()
-    dispatch.send_job(job)
-    return redirect(url_for("ui.job", job_id=job.id))
+    return Filled(values=values, errors=errors, general=general, spec=spec, priority=priority)
 
 
 def _priority(text: str, errors: dict[str, str]) -> int:
@@ -96,13 +133,17 @@ def _priority(text: str, errors: dict[str, str]) -> int:
     return 0
 
 
-def _render(
+def render_form(
     kind: str,
     fields: list[forms.FormField],
     values: dict[str, str],
     errors: dict[str, str],
     general: list[str],
+    *,
+    schedule: bool = False,
 ) -> str:
+    """The job form; with schedule=True it also asks for a name and a cron line."""
+    action = url_for("ui.new_schedule" if schedule else "ui.new_job", kind=kind)
     return render_template(
         "job_form.html",
         kind=kind,
@@ -110,6 +151,8 @@ def _render(
         values=values,
         errors=errors,
         general=general,
+        schedule=schedule,
+        action=action,
         doc=(KINDS[kind].__doc__ or "").strip(),
         **_pickers(),
     )

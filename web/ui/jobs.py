@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import abort, jsonify, redirect, render_template, request, url_for
@@ -14,11 +15,20 @@ from db.models import Job, JobEvent, Metric
 from kiln.specs import KINDS
 from kiln.states import JobState
 from web import session
-from web.ui import auth, bp, bridge
+from web.api import jobs as api_jobs
+from web.ui import auth, bp
 
 _LIST_LIMIT = 100
 _LOG_TAIL = 200
 _STATES = [s.value for s in JobState]
+
+#: What a job page offers for download: name in the UI's URL → (the result entry that
+#: describes the file, the API view that serves it). The view runs with the session's
+#: principal, so the browser gets the same owner checks and the same bytes as the API.
+DOWNLOADS: dict[str, tuple[str, Callable[[str], Response]]] = {
+    "output": ("output", api_jobs.job_output),
+    "errors": ("error_file", api_jobs.job_errors),
+}
 
 
 @bp.get("/jobs")
@@ -93,12 +103,15 @@ def _status(found: Job) -> dict[str, Any]:
     }
 
 
-def _downloads(found: Job) -> list[str]:
-    """The files this job's result names (output..., errors...) that an API route serves."""
-    keys = list(found.result or {})
-    return [
-        what for what in bridge.available_downloads() if any(key.startswith(what) for key in keys)
-    ]
+def _downloads(found: Job) -> dict[str, dict[str, Any]]:
+    """The files the job has: those whose result entry names a stored file (a digest)."""
+    result = found.result or {}
+    offered: dict[str, dict[str, Any]] = {}
+    for what, (entry, _) in DOWNLOADS.items():
+        described = result.get(entry)
+        if isinstance(described, dict) and "digest" in described:
+            offered[what] = described
+    return offered
 
 
 def _log(found: Job) -> dict[str, Any]:
@@ -139,14 +152,12 @@ def cancel(job_id: str) -> Response:
 
 @bp.get("/jobs/<job_id>/download/<what>")
 @auth.signed_in
-def download(job_id: str, what: str) -> Any:
-    """A job's output file through the API route that serves it (see web.ui.bridge)."""
-    _owned(job_id)
-    route = bridge.route_for(what)
-    if route is None:
-        abort(404, f"jobs have no {what} download in this version of Kiln")
-    endpoint, argument = route
-    return bridge.call(endpoint, **{argument: job_id})
+def download(job_id: str, what: str) -> Response:
+    """A job's file, served by the API view for it (auth.load_principal set g.principal)."""
+    if what not in _downloads(_owned(job_id)):
+        abort(404, f"job {job_id} has no {what} file to download")
+    _, view = DOWNLOADS[what]
+    return view(job_id)
 
 
 def _owned(job_id: str) -> Job:

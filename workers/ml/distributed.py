@@ -28,7 +28,7 @@ from kiln.errors import JobFailure
 from workers.ml import bundle
 from workers.ml import checkpoint as ckpt
 from workers.ml.data import Table
-from workers.ml.training import FitResult, Group, Hooks, LoopConfig, fit
+from workers.ml.training import FitResult, Group, Hooks, LoopConfig, StopAtStep, fit
 
 _POLL_S = 0.2
 
@@ -71,9 +71,11 @@ def run(job: Job, world: int, hooks: Hooks) -> FitResult:
         while not processes.join(timeout=_POLL_S):
             _relay(events, hooks, outcome)
         _relay(events, hooks, outcome)
-    except BaseException:
+    except BaseException as exc:
         stop.set()
         _wind_down(processes.processes, events)
+        if isinstance(exc, StopAtStep):
+            raise exc.cause from None  # the ranks checkpointed the step they stopped at
         raise
     if "failure" in outcome:
         raise JobFailure(outcome["failure"])
@@ -184,7 +186,7 @@ def _train_rank(
         flag.fill_(1.0 if stop.is_set() else 0.0)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
-            raise Stopped()
+            raise StopAtStep(Stopped())  # rank 0 checkpoints this step first
         if report:
             events.put(("step", epoch, index, steps))
 

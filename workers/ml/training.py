@@ -69,6 +69,16 @@ class Hooks:
     log: Callable[[str], None] = _ignore
 
 
+class StopAtStep(Exception):
+    """Raised by a step hook to stop training between two steps (shutdown, cancel, time
+    limit): fit() first writes a checkpoint of this exact point, so the next attempt (or a
+    `resume_from` job) continues from here, then `cause` propagates."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class Group:
     """This process's place in a DistributedDataParallel group."""
@@ -303,7 +313,12 @@ def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None
     trainer.model.train()
     steps, last_save = trainer.steps, time.monotonic()
     for step in range(position.step, steps):
-        hooks.step(position.epoch, step, steps)
+        try:
+            hooks.step(position.epoch, step, steps)
+        except StopAtStep as stop:
+            if save is not None:
+                save()
+            raise stop.cause from None
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]
         if group is not None:
             rows = rows[group.rank :: group.world]

@@ -41,7 +41,7 @@ from kiln import datasets
 from kiln.errors import JobFailure, NotFound, UnsupportedDataset
 from kiln.specs import BatchPredictSpec
 from workers import model_cache
-from workers.context import JobCancelled, RunContext
+from workers.context import JobCancelled, RetryableOOM, RunContext
 from workers.ml import bundle
 
 _MANIFEST = "manifest.json"
@@ -101,9 +101,18 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     labels = pa.array(plan.config["label_names"], pa.string())
     allowed_errors = int(spec.max_error_fraction * plan.total_rows)
     started, first_row = time.monotonic(), manifest["rows"]
+    batch_size = ctx.batch_size(spec.batch_size)
+    if batch_size < spec.batch_size:
+        ctx.log(f"scoring in batches of {batch_size}: an earlier attempt ran out of GPU memory")
     for chunk in _prefetch(spec, plan, device, manifest["chunks"]):
         ctx.raise_if_cancelled()
-        probabilities = _score(model, chunk.features, spec.batch_size, device)
+        try:
+            probabilities = _score(model, chunk.features, batch_size, device)
+        except torch.cuda.OutOfMemoryError as exc:
+            # Committed chunks stay; the next attempt goes on from here at half the batch.
+            if batch_size == 1:
+                raise JobFailure("out of GPU memory even at batch size 1") from exc
+            raise RetryableOOM(f"CUDA out of memory at batch size {batch_size}") from exc
         out = _output_batch(spec, chunk, probabilities, labels)
         errors = _error_batch(spec, chunk, manifest["rows"])
         _write_part(work / f"out-{chunk.index:06d}.arrow", out)

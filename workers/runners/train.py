@@ -19,10 +19,10 @@ from kiln import datasets
 from kiln.errors import JobFailure
 from kiln.specs import TrainSpec
 from kiln.states import JobState
-from workers.context import JobCancelled, RunContext
+from workers.context import JobCancelled, JobTimeout, RunContext, WorkerShutdown
 from workers.ml import bundle, data, distributed, text
 from workers.ml import checkpoint as ckpt
-from workers.ml.training import FitResult, Hooks, LoopConfig, fit
+from workers.ml.training import FitResult, Hooks, LoopConfig, StopAtStep, fit
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _fit(
     if ctx.device.type == "cuda" and torch.cuda.device_count() < spec.gpus:
         raise JobFailure(
             f"the job asks for {spec.gpus} GPUs but this worker sees "
-            f"{torch.cuda.device_count()} (workers are pinned to one GPU each)"
+            f"{torch.cuda.device_count()} (group GPUs for one worker: KILN_GPUS=0+1)"
         )
     job = distributed.Job(
         model_config=dict(json.loads(json.dumps(key["config"]))),
@@ -234,7 +234,12 @@ def _hooks(spec: TrainSpec, ctx: RunContext, reporter: _Reporter) -> Hooks:
     first: list[float] = []
 
     def step(epoch: int, index: int, steps: int) -> None:
-        ctx.raise_if_cancelled()
+        try:
+            ctx.raise_if_cancelled()
+        except (WorkerShutdown, JobCancelled, JobTimeout) as stop:
+            # Warm shutdown loses no work, and a cancelled or timed-out job keeps a
+            # checkpoint of where it stopped for `resume_from`.
+            raise StopAtStep(stop) from None
         done = (epoch - 1 + index / steps) / spec.epochs
         if not first:
             first.append(done)  # a resumed run's ETA counts only the work left
