@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
 from kiln.errors import IllegalTransition, NotFound
-from kiln.states import JobState
+from kiln.states import JobState, sources_of
 
 
 def create(
@@ -50,7 +50,11 @@ def create(
 
 
 def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
-    """UPDATE the job only if `where` holds; True if this caller won."""
+    """UPDATE the job only if `where` holds; True if this caller won. A write that moves the
+    job to another state also requires a state the machine allows that move from
+    (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`."""
+    if "state" in values:
+        where = and_(where, Job.state.in_(sources_of(JobState(values["state"]))))
     result = session.execute(
         update(Job).where(Job.id == job_id, where).values(**values),
         execution_options={"synchronize_session": False},

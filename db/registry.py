@@ -23,6 +23,11 @@ def get_model(session: Session, owner: str, name: str) -> Model:
     return model
 
 
+def find_version(session: Session, owner: str, name: str, ref: str | int) -> ModelVersion:
+    """The owner's model `name` at `ref`; NotFound says which of the two is missing."""
+    return resolve_version(session, get_model(session, owner, name), ref)
+
+
 def resolve_version(session: Session, model: Model, ref: str | int) -> ModelVersion:
     """A version by number, by alias, or `latest` (the highest number)."""
     number: int | None

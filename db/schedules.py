@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from db import jobs
 from db.base import utcnow
-from db.models import Job, Schedule
+from db.models import ApiKey, Job, Schedule
 from kiln import routing
 from kiln.errors import InvalidSpec, NotFound
 from kiln.specs import parse_spec
@@ -104,9 +104,19 @@ def set_enabled(session: Session, schedule: Schedule, enabled: bool) -> Schedule
 
 
 def due(session: Session, now: datetime) -> list[Schedule]:
+    """Enabled schedules whose time has come, of owners who still hold a live key: once all
+    of an owner's keys are revoked, nothing runs on their behalf (restoring access fires a
+    missed slot once, as after a scheduler outage)."""
+    owner_active = (
+        select(ApiKey.id)
+        .where(ApiKey.owner == Schedule.owner, ApiKey.revoked_at.is_(None))
+        .exists()
+    )
     return list(
         session.scalars(
-            select(Schedule).where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
+            select(Schedule).where(
+                Schedule.enabled.is_(True), Schedule.next_run_at <= now, owner_active
+            )
         )
     )
 

@@ -31,6 +31,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-def can_move(source: JobState, target: JobState) -> bool:
-    """Whether a job in `source` may move to `target`."""
-    return target in TRANSITIONS[source]
+def sources_of(target: JobState) -> list[JobState]:
+    """The states a job may move to `target` from (db.jobs adds this to every move)."""
+    return [source for source, targets in TRANSITIONS.items() if target in targets]

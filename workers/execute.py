@@ -32,7 +32,7 @@ from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
 from kiln import logs
-from kiln.errors import InvalidSpec, JobFailure
+from kiln.errors import InvalidSpec, JobFailure, NotFound
 from kiln.specs import parse_spec
 from workers.context import (
     SHUTDOWN,
@@ -123,7 +123,7 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
     except (JobTimeout, SoftTimeLimitExceeded):
         limit = ctx.runtime.settings.job_time_limit_s or 0.0
         _fail(ctx, "TimeLimitExceeded", str(JobTimeout(limit)))
-    except JobFailure as exc:
+    except (JobFailure, NotFound) as exc:  # NotFound: the spec names a missing model, say
         _fail(ctx, "JobFailure", str(exc))
     except Exception as exc:
         if is_transient(exc):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from db import schedules
+from db import keys, schedules
 from db.models import Job, Schedule
 from workers.scheduler import fire_due, tick
 
@@ -46,7 +46,9 @@ def test_paused_and_not_yet_due_schedules_do_not_fire():
 
 
 def _schedule(sessions, cron="0 * * * *", **fields) -> Schedule:
+    """A schedule of alice's, who holds a live API key."""
     with sessions() as session:
+        keys.create(session, owner="alice")
         schedule = schedules.create(
             session,
             owner="alice",
@@ -83,6 +85,18 @@ def test_a_missed_window_fires_exactly_once_in_the_database(sessions):
     assert job.spec["message"] == "hi"
     assert schedule.next_run_at == NOON + timedelta(hours=1)
     assert schedule.last_job_id == job.id
+
+
+def test_nothing_fires_for_an_owner_whose_keys_are_all_revoked(sessions):
+    _schedule(sessions, next_run_at=NOON)
+    with sessions() as session:
+        for key in keys.list_keys(session):
+            keys.revoke(session, key.id)
+        session.commit()
+
+    assert fire_due(sessions, lambda job: None, NOON + timedelta(minutes=1)) == []
+    with sessions() as session:
+        assert session.scalars(select(Job)).all() == []
 
 
 def test_a_second_scheduler_with_a_stale_read_cannot_fire_the_same_slot(sessions):

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import delete, event, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -32,7 +32,7 @@ from db.engine import make_engine, make_sessionmaker
 from db.models import Job, JobEvent
 from kiln.errors import IllegalTransition
 from kiln.settings import Settings
-from kiln.states import TERMINAL_STATES, JobState
+from kiln.states import TERMINAL_STATES, TRANSITIONS, JobState
 from workers.reconcile import reconcile
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -143,6 +143,20 @@ def test_terminal_states_never_change(
         before.result,
         before.error,
     )
+
+
+@pytest.mark.parametrize("state", [*TERMINAL, JobState.QUEUED])
+def test_no_move_outside_the_transition_table_wins_even_with_a_loose_condition(
+    sessions: sessionmaker[Session], create_job: Callable[..., Job], state: JobState
+) -> None:
+    job = create_job(state=state)
+    illegal = [t for t in JobState if t not in TRANSITIONS[state]]
+
+    # A `where` that holds for any row: only the table stands between the job and the move.
+    won = [_write(sessions, lambda s, t=t: jobs._cas(s, job.id, true(), state=t)) for t in illegal]
+
+    assert won == [False] * len(illegal)
+    assert _row(sessions, job.id).state == state
 
 
 @pytest.mark.parametrize("state", TERMINAL)

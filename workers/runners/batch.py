@@ -38,7 +38,7 @@ from db import jobs, registry
 from db.engine import session_scope
 from db.models import Dataset
 from kiln import datasets
-from kiln.errors import JobFailure, NotFound, UnsupportedDataset
+from kiln.errors import JobFailure, UnsupportedDataset
 from kiln.specs import BatchPredictSpec
 from workers import model_cache
 from workers.context import JobCancelled, RetryableOOM, RunContext
@@ -144,12 +144,8 @@ def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | No
         dataset = session.get(Dataset, spec.dataset)
         if dataset is None or dataset.owner != ctx.owner:
             raise JobFailure(f"no dataset {spec.dataset}")
-        try:
-            model_row = registry.get_model(session, ctx.owner, spec.model)
-            ref = manifest["version"] if manifest else spec.version
-            version = registry.resolve_version(session, model_row, ref)
-        except NotFound as exc:
-            raise JobFailure(exc.message) from None
+        ref = manifest["version"] if manifest else spec.version
+        version = registry.find_version(session, ctx.owner, spec.model, ref)
         number, digest, config = version.number, version.artifact_digest, version.config
         columns = {c["name"]: c["dtype"] for c in dataset.columns}
         fmt, rows, data_digest = dataset.format, dataset.rows, dataset.digest

@@ -23,11 +23,7 @@ from workers.ml import bundle
 
 def run(spec: ExportSpec, ctx: RunContext) -> dict[str, Any]:
     with session_scope(ctx.runtime.sessions) as session:
-        try:
-            model_row = registry.get_model(session, ctx.owner, spec.model)
-            version = registry.resolve_version(session, model_row, spec.version)
-        except NotFound as exc:
-            raise JobFailure(exc.message) from None
+        version = registry.find_version(session, ctx.owner, spec.model, spec.version)
         version_id, number, config = version.id, version.number, version.config
         digest = version.artifact_digest
     cpu = torch.device("cpu")

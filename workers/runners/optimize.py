@@ -26,7 +26,7 @@ from db import registry
 from db.engine import session_scope
 from db.models import Dataset
 from kiln import datasets
-from kiln.errors import JobFailure, NotFound
+from kiln.errors import JobFailure
 from kiln.specs import OptimizeSpec, TrainSpec
 from workers.context import RunContext
 from workers.ml import bundle, data
@@ -39,11 +39,7 @@ _TIMED_PASSES = 5
 
 def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
     with session_scope(ctx.runtime.sessions) as session:
-        try:
-            model_row = registry.get_model(session, ctx.owner, spec.model)
-            source = registry.resolve_version(session, model_row, spec.version)
-        except NotFound as exc:
-            raise JobFailure(exc.message) from None
+        source = registry.find_version(session, ctx.owner, spec.model, spec.version)
         number, config, lineage = source.number, source.config, source.lineage
         digest, dataset_digest, arch = source.artifact_digest, source.dataset_digest, source.arch
     if config.get(bundle.QUANTIZATION):

@@ -24,7 +24,7 @@ from torch import nn
 from db import jobs, registry
 from db.engine import session_scope
 from db.models import Job
-from kiln.errors import InvalidSpec, JobFailure, NotFound
+from kiln.errors import InvalidSpec, JobFailure
 from kiln.specs import PredictSpec, Row, parse_spec
 from workers import model_cache
 from workers.context import RunContext
@@ -44,11 +44,7 @@ class Follower:
 
 def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     with session_scope(ctx.runtime.sessions) as session:
-        try:
-            model_row = registry.get_model(session, ctx.owner, spec.model)
-            version = registry.resolve_version(session, model_row, spec.version)
-        except NotFound as exc:
-            raise JobFailure(exc.message) from None
+        version = registry.find_version(session, ctx.owner, spec.model, spec.version)
         config, digest, number = version.config, version.artifact_digest, version.number
     followers = _claim_followers(spec, ctx)
     try:

@@ -6,54 +6,27 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 from ops_support import ROOT, LiveServer, Worker
-from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine
 from werkzeug.serving import make_server
 
-from db import migrate
 from kiln.settings import Settings
+from tests.conftest import postgres_schema
 from web import create_app
 
-POSTGRES_URL = os.environ.get(
-    "KILN_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
+def pg_url(postgres_server: Engine) -> Iterator[str]:
     """A fresh PostgreSQL schema migrated to head, shared by a test module."""
-    admin: Engine = create_engine(
-        POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": 3}
-    )
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL unreachable at {make_url(POSTGRES_URL)}: {exc}")
-    schema = f"t_{uuid.uuid4().hex}"
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = (
-        make_url(POSTGRES_URL)
-        .update_query_dict({"options": f"-csearch_path={schema}"})
-        .render_as_string(hide_password=False)
-    )
-    try:
-        migrate.upgrade(url)
+    with postgres_schema(postgres_server) as url:
         yield url
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text("SET lock_timeout = '10s'"))
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")
