@@ -9,8 +9,9 @@ pool process) at random moments and kill -9s Redis. Then it waits for quiet and 
 jobs lost, jobs stuck, duplicate model versions, batch outputs with missing or duplicated
 rows. Every one must be 0 (exit code 1 otherwise).
 
-Adding a kind to the mix: add a (weight, spec factory) to `mix()` and, when its output
-can be checked, a check in `verify()` (batch_predict is wired in when the kind exists).
+Batch jobs score an uploaded CSV of BATCH_ROWS rows in small chunks (so kills land
+mid-job) and pass its `row_id` through; every succeeded batch output must hold each
+row_id exactly once, in order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import io
 import logging
 import os
 import random
@@ -40,9 +42,10 @@ from sqlalchemy.engine import make_url
 from db import keys, migrate
 from db.engine import make_engine, make_sessionmaker
 from db.models import Job, ModelVersion
+from kiln import datasets
+from kiln.artifacts import open_store
 from kiln.broker import make_celery
 from kiln.settings import Settings
-from kiln.specs import KINDS
 from kiln.states import TERMINAL_STATES
 from web import create_app
 from workers.launch import WorkerProcess
@@ -50,6 +53,7 @@ from workers.scheduler import reconcile_once
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_FEATURES = 64
+BATCH_ROWS = 4000
 
 
 def main() -> int:
@@ -88,7 +92,8 @@ def main() -> int:
             session.commit()
         headers = {"Authorization": f"Bearer {key}"}
         _seed_model(client, headers, sessions)
-        plan = mix(rng, args.jobs)
+        dataset_id = _seed_dataset(client, headers, rng)
+        plan = mix(rng, args.jobs, dataset_id)
         submitted: list[str] = []
         rejected: list[int] = []
         submitter = threading.Thread(
@@ -98,7 +103,7 @@ def main() -> int:
         events = _chaos(rng, workers, redis_server, args, submitter, sessions)
         submitter.join()
         quiet = _wait_for_quiet(sessions, submitted, args.quiet_timeout)
-        report = verify(sessions, submitted, rejected)
+        report = verify(sessions, settings, submitted, rejected)
     finally:
         stop_reconciler.set()
         reconciler.join()
@@ -117,19 +122,20 @@ def main() -> int:
     return 1 if bad else 0
 
 
-def mix(rng: random.Random, total: int) -> list[tuple[str, dict[str, Any]]]:
-    """The load: mostly short echo jobs, some predictions, a few small training runs."""
+def mix(rng: random.Random, total: int, dataset_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The load: mostly short echo jobs, some predictions, a few training and batch runs."""
+    batch = {"model": "chaos-base", "dataset": dataset_id, "chunk_rows": 250,
+             "passthrough": ["row_id"], "output_format": "csv"}  # fmt: skip
     factories: list[tuple[float, str, Callable[[int], dict[str, Any]]]] = [
-        (0.86, "echo", lambda n: {"message": f"e{n}", "sleep_s": rng.choice([0, 0.1, 0.5, 1])}),
+        (0.83, "echo", lambda n: {"message": f"e{n}", "sleep_s": rng.choice([0, 0.1, 0.5, 1])}),
         (0.10, "predict", lambda n: {"model": "chaos-base", "inputs": [_row(rng)] * 4}),
         (
             0.04,
             "train",
             lambda n: {"model_name": f"chaos-{n}", "epochs": 2, "arch_params": {"hidden": [16]}},
         ),
+        (0.03, "batch_predict", lambda n: batch),
     ]
-    # Batch scoring, where the kind exists: append (weight, "batch_predict", factory) here
-    # and fill "batch outputs missing/dup rows" in verify() from its output files.
     weights = [w for w, _, _ in factories]
     plan = []
     for n in range(total):
@@ -148,7 +154,9 @@ MUST_BE_ZERO = (
 )
 
 
-def verify(sessions: Any, submitted: list[str], rejected: list[int]) -> dict[str, Any]:
+def verify(
+    sessions: Any, settings: Settings, submitted: list[str], rejected: list[int]
+) -> dict[str, Any]:
     with sessions() as session:
         rows = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(submitted)))}
         per_job = session.execute(
@@ -160,6 +168,8 @@ def verify(sessions: Any, submitted: list[str], rejected: list[int]) -> dict[str
     states = collections.Counter(j.state for j in rows.values())
     failed = [j for j in rows.values() if j.state == "failed"]
     trained = [j for j in rows.values() if j.kind == "train" and j.state == "succeeded"]
+    scored = [j for j in rows.values() if j.kind == "batch_predict" and j.state == "succeeded"]
+    store = open_store(settings)
     return {
         "submitted (202)": len(submitted),
         "submissions refused (non-202)": len(rejected),
@@ -171,8 +181,21 @@ def verify(sessions: Any, submitted: list[str], rejected: list[int]) -> dict[str
         "failure reasons": dict(collections.Counter(f"{j.error_type}" for j in failed)),
         "duplicate model versions": sum(1 for n in versions.values() if n > 1),
         "train jobs without a version": sum(1 for j in trained if j.id not in versions),
-        "batch outputs missing/dup rows": 0 if "batch_predict" not in KINDS else "not wired",
+        "batch outputs checked": len(scored),
+        "batch outputs missing/dup rows": sum(1 for j in scored if not _whole(store, j)),
     }
+
+
+def _whole(store: Any, job: Job) -> bool:
+    """Whether the batch job's output holds every input row_id exactly once, in order."""
+    output = (job.result or {})["output"]
+    path = store.path(output["digest"])
+    ids = [
+        row_id
+        for batch in datasets.iter_batches(path, output["format"], 10_000)
+        for row_id in batch.column("row_id").to_pylist()
+    ]
+    return ids == list(range(BATCH_ROWS))
 
 
 def _row(rng: random.Random) -> list[float]:
@@ -185,6 +208,16 @@ def _seed_model(client: Any, headers: dict[str, str], sessions: Any) -> None:
     job = client.post("/api/v1/jobs", json={"kind": "train", "spec": spec}, headers=headers)
     job_id = job.get_json()["id"]
     _wait_for_quiet(sessions, [job_id], 180)
+
+
+def _seed_dataset(client: Any, headers: dict[str, str], rng: random.Random) -> str:
+    """Upload the CSV the batch jobs score: row_id plus the digits model's 64 features."""
+    header = ",".join(["row_id", *(f"pixel_{i}" for i in range(DIGITS_FEATURES))])
+    lines = [header, *(",".join(map(str, [n, *_row(rng)])) for n in range(BATCH_ROWS))]
+    body = io.BytesIO("\n".join(lines).encode())
+    response = client.post("/api/v1/datasets", data={"file": (body, "chaos.csv")}, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    return str(response.get_json()["id"])
 
 
 def _submit_all(
