@@ -9,7 +9,6 @@ if TYPE_CHECKING:
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
-MAINTENANCE_QUEUE = "maintenance"
 RUN_TASK = "kiln.jobs.run"
 
 

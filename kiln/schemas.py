@@ -28,7 +28,9 @@ class Out(BaseModel):
 class JobSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="Job kind: train, predict, optimize, export or echo.")
+    kind: str = Field(
+        description="Job kind: train, predict, batch_predict, optimize, export or echo."
+    )
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
     priority: int = Field(default=0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
 

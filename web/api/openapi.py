@@ -82,6 +82,17 @@ def _query(name: str, kind: str = "string") -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
 
 
+def _idempotency_key() -> dict[str, Any]:
+    return {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Retry-safe submission: the same key and body return the same job; "
+        "the same key with another body is 422, and a retry while the first is in flight 409.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+
+
 def _paths() -> dict[str, Any]:
     job = [_path("job_id")]
     schedule = [_path("schedule_id")]
@@ -114,7 +125,7 @@ def _paths() -> dict[str, Any]:
     listing = [_query("state"), _query("kind"), _query("cursor"), _query("limit", "integer")]
     return {
         "/api/v1/jobs": {
-            "post": _op("Submit a job", 202, schemas.JobOut, submission),
+            "post": _op("Submit a job", 202, schemas.JobOut, submission, [_idempotency_key()]),
             "get": _op("List jobs, newest first", 200, schemas.JobPage, params=listing),
         },
         "/api/v1/jobs/{job_id}": {"get": _op("Read a job", 200, schemas.JobOut, params=job)},
