@@ -77,10 +77,18 @@ class Client:
 
     # Jobs
 
-    def submit(self, kind: str, spec: dict[str, Any], priority: int = 0) -> dict[str, Any]:
-        """Queue a job; the server validates `spec` with the kind's schema (422 if wrong)."""
+    def submit(
+        self,
+        kind: str,
+        spec: dict[str, Any],
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Queue a job; the server validates `spec` with the kind's schema (422 if wrong).
+        With an `idempotency_key`, retrying the same call returns the same job."""
         body = {"kind": kind, "spec": spec, "priority": priority}
-        return self._json("POST", "/jobs", json=body)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/jobs", json=body, headers=headers)
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/jobs/{job_id}")
@@ -149,11 +157,18 @@ class Client:
             time.sleep(poll_s)
 
     def download_output(
-        self, job_id: str, dest: Path | None = None, on_progress: ProgressCallback | None = None
+        self,
+        job_id: str,
+        dest: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        *,
+        errors: bool = False,
     ) -> Path:
-        """Save the job's output file to `dest` (a file, or a folder to keep the server's
-        file name in; default: the current folder); returns the path written."""
-        response = self._request("GET", f"/jobs/{job_id}/output", stream=True)
+        """Save the job's output file (or with `errors`, its error file: the rows that could
+        not be scored) to `dest` (a file, or a folder to keep the server's file name in;
+        default: the current folder); returns the path written."""
+        which = "errors" if errors else "output"
+        response = self._request("GET", f"/jobs/{job_id}/{which}", stream=True)
         with response:
             name = _filename(response.headers.get("Content-Disposition", "")) or f"{job_id}.out"
             target = dest or Path.cwd()

@@ -89,9 +89,17 @@ def _print_json(value: Any) -> None:
 )
 @click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
+@click.option(
+    "--idempotency-key",
+    help="Any unique text: running the same command again returns the same job, not a second.",
+)
 @click.pass_context
 def submit(
-    ctx: click.Context, spec_file: Path | None, priority: int | None, then_wait: bool
+    ctx: click.Context,
+    spec_file: Path | None,
+    priority: int | None,
+    then_wait: bool,
+    idempotency_key: str | None,
 ) -> None:
     """Queue a job: `kiln submit train --model-name digits --epochs 20`, or `-f spec.yaml`;
     prints its id."""
@@ -108,7 +116,10 @@ def submit(
         raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
     remote = _remote()
     job = remote.client().submit(
-        kind, spec, priority if priority is not None else body.get("priority", 0)
+        kind,
+        spec,
+        priority if priority is not None else body.get("priority", 0),
+        idempotency_key=idempotency_key,
     )
     if remote.as_json and not then_wait:
         _print_json(job)
@@ -292,10 +303,11 @@ def cancel(job_id: str) -> None:
     type=click.Path(path_type=Path),
     help="A file, or a folder to keep the server's file name in (default: here).",
 )
-def download(job_id: str, output: Path | None) -> None:
-    """Download a job's output file (GET /jobs/<id>/output)."""
+@click.option("--errors", is_flag=True, help="The error file (rows not scored) instead.")
+def download(job_id: str, output: Path | None, errors: bool) -> None:
+    """Download a job's output file (GET /jobs/<id>/output), or its error file."""
     with _transfer_bar("downloading") as on_progress:
-        path = _remote().client().download_output(job_id, output, on_progress)
+        path = _remote().client().download_output(job_id, output, on_progress, errors=errors)
     click.echo(str(path))
 
 

@@ -152,3 +152,25 @@ def test_invalid_spec_errors_are_printed_field_by_field(api) -> None:
     result = invoke("submit", "train", "--epochs", "0")
     assert result.exit_code == ExitCode.API_ERROR
     assert "spec.epochs: Input should be greater than 0" in result.output
+
+
+def test_an_idempotency_key_travels_as_the_header(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    result = CliRunner().invoke(
+        main,
+        ["submit", "echo", "--idempotency-key", "nightly-2026-11-23"],
+        env={"KILN_URL": URL, "KILN_API_KEY": "k"},
+    )
+    assert result.exit_code == 0, result.output
+    assert api.calls[0].request.headers["Idempotency-Key"] == "nightly-2026-11-23"
+
+
+def test_download_errors_fetches_the_error_file(api, tmp_path: Path) -> None:
+    api.get(f"{URL}/api/v1/jobs/j/errors", body=b'{"row": 7, "reason": "NaN"}\n')
+    result = CliRunner().invoke(
+        main,
+        ["download", "j", "--errors", "-o", str(tmp_path / "bad.jsonl")],
+        env={"KILN_URL": URL, "KILN_API_KEY": "k"},
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bad.jsonl").read_bytes() == b'{"row": 7, "reason": "NaN"}\n'
