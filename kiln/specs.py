@@ -293,6 +293,10 @@ class EchoSpec(Spec):
     #: Chaos/smoke helper: SIGKILL the worker's pool process after the sleep (exercises
     #: worker-loss recovery). Honoured only where KILN_CHAOS=1; elsewhere the job fails.
     crash: bool = False
+    #: Chaos/smoke helper: then block this long without checking for cancellation or the
+    #: time limit (a hung C call), so only Celery's hard time limit can stop it.
+    #: Honoured only where KILN_CHAOS=1.
+    hang_s: float = Field(default=0.0, ge=0, le=3600)
 
 
 #: The registry of job kinds: adding a kind adds a line here and one in workers.runners.

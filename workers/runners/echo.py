@@ -20,10 +20,11 @@ def run(spec: EchoSpec, ctx: RunContext) -> dict[str, Any]:
         ctx.raise_if_cancelled()
         ctx.progress(1 - left / spec.sleep_s, "sleeping")
         time.sleep(min(_TICK_S, left))
+    if (spec.crash or spec.hang_s) and not ctx.runtime.settings.chaos:
+        raise JobFailure("crash and hang_s are chaos-testing switches; KILN_CHAOS is off here")
     if spec.crash:
-        if not ctx.runtime.settings.chaos:
-            raise JobFailure("crash is a chaos-testing switch; this worker has KILN_CHAOS off")
         os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(spec.hang_s)
     if spec.fail_with is not None:
         raise JobFailure(spec.fail_with)
     return {"message": spec.message}

@@ -183,3 +183,29 @@ def test_a_job_past_its_time_limit_fails_with_the_reason(
     row = job_row(worker_sessions, job_id)
     assert (row.state, row.error_type, row.attempt) == ("failed", "TimeLimitExceeded", 1)
     assert row.error_message == "exceeded its time limit of 1 s"
+
+
+def test_a_job_that_ignores_its_soft_limit_is_killed_by_the_hard_one_and_failed(
+    tmp_path: Path, database_url, redis_server, worker_sessions, celery_for, start_worker
+):
+    server = redis_server("--save", "", "--appendonly", "no")
+    settings = worker_settings(
+        tmp_path, database_url, server.url, job_time_limit_s=1.0, time_limit_grace_s=1.0
+    )
+    celery = celery_for(settings)
+    hung = submit(worker_sessions, celery, {"message": "stuck", "hang_s": 120}).id
+    start_worker(settings)
+
+    def finished() -> bool:
+        reconcile_once(celery, worker_sessions, settings)
+        return _terminal(worker_sessions, [hung])
+
+    # Celery kills the pool process at 2 s; its heartbeats stop, and the reconciler fails it.
+    wait_until(finished, 90, "the hung job to be killed and failed")
+    row = job_row(worker_sessions, hung)
+    assert (row.state, row.error_type, row.attempt) == ("failed", "TimeLimitExceeded", 1)
+    assert row.error_message == "exceeded its time limit of 1 s"
+    # The worker itself survived (a fresh pool process) and runs the next job.
+    after = submit(worker_sessions, celery, {"message": "next"}).id
+    wait_until(lambda: _terminal(worker_sessions, [after]), 60, "the next job")
+    assert job_row(worker_sessions, after).state == "succeeded"
