@@ -61,6 +61,10 @@ def use(arch: str) -> None:
 Timing = tuple[float, float]  # (wall seconds, process CPU seconds) per epoch
 
 
+def _no_resend(job: Job, countdown: float) -> None:
+    raise SystemExit(f"the Kiln job {job.id} was re-queued; the measurement is void")
+
+
 def kiln_epoch_s(runtime: Runtime, epochs: int) -> Timing:
     """Run one train job to completion; seconds per epoch of the whole job."""
     with session_scope(runtime.sessions) as session:
@@ -70,7 +74,7 @@ def kiln_epoch_s(runtime: Runtime, epochs: int) -> Timing:
         session.flush()
         job_id = job.id
     started, cpu = time.perf_counter(), time.process_time()
-    execute_attempt(runtime, job_id, 0, worker="bench")
+    execute_attempt(runtime, job_id, 0, worker="bench", send=_no_resend)
     elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
     with session_scope(runtime.sessions) as session:
         state = session.get(Job, job_id).state  # type: ignore[union-attr]

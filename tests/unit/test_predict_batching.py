@@ -146,6 +146,23 @@ def test_a_batched_jobs_own_message_is_dropped_as_stale(runtime, sessions, tmp_p
     assert after.result == before.result
 
 
+def test_a_leader_scores_jobs_still_waiting_in_further_passes(settings, sessions, tmp_path):
+    model_cache.shared.cache_clear()
+    small = settings.model_copy(update={"predict_batch_max_rows": 4})
+    runtime = Runtime(small, sessions, ArtifactStore(settings.artifacts_dir))
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    rows = [[float(n), 0.5, -1.0, 2.0] for n in range(10)]
+    ids = [_submit(sessions, {"model": "m", "inputs": [row]}) for row in rows]
+
+    execute_attempt(runtime, ids[0], 0, "w1", never_resent)
+
+    done = [_job(sessions, job_id) for job_id in ids]
+    assert [job.state for job in done] == ["succeeded"] * 10
+    assert (done[0].result["batch_jobs"], done[0].result["batch_passes"]) == (10, 3)  # 4+4+2
+    labels = [job.result["predictions"][0]["label"] for job in done]
+    assert labels == _labels(model, rows)
+
+
 def test_batching_can_be_turned_off(settings, sessions, tmp_path):
     model_cache.shared.cache_clear()
     unbatched = settings.model_copy(update={"predict_batch_max_rows": 1})

@@ -12,6 +12,7 @@ claim refuses a job that is no longer queued). The model comes from the worker's
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from workers.ml.training import predict_proba, predict_values
 
 #: Candidates read per look at the queue, as a multiple of the rows still wanted.
 _CANDIDATES_PER_ROW = 2
+#: Forward passes one leader runs at most: its own, then passes of jobs still waiting.
+_MAX_PASSES = 16
 
 
 @dataclass
@@ -46,33 +49,63 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     with session_scope(ctx.runtime.sessions) as session:
         version = registry.find_version(session, ctx.owner, spec.model, spec.version)
         config, digest, number = version.config, version.artifact_digest, version.number
-    followers = _claim_followers(spec, ctx)
+    followers = _claim_followers(spec, ctx, wait=True)
     try:
         model, device = model_cache.load_version(ctx, digest, config)
-        inputs = [_features_or_error(s.inputs, config, device) for s in [spec, *_specs(followers)]]
+    except BaseException as exc:
+        _fail_followers(ctx, followers, f"the batch this job was scored in failed: {exc!r}")
+        raise
+    score = functools.partial(_score_pass, ctx, model, device, config, spec.model, number)
+    [own] = score([spec], followers)
+    passes, jobs_scored = 1, 1 + len(followers)
+    # Jobs that queued up meanwhile are scored here too, pass after pass, rather than each
+    # waiting for its own message behind the stale messages of the jobs claimed above.
+    batching = ctx.runtime.settings.predict_batch_max_rows > 1  # 1: one job, one pass
+    while batching and passes < _MAX_PASSES and (more := _claim_followers(spec, ctx, wait=False)):
+        score([], more)
+        passes, jobs_scored = passes + 1, jobs_scored + len(more)
+    if isinstance(own, JobFailure):
+        raise own
+    ctx.raise_if_cancelled()
+    return own | {"batch_jobs": jobs_scored, "batch_passes": passes}
+
+
+def _score_pass(
+    ctx: RunContext,
+    model: nn.Module,
+    device: torch.device,
+    config: dict[str, Any],
+    model_name: str,
+    number: int,
+    own: list[PredictSpec],
+    followers: list[Follower],
+) -> list[dict[str, Any] | JobFailure]:
+    """One forward pass over the rows of `own` (the leader's spec, or none) and of the
+    followers; records each follower's ending and returns the results of `own`."""
+    try:
+        inputs = [_features_or_error(s.inputs, config, device) for s in [*own, *_specs(followers)]]
         good = [m for m in inputs if isinstance(m, np.ndarray)]
         predictions = _predict(model, np.concatenate(good), device, config) if good else []
     except BaseException as exc:
         _fail_followers(ctx, followers, f"the batch this job was scored in failed: {exc!r}")
         raise
-    results = _split(inputs, predictions, spec, number)
-    _finish_followers(ctx, followers, results[1:])
-    if isinstance(results[0], JobFailure):
-        raise results[0]
-    ctx.raise_if_cancelled()
-    return results[0] | {"batch_jobs": len(inputs)}
+    results = _split(inputs, predictions, model_name, number)
+    _finish_followers(ctx, followers, results[len(own) :])
+    return results[: len(own)]
 
 
 def _specs(followers: list[Follower]) -> list[PredictSpec]:
     return [f.spec for f in followers]
 
 
-def _claim_followers(spec: PredictSpec, ctx: RunContext) -> list[Follower]:
-    """Claim queued predict jobs that can share this forward pass (CAS per job)."""
+def _claim_followers(spec: PredictSpec, ctx: RunContext, *, wait: bool) -> list[Follower]:
+    """Claim queued predict jobs that can share a forward pass with `spec` (CAS per job):
+    for the leader's own pass (`wait`: up to predict_batch_wait_ms for more to arrive), or
+    for a further pass of followers alone."""
     settings = ctx.runtime.settings
-    budget = settings.predict_batch_max_rows - len(spec.inputs)
+    budget = settings.predict_batch_max_rows - (len(spec.inputs) if wait else 0)
     followers: list[Follower] = []
-    deadline = time.monotonic() + settings.predict_batch_wait_ms / 1000
+    deadline = time.monotonic() + (settings.predict_batch_wait_ms / 1000 if wait else 0)
     while budget > 0:
         found = _claim_some(spec, ctx, budget)
         if found:
@@ -162,7 +195,7 @@ def _predict(
 def _split(
     inputs: list[np.ndarray | JobFailure],
     predictions: list[dict[str, Any]],
-    spec: PredictSpec,
+    model_name: str,
     number: int,
 ) -> list[dict[str, Any] | JobFailure]:
     """Each job's own result (or failure), in the order the inputs were stacked."""
@@ -174,7 +207,7 @@ def _split(
             continue
         mine = predictions[start : start + len(matrix)]
         start += len(matrix)
-        results.append({"model": spec.model, "version": number, "predictions": mine})
+        results.append({"model": model_name, "version": number, "predictions": mine})
     return results
 
 
