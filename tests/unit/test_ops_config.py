@@ -1,4 +1,4 @@
-"""The operator files: Procfile, docker/prometheus.yml and docker/alerts.yml."""
+"""The operator files: Procfile, docker/compose.yaml, docker/prometheus.yml and alerts.yml."""
 
 from __future__ import annotations
 
@@ -89,6 +89,37 @@ def test_scrape_config_loads_the_rules_and_scrapes_web_and_workers() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"kiln-web", "kiln-workers"}
     assert jobs["kiln-workers"]["static_configs"][0]["targets"] == ["worker:9810"]
+
+
+def _compose_command() -> list[str] | None:
+    """Compose v2 (`docker compose`) where installed, else Debian's docker-compose (v1)."""
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_docker_compose_config_validates(tmp_path: Path) -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    if command[-1].endswith("docker-compose"):
+        # v1's schema predates the top-level project `name`; everything else it checks.
+        assert compose.pop("name") == "kiln"
+    checked_file = tmp_path / "compose.yaml"
+    checked_file.write_text(yaml.safe_dump(compose))
+    checked = subprocess.run(
+        [*command, "--project-directory", str(DOCKER), "-f", str(checked_file), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "KILN_ADMIN_KEY": "x"},
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 @pytest.mark.parametrize(("what", "path"), [("rules", "alerts.yml"), ("config", "prometheus.yml")])
