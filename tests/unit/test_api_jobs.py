@@ -72,6 +72,7 @@ def test_submit_stores_the_spec_with_its_defaults_filled_in(client, alice):
         "sleep_s": 0.0,
         "fail_with": None,
         "crash": False,
+        "hang_s": 0.0,
     }
 
 
