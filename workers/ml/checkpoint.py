@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 FILENAME = "checkpoint.safetensors"
@@ -37,19 +39,31 @@ def save(checkpoint: Checkpoint, path: Path) -> None:
     _write(*_snapshot(checkpoint), path)
 
 
-def _snapshot(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
-    """Copies of every tensor and the JSON, so training may go on while they are written."""
+Snapshot = dict[str, torch.Tensor] | dict[str, np.ndarray]
+
+
+def _snapshot(checkpoint: Checkpoint) -> tuple[Snapshot, str]:
+    """Copies of every tensor and the JSON, so training may go on while they are written.
+
+    As NumPy arrays where every dtype allows it: safetensors' NumPy writer spends about
+    half the time its torch writer does in Python, and the writer thread holds the GIL for
+    that long while training goes on (noticeable beside epochs of tens of ms)."""
     flat = {
         f"{part}/{name}": tensor.detach().cpu().contiguous().clone()
         for part, tensors in checkpoint.tensors.items()
         for name, tensor in tensors.items()
     }
-    return flat, json.dumps(checkpoint.info)
+    info = json.dumps(checkpoint.info)
+    if any(t.dtype == torch.bfloat16 for t in flat.values()):  # NumPy has no bfloat16
+        return flat, info
+    return {name: t.numpy() for name, t in flat.items()}, info
 
 
-def _write(flat: dict[str, torch.Tensor], info: str, path: Path) -> None:
+def _write(flat: Snapshot, info: str, path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    save_file(flat, str(partial), metadata={_META: info})
+    as_numpy = all(isinstance(t, np.ndarray) for t in flat.values())
+    save = save_numpy if as_numpy else save_file
+    save(flat, str(partial), metadata={_META: info})  # type: ignore[arg-type]
     os.replace(partial, path)
 
 
