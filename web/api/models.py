@@ -194,7 +194,7 @@ def _model(name: str) -> Model:
 
 
 def _version(name: str, ref: str) -> ModelVersion:
-    return registry.resolve_version(session.get(), _model(name), ref)
+    return registry.find_version(session.get(), principal().owner, name, ref)
 
 
 def _settings() -> Settings:
