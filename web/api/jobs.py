@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import json
 from datetime import datetime
+from typing import Any
 
 from flask import Response, current_app, request, send_file
 from sqlalchemy import and_, or_, select
@@ -192,9 +193,15 @@ def job_errors(job_id: str) -> Response:
     return _result_file(_owned(job_id), "error_file")
 
 
-def _result_file(job: Job, entry: str) -> Response:
+def stored_file(job: Job, entry: str) -> dict[str, Any] | None:
+    """The job result's description of a stored file (digest, format, rows), if it has one."""
     described = (job.result or {}).get(entry)
-    if not isinstance(described, dict) or "digest" not in described:
+    return described if isinstance(described, dict) and "digest" in described else None
+
+
+def _result_file(job: Job, entry: str) -> Response:
+    described = stored_file(job, entry)
+    if described is None:
         what = "output" if entry == "output" else "error file"
         raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")
     fmt = str(described.get("format", "bin"))

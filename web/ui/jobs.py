@@ -105,11 +105,9 @@ def _status(found: Job) -> dict[str, Any]:
 
 def _downloads(found: Job) -> dict[str, dict[str, Any]]:
     """The files the job has: those whose result entry names a stored file (a digest)."""
-    result = found.result or {}
     offered: dict[str, dict[str, Any]] = {}
     for what, (entry, _) in DOWNLOADS.items():
-        described = result.get(entry)
-        if isinstance(described, dict) and "digest" in described:
+        if (described := api_jobs.stored_file(found, entry)) is not None:
             offered[what] = described
     return offered
 
