@@ -4,6 +4,7 @@ workers, and a job that crashes its worker every time, with real Redis and real 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def _age_messages(sessions, seconds: float = 60) -> None:
     with sessions() as session:
         session.execute(update(Job).values(sent_at=utcnow() - timedelta(seconds=seconds)))
         session.commit()
+
+
+def _reconciled_to_an_end(celery, sessions, settings, job_id: str) -> Callable[[], bool]:
+    """For wait_until: run a reconciler pass, then say whether the job has ended."""
+
+    def finished() -> bool:
+        reconcile_once(celery, sessions, settings)
+        return _terminal(sessions, [job_id])
+
+    return finished
 
 
 def _terminal(sessions, ids: list[str]) -> bool:
@@ -160,10 +171,7 @@ def test_a_job_that_crashes_its_worker_fails_after_max_attempts(
     job_id = submit(worker_sessions, celery, {"message": "boom", "crash": True}).id
     start_worker(settings)
 
-    def finished() -> bool:
-        reconcile_once(celery, worker_sessions, settings)
-        return _terminal(worker_sessions, [job_id])
-
+    finished = _reconciled_to_an_end(celery, worker_sessions, settings, job_id)
     wait_until(finished, 120, "the crashing job to fail")
     row = job_row(worker_sessions, job_id)
     assert (row.state, row.error_type, row.attempt) == ("failed", "WorkerLost", 3)
@@ -196,11 +204,8 @@ def test_a_job_that_ignores_its_soft_limit_is_killed_by_the_hard_one_and_failed(
     hung = submit(worker_sessions, celery, {"message": "stuck", "hang_s": 120}).id
     start_worker(settings)
 
-    def finished() -> bool:
-        reconcile_once(celery, worker_sessions, settings)
-        return _terminal(worker_sessions, [hung])
-
     # Celery kills the pool process at 2 s; its heartbeats stop, and the reconciler fails it.
+    finished = _reconciled_to_an_end(celery, worker_sessions, settings, hung)
     wait_until(finished, 90, "the hung job to be killed and failed")
     row = job_row(worker_sessions, hung)
     assert (row.state, row.error_type, row.attempt) == ("failed", "TimeLimitExceeded", 1)
