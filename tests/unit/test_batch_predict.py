@@ -47,6 +47,12 @@ def _job(sessions, spec: dict) -> str:
         return job.id
 
 
+def _csv_dataset(runtime, sessions, tmp_path, table: pa.Table) -> str:
+    """Upload `table` as a CSV dataset; its id."""
+    pacsv.write_csv(table, tmp_path / "in.csv")
+    return add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+
+
 def _state(sessions, job_id: str) -> Job:
     with sessions() as session:
         return session.get(Job, job_id)
@@ -102,8 +108,7 @@ def test_out_of_gpu_memory_retries_at_half_the_batch_from_the_last_chunk(
 ):
     model, _ = register_model(sessions, runtime.store, tmp_path)
     table = feature_table(60)
-    pacsv.write_csv(table, tmp_path / "in.csv")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    dataset = _csv_dataset(runtime, sessions, tmp_path, table)
     spec = {"model": "m", "dataset": dataset, "chunk_rows": 20, "batch_size": 16}
     job_id = _job(sessions, {**spec, "passthrough": ["id"]})
     batch_sizes: list[int] = []
@@ -138,8 +143,7 @@ def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
 ):
     model, _ = register_model(sessions, runtime.store, tmp_path)
     table = feature_table(100)
-    pacsv.write_csv(table, tmp_path / "in.csv")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    dataset = _csv_dataset(runtime, sessions, tmp_path, table)
     job_id = _job(
         sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10, "passthrough": ["id"]}
     )
@@ -213,8 +217,7 @@ def test_npz_vectors_of_the_right_width_are_scored(runtime, sessions, tmp_path):
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_dataset_without_the_model_features_fails_with_a_reason(runtime, sessions, tmp_path):
     register_model(sessions, runtime.store, tmp_path)
-    pacsv.write_csv(pa.table({"id": [1], "f0": [0.1]}), tmp_path / "in.csv")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    dataset = _csv_dataset(runtime, sessions, tmp_path, pa.table({"id": [1], "f0": [0.1]}))
     job_id = _job(sessions, {"model": "m", "dataset": dataset})
 
     execute_attempt(runtime, job_id, 0, "w1", never_resent)
@@ -233,8 +236,7 @@ def test_scoring_an_empty_slice_returns_no_rows():
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_path, monkeypatch):
     register_model(sessions, runtime.store, tmp_path)
-    pacsv.write_csv(feature_table(60), tmp_path / "in.csv")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    dataset = _csv_dataset(runtime, sessions, tmp_path, feature_table(60))
     job_id = _job(sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10})
     monkeypatch.setattr("workers.context._THROTTLE_S", 0.0)
     scored: list[int] = []
