@@ -10,6 +10,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
@@ -282,34 +284,30 @@ def log(session: Session, job_id: str, message: str, level: str = "info") -> Non
 
 def record_metric(session: Session, job_id: str, name: str, step: int, value: float) -> None:
     """Record one metric point; a resumed attempt re-reporting a step overwrites it."""
-    existing = session.scalar(
-        select(Metric).where(Metric.job_id == job_id, Metric.name == name, Metric.step == step)
-    )
-    if existing is None:
-        session.add(Metric(job_id=job_id, name=name, step=step, value=value, at=utcnow()))
-    else:
-        existing.value = value
+    record_metrics(session, job_id, [(name, step, value)])
 
 
 def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, float]]) -> None:
-    """record_metric for many points at once: one SELECT and one INSERT, not one per point."""
+    """Record many points in one INSERT .. ON CONFLICT (job, name, step) DO UPDATE: a step
+    reported again (by a resumed attempt) keeps its latest value, and nothing is read
+    first, so the cost does not grow with the series already stored."""
     if not points:
         return
     latest = {(name, step): value for name, step, value in points}
-    names = {name for name, _ in latest}
-    existing = {
-        (m.name, m.step): m
-        for m in session.scalars(
-            select(Metric).where(Metric.job_id == job_id, Metric.name.in_(names))
-        )
-        if (m.name, m.step) in latest
-    }
     now = utcnow()
-    for (name, step), value in latest.items():
-        if (name, step) in existing:
-            existing[(name, step)].value = value
-        else:
-            session.add(Metric(job_id=job_id, name=name, step=step, value=value, at=now))
+    rows = [
+        {"job_id": job_id, "name": name, "step": step, "value": value, "at": now}
+        for (name, step), value in latest.items()
+    ]
+    dialect = session.get_bind().dialect.name
+    upsert = postgresql_insert(Metric) if dialect == "postgresql" else sqlite_insert(Metric)
+    session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[Metric.job_id, Metric.name, Metric.step],
+            set_={"value": upsert.excluded.value, "at": upsert.excluded.at},
+        ),
+        rows,
+    )
 
 
 def get_owned(session: Session, job_id: str, owner: str | None) -> Job:
