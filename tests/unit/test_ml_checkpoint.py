@@ -33,12 +33,11 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(
 ) -> None:
     path = _saved(tmp_path, 1.0)
 
-    def die_half_way(tensors: dict, filename: str, metadata: dict) -> None:
-        Path(filename).write_bytes(b"half a file")
+    def die_half_way(snapshot: ckpt.Snapshot, partial: Path) -> None:
+        partial.write_bytes(snapshot.header[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", die_half_way)
-    monkeypatch.setattr(ckpt, "save_numpy", die_half_way)
+    monkeypatch.setattr(ckpt, "_write_file", die_half_way)
     with pytest.raises(OSError, match="disk full"):
         _saved(tmp_path, 2.0)
     assert ckpt.load(path).info["position"]["epoch"] == 1.0
@@ -47,6 +46,29 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(
 def test_the_file_is_plain_safetensors(tmp_path: Path) -> None:
     tensors = safetensors.torch.load_file(str(_saved(tmp_path, 5.0)))
     assert set(tensors) == {"model/w"}
+
+
+def test_every_dtype_and_shape_a_checkpoint_holds_reads_back_through_safetensors(
+    tmp_path: Path,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "step": torch.tensor(7.0),  # 0-d, as Adam's step
+        "empty": torch.empty(0, 3),
+        "rng": generator.get_state(),  # uint8
+        "mask": torch.tensor([True, False, True]),
+        "weights": torch.randn(3, 5, dtype=torch.bfloat16),
+        "counts": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # not contiguous
+        "half": torch.randn(4, dtype=torch.float16),
+        "double": torch.randn(2, 2, dtype=torch.float64),
+    }
+    path = tmp_path / ckpt.FILENAME
+    ckpt.save(ckpt.Checkpoint(tensors={"part": tensors}, info={"note": "x"}), path)
+    loaded = safetensors.torch.load_file(str(path))
+    for name, tensor in tensors.items():
+        assert loaded[f"part/{name}"].dtype == tensor.dtype
+        assert torch.equal(loaded[f"part/{name}"], tensor), name
+    assert ckpt.load(path).info == {"note": "x"}
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
