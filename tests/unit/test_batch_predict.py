@@ -176,6 +176,45 @@ def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_torn_part_is_scored_again_and_so_is_everything_after_it(
+    runtime, sessions, tmp_path, monkeypatch
+):
+    """Parts are not fsynced: after a machine crash the last ones may be torn. The next
+    attempt resumes at the first part that does not read back whole."""
+    model, _ = register_model(sessions, runtime.store, tmp_path)
+    table = feature_table(100)
+    dataset = _csv_dataset(runtime, sessions, tmp_path, table)
+    job_id = _job(
+        sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10, "passthrough": ["id"]}
+    )
+    scored: list[int] = []
+    real_score = batch._score
+
+    def score_then_die_at_chunk_5(model, features, batch_size, device):
+        scored.append(len(features))
+        if len(scored) == 5:
+            raise Killed
+        return real_score(model, features, batch_size, device)
+
+    monkeypatch.setattr(batch, "_score", score_then_die_at_chunk_5)
+    with pytest.raises(Killed):
+        execute_attempt(runtime, job_id, 0, "w1", never_resent)
+    part = runtime.settings.data_dir / "work" / job_id / "batch" / "out-000002.arrow"
+    part.write_bytes(part.read_bytes()[:-20])  # the third of four committed parts, torn
+    with session_scope(sessions) as session:
+        assert jobs.requeue(session, job_id, 1, "worker lost")
+
+    execute_attempt(runtime, job_id, 1, "w2", never_resent)
+
+    job = _state(sessions, job_id)
+    assert job.state == "succeeded", job.error_message
+    assert len(scored) == 5 + 8  # chunks 0 and 1 kept; 2 to 9 scored again
+    out = _read(runtime, job.result["output"])
+    assert out["id"].to_pylist() == list(range(1000, 1100))
+    assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_past_the_error_fraction_the_job_fails_with_its_error_file(runtime, sessions, tmp_path):
     register_model(sessions, runtime.store, tmp_path)
     lines = [{"id": i, "x": [0.5] * (4 if i % 3 else 3)} for i in range(30)]
