@@ -24,6 +24,8 @@ from db.engine import session_scope
 from db.models import Job
 from kiln import datasets
 from kiln.artifacts import ArtifactStore
+from kiln.errors import UnsupportedDataset
+from kiln.specs import BatchPredictSpec
 from workers.execute import execute_attempt
 from workers.runners import batch
 from workers.runtime import Runtime
@@ -264,6 +266,35 @@ def test_a_dataset_without_the_model_features_fails_with_a_reason(runtime, sessi
     job = _state(sessions, job_id)
     assert job.state == "failed"
     assert "has no columns ['f1', 'f2', 'f3']" in job.error_message
+
+
+def _plan(path, fmt: str, rows: int) -> batch.Plan:
+    return batch.Plan(
+        key="k", dataset_path=path, dataset_format=fmt, total_rows=rows, model_version=1,
+        model_digest="d", config={"feature_names": FEATURES}, features=FEATURES,
+        vector_column=False,
+    )  # fmt: skip
+
+
+def test_the_read_ahead_thread_yields_what_reading_in_turn_does(tmp_path):
+    """CUDA jobs read ahead in a thread; CPU jobs read in turn. Both must give the same
+    chunks, from the same first chunk on."""
+    pacsv.write_csv(feature_table(95), tmp_path / "in.csv")
+    spec = BatchPredictSpec(model="m", dataset="d", chunk_rows=10)
+    plan = _plan(tmp_path / "in.csv", "csv", 95)
+    in_turn = list(batch._read(spec, plan, 2, pin=False))
+    ahead = list(batch._read_ahead(spec, plan, 2, pin=False))
+    assert [c.index for c in ahead] == [c.index for c in in_turn] == list(range(2, 10))
+    for a, b in zip(ahead, in_turn, strict=True):
+        assert torch.equal(a.features, b.features)
+        assert a.batch.equals(b.batch)
+
+
+def test_a_read_error_in_the_read_ahead_thread_reaches_the_job(tmp_path):
+    (tmp_path / "in.csv").write_text("f0,f1\n1,2\n" + "x" * 100 + '\n"unclosed')
+    spec = BatchPredictSpec(model="m", dataset="d", chunk_rows=10)
+    with pytest.raises(UnsupportedDataset):
+        list(batch._read_ahead(spec, _plan(tmp_path / "in.csv", "csv", 2), 0, pin=False))
 
 
 def test_scoring_an_empty_slice_returns_no_rows():

@@ -1,7 +1,7 @@
 """batch_predict: score every row of a dataset into an output file, chunk by chunk, resumably.
 
-The input is read in chunks of `chunk_rows` rows (a reader thread parses, validates and, on
-CUDA, pins the next chunk while the model scores this one). Each scored chunk is written as
+The input is read in chunks of `chunk_rows` rows (on CUDA a reader thread parses, validates
+and pins the next chunk while the GPU scores this one). Each scored chunk is written as
 two Arrow IPC part files in the job's scratch folder (its error rows, then its output rows),
 each under a temporary name and renamed into place: the output part's rename commits the
 chunk. The same rows are appended to the output file being built, so finishing costs no
@@ -147,7 +147,7 @@ def _score_chunks(
     batch_size = ctx.batch_size(spec.batch_size)
     if batch_size < spec.batch_size:
         ctx.log(f"scoring in batches of {batch_size}: an earlier attempt ran out of GPU memory")
-    for chunk in _prefetch(spec, plan, device, progress.chunks):
+    for chunk in _chunks(spec, plan, device, progress.chunks):
         ctx.raise_if_cancelled()
         try:
             probabilities = _score(model, chunk.features, batch_size, device)
@@ -209,53 +209,55 @@ def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | No
     )
 
 
-def _prefetch(
-    spec: BatchPredictSpec, plan: Plan, device: torch.device, skip: int
-) -> Iterator[Chunk]:
-    """Chunks from `skip` on, parsed and validated one or two chunks ahead in a thread."""
+def _chunks(spec: BatchPredictSpec, plan: Plan, device: torch.device, skip: int) -> Iterator[Chunk]:
+    """Chunks from `skip` on, parsed and validated. On CUDA a reader thread prepares and
+    pins one or two chunks ahead while the GPU scores. On the CPU they are read in turn:
+    the forward pass keeps every core busy, and a reader thread beside it preempts one of
+    torch's threads, which the others then wait for (a job measured 15-20% slower so)."""
+    try:
+        if device.type == "cuda":
+            yield from _read_ahead(spec, plan, skip, pin=True)
+        else:
+            yield from _read(spec, plan, skip, pin=False)
+    except UnsupportedDataset as exc:
+        raise JobFailure(exc.message) from None
+
+
+def _read(spec: BatchPredictSpec, plan: Plan, skip: int, pin: bool) -> Iterator[Chunk]:
+    width = len(plan.config["feature_names"])
+    batches = datasets.iter_batches(plan.dataset_path, plan.dataset_format, spec.chunk_rows)
+    for index, batch in enumerate(batches):
+        if index >= skip:  # committed chunks are read past, not scored again
+            yield _prepare(index, batch, plan, width, pin)
+
+
+def _read_ahead(spec: BatchPredictSpec, plan: Plan, skip: int, pin: bool) -> Iterator[Chunk]:
+    """_read in a thread, _PREFETCH_CHUNKS chunks ahead of the consumer."""
     ready: queue.Queue[Chunk | BaseException | None] = queue.Queue(_PREFETCH_CHUNKS)
     stop = threading.Event()
-    reader = threading.Thread(
-        target=_read_ahead,
-        args=(spec, plan, device.type == "cuda", skip, ready, stop),
-        name="batch-reader",
-        daemon=True,
-    )
-    reader.start()
+
+    def reader() -> None:  # put prepared chunks, then None at the end (or the error)
+        try:
+            for chunk in _read(spec, plan, skip, pin):
+                if stop.is_set():
+                    return
+                ready.put(chunk)
+            ready.put(None)
+        except BaseException as exc:
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name="batch-reader", daemon=True)
+    thread.start()
     try:
         while (item := ready.get()) is not None:
-            if isinstance(item, UnsupportedDataset):
-                raise JobFailure(item.message)
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue
+        while thread.is_alive():  # unblock a reader waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)
-
-
-def _read_ahead(
-    spec: BatchPredictSpec,
-    plan: Plan,
-    pin: bool,
-    skip: int,
-    ready: queue.Queue[Chunk | BaseException | None],
-    stop: threading.Event,
-) -> None:
-    """The reader thread: put prepared chunks, then None at the end (or the error)."""
-    width = len(plan.config["feature_names"])
-    try:
-        batches = datasets.iter_batches(plan.dataset_path, plan.dataset_format, spec.chunk_rows)
-        for index, batch in enumerate(batches):
-            if stop.is_set():
-                return
-            if index >= skip:  # committed chunks are read past, not scored again
-                ready.put(_prepare(index, batch, plan, width, pin))
-        ready.put(None)
-    except BaseException as exc:
-        ready.put(exc)
 
 
 def _prepare(index: int, batch: pa.RecordBatch, plan: Plan, width: int, pin: bool) -> Chunk:
