@@ -10,7 +10,6 @@ Target: jobs/s with batching >= 5x jobs/s with batching off (KILN_PREDICT_BATCH_
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from inference_kit import WIDTH, Kiln
@@ -25,10 +24,7 @@ def _run(kiln: Kiln, jobs: int, **worker_env: str) -> tuple[float, int]:
     ]
     job_ids = kiln.insert("predict", specs)
     with kiln.worker(**worker_env):
-        started = time.perf_counter()
-        kiln.send(job_ids)
-        kiln.wait(job_ids)
-        elapsed = time.perf_counter() - started
+        elapsed = kiln.run(job_ids)
     leaders = [r for r in map(kiln.result, job_ids) if "batched_with" not in r]
     passes = sum(r.get("batch_passes", 1) for r in leaders)
     return elapsed, passes
