@@ -139,10 +139,10 @@ def test_out_of_gpu_memory_retries_at_half_the_batch_from_the_last_chunk(
     assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
-    runtime, sessions, tmp_path, monkeypatch
-):
+def _killed_at_chunk(runtime, sessions, tmp_path, monkeypatch, chunk: int):
+    """A 100-row job in chunks of 10 whose first attempt dies scoring chunk `chunk` (counted
+    from 1) and is re-queued; the model, the input, the job's id and the row counts every
+    _score call got, this attempt's and the next's."""
     model, _ = register_model(sessions, runtime.store, tmp_path)
     table = feature_table(100)
     dataset = _csv_dataset(runtime, sessions, tmp_path, table)
@@ -152,17 +152,25 @@ def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
     scored: list[int] = []
     real_score = batch._score
 
-    def score_then_die_at_chunk_4(model, features, batch_size, device):
+    def score_then_die(model, features, batch_size, device):
         scored.append(len(features))
-        if len(scored) == 4:
+        if len(scored) == chunk:
             raise Killed
         return real_score(model, features, batch_size, device)
 
-    monkeypatch.setattr(batch, "_score", score_then_die_at_chunk_4)
+    monkeypatch.setattr(batch, "_score", score_then_die)
     with pytest.raises(Killed):
         execute_attempt(runtime, job_id, 0, "w1", never_resent)
     with session_scope(sessions) as session:
         assert jobs.requeue(session, job_id, 1, "worker lost")
+    return model, table, job_id, scored
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
+    runtime, sessions, tmp_path, monkeypatch
+):
+    model, table, job_id, scored = _killed_at_chunk(runtime, sessions, tmp_path, monkeypatch, 4)
 
     execute_attempt(runtime, job_id, 1, "w2", never_resent)
 
@@ -183,28 +191,9 @@ def test_a_torn_part_is_scored_again_and_so_is_everything_after_it(
 ):
     """Parts are not fsynced: after a machine crash the last ones may be torn. The next
     attempt resumes at the first part that does not read back whole."""
-    model, _ = register_model(sessions, runtime.store, tmp_path)
-    table = feature_table(100)
-    dataset = _csv_dataset(runtime, sessions, tmp_path, table)
-    job_id = _job(
-        sessions, {"model": "m", "dataset": dataset, "chunk_rows": 10, "passthrough": ["id"]}
-    )
-    scored: list[int] = []
-    real_score = batch._score
-
-    def score_then_die_at_chunk_5(model, features, batch_size, device):
-        scored.append(len(features))
-        if len(scored) == 5:
-            raise Killed
-        return real_score(model, features, batch_size, device)
-
-    monkeypatch.setattr(batch, "_score", score_then_die_at_chunk_5)
-    with pytest.raises(Killed):
-        execute_attempt(runtime, job_id, 0, "w1", never_resent)
+    model, table, job_id, scored = _killed_at_chunk(runtime, sessions, tmp_path, monkeypatch, 5)
     part = runtime.settings.data_dir / "work" / job_id / "batch" / "out-000002.arrow"
     part.write_bytes(part.read_bytes()[:-20])  # the third of four committed parts, torn
-    with session_scope(sessions) as session:
-        assert jobs.requeue(session, job_id, 1, "worker lost")
 
     execute_attempt(runtime, job_id, 1, "w2", never_resent)
 
