@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +52,8 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
         version = registry.find_version(session, ctx.owner, spec.model, spec.version)
         config, digest, number = version.config, version.artifact_digest, version.number
     followers = _claim_followers(spec, ctx, wait=True)
-    try:
+    with _failing_with_it(ctx, followers):
         model, device = model_cache.load_version(ctx, digest, config)
-    except BaseException as exc:
-        _fail_followers(ctx, followers, f"the batch this job was scored in failed: {exc!r}")
-        raise
     score = functools.partial(_score_pass, ctx, model, device, config, spec.model, number)
     [own] = score([spec], followers)
     passes, jobs_scored = 1, 1 + len(followers)
@@ -82,13 +81,10 @@ def _score_pass(
 ) -> list[dict[str, Any] | JobFailure]:
     """One forward pass over the rows of `own` (the leader's spec, or none) and of the
     followers; records each follower's ending and returns the results of `own`."""
-    try:
+    with _failing_with_it(ctx, followers):
         inputs = [_features_or_error(s.inputs, config, device) for s in [*own, *_specs(followers)]]
         good = [m for m in inputs if isinstance(m, np.ndarray)]
         predictions = _predict(model, np.concatenate(good), device, config) if good else []
-    except BaseException as exc:
-        _fail_followers(ctx, followers, f"the batch this job was scored in failed: {exc!r}")
-        raise
     results = _split(inputs, predictions, model_name, number)
     _finish_followers(ctx, followers, results[len(own) :])
     return results[: len(own)]
@@ -233,10 +229,18 @@ def _finish_followers(
                 jobs.succeed(session, follower.job_id, follower.attempt, result)
 
 
-def _fail_followers(ctx: RunContext, followers: list[Follower], message: str) -> None:
-    with session_scope(ctx.runtime.sessions) as session:
-        for follower in followers:
-            jobs.fail(session, follower.job_id, follower.attempt, "BatchFailed", message)
+@contextmanager
+def _failing_with_it(ctx: RunContext, followers: list[Follower]) -> Iterator[None]:
+    """Fail the claimed followers with whatever escapes the block, then let it propagate:
+    this job claimed them, so no other attempt will finish them."""
+    try:
+        yield
+    except BaseException as exc:
+        message = f"the batch this job was scored in failed: {exc!r}"
+        with session_scope(ctx.runtime.sessions) as session:
+            for follower in followers:
+                jobs.fail(session, follower.job_id, follower.attempt, "BatchFailed", message)
+        raise
 
 
 def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
