@@ -202,9 +202,7 @@ def test_a_valid_form_queues_the_job_and_sends_it(
         "optimizer": "sgd",
         "priority": "4",
     }
-    response = as_alice.post("/jobs/new/train", data=form)
-    assert response.status_code == 302
-    job_id = response.headers["Location"].rsplit("/", 1)[1]
+    job_id = _submitted(as_alice, "/jobs/new/train", form)
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -214,6 +212,13 @@ def test_a_valid_form_queues_the_job_and_sends_it(
         assert (job.spec["epochs"], job.spec["optimizer"], job.spec["lr"]) == (3, "sgd", 0.003)
         assert job.sent_at is not None  # sent as POST /api/v1/jobs sends it
     assert [s[0] for s in sent] == [job_id]
+
+
+def _submitted(client: FlaskClient, path: str, form: dict[str, str]) -> str:
+    """Post a job form that must be accepted; the id of the job it redirects to."""
+    response = client.post(path, data=form)
+    assert response.status_code == 302
+    return response.headers["Location"].rsplit("/", 1)[1]
 
 
 def _field_block(page: str, name: str) -> str:
@@ -274,9 +279,7 @@ def test_only_the_chosen_architectures_params_are_read(
         "arch_params.kernel_size": "5",
         "arch_params.dropout": "0.2",
     }
-    response = as_alice.post("/jobs/new/train", data=form)
-    assert response.status_code == 302
-    job_id = response.headers["Location"].rsplit("/", 1)[1]
+    job_id = _submitted(as_alice, "/jobs/new/train", form)
     with sessions() as session:
         spec = session.get(Job, job_id).spec  # type: ignore[union-attr]
     assert spec["arch_params"] == {
