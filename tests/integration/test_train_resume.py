@@ -115,7 +115,9 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint_on_attempt_2(
         "model_name": "digits",
         "dataset": "builtin:digits",
         "arch_params": {"hidden": [256, 128]},
-        "epochs": 12,
+        # Long enough (seconds, on a fast machine) that the kill lands mid-training: the
+        # first metrics reach the database only after the 0.5 s flush interval.
+        "epochs": 100,
         "batch_size": 16,
         "device": "cpu",
     }

@@ -1,4 +1,5 @@
-"""Checkpoint files: safetensors plus JSON metadata, written atomically, optimizer round trip."""
+"""Checkpoint files: safetensors plus JSON metadata in two slots, torn slots detected,
+optimizer round trip."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import torch
 from workers.ml import checkpoint as ckpt
 
 
-def _saved(tmp_path: Path, value: float) -> Path:
-    path = tmp_path / ckpt.FILENAME
-    checkpoint = ckpt.Checkpoint(
-        tensors={"model": {"w": torch.full((2, 2), value)}}, info={"position": {"epoch": value}}
+def _checkpoint(value: float, sequence: int) -> ckpt.Checkpoint:
+    return ckpt.Checkpoint(
+        tensors={"model": {"w": torch.full((2, 2), value)}},
+        info={"position": {"epoch": value}},
+        sequence=sequence,
     )
-    ckpt.save(checkpoint, path)
+
+
+def _saved(folder: Path, value: float, sequence: int = 1) -> Path:
+    folder.mkdir(exist_ok=True)
+    path = folder / ckpt.FILENAME
+    ckpt.save(_checkpoint(value, sequence), path)
     return path
 
 
@@ -25,26 +32,71 @@ def test_round_trip_keeps_tensors_by_part_and_the_json(tmp_path: Path) -> None:
     loaded = ckpt.load(path)
     assert torch.equal(loaded.tensors["model"]["w"], torch.full((2, 2), 3.0))
     assert loaded.info == {"position": {"epoch": 3.0}}
-    assert [p.name for p in tmp_path.iterdir()] == [ckpt.FILENAME]  # no temp file left
+    assert loaded.sequence == 1
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.slots(path)[1].name]
 
 
-def test_a_crash_while_writing_keeps_the_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = _saved(tmp_path, 1.0)
+def test_saves_alternate_between_two_slots_and_the_newest_is_loaded(tmp_path: Path) -> None:
+    for sequence in (1, 2, 3):
+        path = _saved(tmp_path, float(sequence), sequence)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s.name for s in ckpt.slots(path)]
+    assert ckpt.load(path).info["position"]["epoch"] == 3.0
 
-    def die_half_way(snapshot: ckpt.Snapshot, partial: Path) -> None:
-        partial.write_bytes(snapshot.header[:10])
-        raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_write_file", die_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        _saved(tmp_path, 2.0)
+def test_a_slot_that_held_a_longer_checkpoint_is_trimmed(tmp_path: Path) -> None:
+    path = tmp_path / ckpt.FILENAME
+    ckpt.save(ckpt.Checkpoint({"model": {"w": torch.zeros(1000)}}, {"n": 1}, sequence=1), path)
+    ckpt.save(_checkpoint(7.0, 3), path)  # slot 1 again, far smaller
+    assert torch.equal(ckpt.load(path).tensors["model"]["w"], torch.full((2, 2), 7.0))
+    assert safetensors.torch.load_file(str(ckpt.slots(path)[1])).keys() == {"model/w"}
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = _saved(tmp_path, 1.0, sequence=1)
+    _saved(tmp_path, 2.0, sequence=2)
+    whole = _saved(tmp_path / "elsewhere", 3.0, sequence=3)  # what save 3 would write
+    torn = ckpt.slots(whole)[1].read_bytes()[:-5]  # a crash cut it short
+    ckpt.slots(path)[1].write_bytes(torn)
+    assert ckpt.load(path).info["position"]["epoch"] == 2.0
+
+
+def test_a_torn_slot_fails_its_crc_and_the_other_slot_is_used(tmp_path: Path) -> None:
+    path = _saved(tmp_path, 1.0, sequence=1)
+    _saved(tmp_path, 2.0, sequence=2)
+    newest = ckpt.slots(path)[0]
+    raw = bytearray(newest.read_bytes())
+    raw[-1] ^= 0xFF  # same length, header intact: only the CRC can tell
+    newest.write_bytes(bytes(raw))
     assert ckpt.load(path).info["position"]["epoch"] == 1.0
 
 
-def test_the_file_is_plain_safetensors(tmp_path: Path) -> None:
-    tensors = safetensors.torch.load_file(str(_saved(tmp_path, 5.0)))
+def test_with_every_slot_torn_load_says_so(tmp_path: Path) -> None:
+    path = _saved(tmp_path, 1.0)
+    ckpt.slots(path)[1].write_bytes(b"\x10\x00")
+    loaded, reason = ckpt.load_or_none(path)
+    assert loaded is None
+    assert reason is not None
+    assert reason.startswith("CheckpointError")
+    with pytest.raises(FileNotFoundError):
+        ckpt.load(tmp_path / "none")
+
+
+def test_a_writer_resumed_from_save_n_writes_n_plus_1_into_the_other_slot(
+    tmp_path: Path,
+) -> None:
+    path = _saved(tmp_path, 1.0, sequence=5)
+    writer = ckpt.BackgroundWriter(path, after=ckpt.load(path).sequence)
+    writer.submit(_checkpoint(2.0, 0))
+    writer.close()
+    assert ckpt.load(path).sequence == 6
+    assert ckpt.slots(path)[1].exists()  # save 5 is still there
+    ckpt.remove(path)
+    assert not ckpt.exists(path)
+
+
+def test_the_slots_are_plain_safetensors(tmp_path: Path) -> None:
+    path = _saved(tmp_path, 5.0)
+    tensors = safetensors.torch.load_file(str(ckpt.slots(path)[1]))
     assert set(tensors) == {"model/w"}
 
 
@@ -64,7 +116,7 @@ def test_every_dtype_and_shape_a_checkpoint_holds_reads_back_through_safetensors
     }
     path = tmp_path / ckpt.FILENAME
     ckpt.save(ckpt.Checkpoint(tensors={"part": tensors}, info={"note": "x"}), path)
-    loaded = safetensors.torch.load_file(str(path))
+    loaded = safetensors.torch.load_file(str(ckpt.slots(path)[0]))
     for name, tensor in tensors.items():
         assert loaded[f"part/{name}"].dtype == tensor.dtype
         assert torch.equal(loaded[f"part/{name}"], tensor), name

@@ -115,7 +115,7 @@ def test_train_job_stores_series_and_registers_one_version(
         version = session.scalar(select(ModelVersion).where(ModelVersion.source_job_id == job.id))
         assert version is not None
         assert version.config["task"] == "classification"
-    assert not (settings.data_dir / "work" / job.id / ckpt.FILENAME).exists()
+    assert not ckpt.exists(settings.data_dir / "work" / job.id / ckpt.FILENAME)
 
 
 def test_same_seed_same_metrics_through_the_runner(run_job: Callable[..., Job]) -> None:
@@ -166,7 +166,7 @@ def test_cancelled_job_keeps_its_checkpoint_and_a_new_job_resumes_from_it(
         first = run_job(spec)
     assert first.state == "cancelled"
     assert _series(sessions, first.id)["val_loss"] == [1, 2]  # stopped within a step
-    assert (settings.data_dir / "work" / first.id / ckpt.FILENAME).exists()
+    assert ckpt.exists(settings.data_dir / "work" / first.id / ckpt.FILENAME)
 
     second = run_job({**spec, "resume_from": first.id})
     assert second.state == "succeeded", second.error_message

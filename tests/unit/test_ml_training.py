@@ -12,7 +12,15 @@ import torch
 
 from workers.ml import bundle, data
 from workers.ml import checkpoint as ckpt
-from workers.ml.training import FitResult, Hooks, LoopConfig, autocast_dtype, fit, macro_f1
+from workers.ml.training import (
+    FitResult,
+    Hooks,
+    LoopConfig,
+    autocast_dtype,
+    evaluate,
+    fit,
+    macro_f1,
+)
 
 CPU = torch.device("cpu")
 
@@ -61,6 +69,14 @@ def _train(config: LoopConfig, hooks: Hooks = NO_HOOKS, **kwargs: object) -> Fit
 
 
 BASE = LoopConfig(epochs=4, batch_size=32, lr=3e-3, optimizer="adam", seed=3)
+
+
+def test_the_result_metrics_are_the_final_weights_on_the_validation_rows() -> None:
+    train, val = _digits()
+    model = _model(train)
+    result = fit(model, train, val, BASE, CPU)
+    assert result.metrics == evaluate(model, val, CPU, BASE)
+    assert set(result.metrics) == {"val_loss", "val_accuracy", "val_f1"}
 
 
 def test_same_seed_gives_the_same_metrics_and_another_seed_does_not() -> None:
@@ -163,7 +179,9 @@ def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:
     train, val = data.split(table, 0.3, seed=0)
     logs: list[str] = []
     config = LoopConfig(50, 16, 1e-2, "adam", 0, patience=2, monitor="val_accuracy")
-    result = fit(_model(train), train, val, config, CPU, Hooks(log=logs.append))
+    model = _model(train)
+    result = fit(model, train, val, config, CPU, Hooks(log=logs.append))
+    assert result.metrics == evaluate(model, val, CPU, config)  # the weights it returns
     assert result.stopped_early
     assert result.epochs_run < 50
     assert any("early stopping" in line for line in logs)

@@ -168,7 +168,8 @@ class Trainer:
         self.optimizer = make_optimizer(config, model)
         self.schedule = make_schedule(config, self.optimizer)
         self.dtype = autocast_dtype(config.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        #: Loss scaling, for fp16 only (bf16 has fp32's range).
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.position = Position()
         self.best_state: dict[str, torch.Tensor] | None = None
         #: Each finished epoch's metrics, kept in checkpoints so a resumed job can restore
@@ -202,13 +203,21 @@ class Trainer:
         with self.autocast():
             loss = self.loss(self.net(self.x[rows]), self.y[rows])
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler is None:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return float(loss.item())
+
+    def _clip(self) -> None:
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -225,7 +234,7 @@ class Trainer:
             "position": asdict(self.position),
             "optim": optim_rest,
             "schedule": self.schedule.state_dict() if self.schedule else None,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "key": config_key,
             "history": self.history,
         }
@@ -238,7 +247,7 @@ class Trainer:
         )
         if self.schedule is not None and saved.info["schedule"] is not None:
             self.schedule.load_state_dict(saved.info["schedule"])
-        if self.scaler.is_enabled() and saved.info["scaler"] is not None:
+        if self.scaler is not None and saved.info["scaler"] is not None:
             self.scaler.load_state_dict(saved.info["scaler"])
         rng = saved.tensors["rng"]
         torch.set_rng_state(rng["torch"])
@@ -269,19 +278,20 @@ def fit(
     if resume is not None:
         trainer.restore(resume)
     resumed = copy.copy(trainer.position) if resume is not None else None
-    writes = checkpoint is not None and (group is None or group.rank == 0)
     key = config_key or {}
-    writer = ckpt.BackgroundWriter()
+    writer = None
+    if checkpoint is not None and (group is None or group.rank == 0):
+        writer = ckpt.BackgroundWriter(checkpoint, after=resume.sequence if resume else 0)
 
     def save_now() -> None:
-        if writes and checkpoint is not None:
-            writer.submit(trainer.state(key), checkpoint)
+        if writer is not None:
+            writer.submit(trainer.state(key))
 
     history, position = trainer.history, trainer.position
     try:
         while not position.finished and position.epoch <= config.epochs:
             epoch = position.epoch
-            _train_epoch(trainer, hooks, save_now if writes else None)
+            _train_epoch(trainer, hooks, save_now if writer is not None else None)
             metrics = _end_epoch(trainer, val, group)
             history.append(metrics)
             hooks.epoch(epoch, metrics)
@@ -294,10 +304,14 @@ def fit(
                 )
             save_now()
     finally:
-        writer.close()  # a checkpoint in flight is complete before anyone reads it
+        if writer is not None:
+            writer.close()  # a checkpoint in flight is complete before anyone reads it
+    final = history[-1]  # epochs >= 1: a run, or the checkpoint it resumed from, has one
     if config.patience is not None and trainer.best_state is not None:
         model.load_state_dict(trainer.best_state)
-    metrics = evaluate(model, val, device, config)
+        final = history[position.best_epoch - 1]
+    # The epoch's validation pass already evaluated these very weights: no second pass.
+    metrics = {name: value for name, value in final.items() if name.startswith("val_")}
     return FitResult(metrics, position.epoch - 1, position.stopped_early, resumed, history)
 
 

@@ -151,7 +151,7 @@ def _register(
         )
         number = version.number
     # The version is registered: the checkpoint has served its purpose.
-    checkpoint.unlink(missing_ok=True)
+    ckpt.remove(checkpoint)
     resumed = result.resumed_from
     return {
         "model": spec.model_name,
@@ -281,7 +281,7 @@ def _load_resume(
 
 def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
     """This job's own checkpoint (an earlier attempt died), else resume_from's, else None."""
-    if own.exists():
+    if ckpt.exists(own):
         return own
     if spec.resume_from is None:
         return None
@@ -293,7 +293,7 @@ def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
     if state in (JobState.QUEUED, JobState.RUNNING):
         raise JobFailure(f"cannot resume from job {spec.resume_from}: it is still {state}")
     path = ctx.runtime.settings.data_dir / "work" / spec.resume_from / ckpt.FILENAME
-    if not path.exists():
+    if not ckpt.exists(path):
         raise JobFailure(
             f"cannot resume: job {spec.resume_from} left no checkpoint "
             "(a job that succeeded drops its checkpoint once its model is registered)"
