@@ -15,6 +15,7 @@ machine crash a torn slot fails its CRC and the other slot, or a fresh start, is
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,8 +127,9 @@ def _write(snapshot: Snapshot, path: Path) -> None:
     }
     header = json.dumps({"__metadata__": metadata, **snapshot.layout}).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
-    slot = slots(path)[snapshot.sequence % 2]
-    with slot.open("r+b" if slot.exists() else "wb") as file:  # never truncate: see above
+    # O_CREAT without O_TRUNC: an existing slot is overwritten in place (see above).
+    descriptor = os.open(slots(path)[snapshot.sequence % 2], os.O_WRONLY | os.O_CREAT, 0o644)
+    with open(descriptor, "wb") as file:
         file.write(len(header).to_bytes(8, "little"))
         file.write(header)
         file.write(data)
