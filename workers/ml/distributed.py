@@ -7,6 +7,7 @@ stop flag each step through an all-reduce, so all ranks stop at the same step.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import queue
@@ -170,6 +171,10 @@ def _rank_main(rank: int, world: int, job: Job, events: Any, stop: Any) -> None:
         events.put(("log", f"rank {rank} failed: {traceback.format_exc(limit=5)}"))
         raise
     finally:
+        # Free the DDP wrapper (held in reference cycles) while the interpreter is whole:
+        # freed at exit instead, gloo's threads abort the rank (SIGABRT) about one run in
+        # ten when its peer is still in the group.
+        gc.collect()
         dist.destroy_process_group()
 
 
