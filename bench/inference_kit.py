@@ -70,8 +70,10 @@ class Kiln:
         """Remove the installation's files (datasets, outputs, database)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def register_model(self, name: str = "bench") -> torch.nn.Module:
-        torch.manual_seed(0)
+    def register_model(self, name: str = "bench", seed: int = 0) -> torch.nn.Module:
+        """A new version of model `name`; versions of different seeds have different weights
+        (and digests), so a worker loads each anew rather than from its model cache."""
+        torch.manual_seed(seed)
         model = bundle.build(CONFIG).eval()
         path = self.folder / "weights.safetensors"
         bundle.save(model, CONFIG, path)

@@ -8,7 +8,9 @@ from celery import signals
 from kiln import logs
 from kiln.broker import make_celery
 from kiln.settings import Settings
+from workers import malloc
 
+malloc.configure()  # before pyarrow is imported (below) and the pool forks
 settings = Settings()
 celery = make_celery(settings)
 

@@ -1,0 +1,92 @@
+"""The worker's malloc setting: memory freed after one batch is reused by the next, not
+returned to the kernel and faulted in again page by page."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers import malloc
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+# In a fresh interpreter: ten "batches" that each allocate, touch and free the blocks of a
+# forward pass (a 2 MiB chunk of features, two 4 MiB activations, 160 KiB of outputs);
+# prints the page faults they caused after a first batch had warmed the heap.
+_PROBE = """
+import ctypes, resource, sys
+from workers import malloc
+if sys.argv[1] == "tuned":
+    assert malloc.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZES = (2 << 20, 4 << 20, 4 << 20, 160 << 10)
+
+def batch():
+    blocks = [libc.malloc(size) for size in SIZES]
+    for block, size in zip(blocks, SIZES):
+        ctypes.memset(block, 1, size)
+    for block in reversed(blocks):
+        libc.free(block)
+
+batch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    batch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(mode: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_a_tuned_process_reuses_freed_batch_memory_without_page_faults() -> None:
+    default, tuned = _page_faults("default"), _page_faults("tuned")
+    assert default > 10 * 1000  # glibc's own thresholds: each batch faults its 10 MiB in again
+    assert tuned < 100
+
+
+def test_thresholds_are_within_what_glibc_accepts() -> None:
+    assert malloc.MMAP_THRESHOLD <= 32 * 2**20 < malloc.TRIM_THRESHOLD
+
+
+_ARROW_PROBE = """
+import sys
+from workers import malloc
+if sys.argv[1] == "tuned":
+    malloc.configure()
+import pyarrow as pa
+buffer = pa.allocate_buffer(8 << 20)
+print(sum(line.startswith("VmFlags") and " hg" in line for line in open("/proc/self/smaps")))
+"""
+
+
+def _huge_page_mappings(mode: str) -> int:
+    """Mappings advised for transparent huge pages (VmFlags "hg") once Arrow has allocated."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ARROW_PROBE, mode],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_arrow_takes_no_huge_pages_in_a_configured_process() -> None:
+    assert _huge_page_mappings("tuned") == 0
+    if _huge_page_mappings("default") == 0:
+        pytest.skip("this pyarrow's allocator does not ask for huge pages anyway")
