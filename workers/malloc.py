@@ -10,9 +10,10 @@ in anew each time. Fixed thresholds end it: blocks up to 32 MiB come from the he
 is trimmed only past 128 MiB free, so what one batch (or job) frees the next one reuses.
 
 Arrow's allocator (mimalloc) asks for transparent huge pages for its 1 GiB arena, and a
-fresh process faults them in as Parquet pages are read; on the 2-core VM we measure on, a
-2 MiB fault often cost milliseconds (the host backing the page), so a fresh worker's first
-batch job ran 20% slower than with 4 KiB pages, and later jobs were no faster with huge pages.
+fresh process faults them in as Parquet pages are read. On the 2-core VM we measure on, a
+2 MiB fault often cost milliseconds (most likely the host backing the page), so a fresh
+worker's first batch job ran 20% slower than with 4 KiB pages; later jobs were no faster
+with huge pages.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The worker's malloc setting: memory freed after one batch is reused by the next, not
-returned to the kernel and faulted in again page by page."""
+"""A worker process's allocator settings: memory freed after one batch is reused by the next,
+not returned to the kernel and faulted in again page by page, and Arrow's allocator asks for
+no transparent huge pages."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from workers import malloc
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
@@ -57,10 +56,6 @@ def test_a_tuned_process_reuses_freed_batch_memory_without_page_faults() -> None
     default, tuned = _page_faults("default"), _page_faults("tuned")
     assert default > 10 * 1000  # glibc's own thresholds: each batch faults its 10 MiB in again
     assert tuned < 100
-
-
-def test_thresholds_are_within_what_glibc_accepts() -> None:
-    assert malloc.MMAP_THRESHOLD <= 32 * 2**20 < malloc.TRIM_THRESHOLD
 
 
 _ARROW_PROBE = """
