@@ -92,7 +92,9 @@ def test_train_watch_promote_score_cancel_and_schedule(
     _shoot(page, "new-training-form")
     page.fill("#f-model_name", "blobs-mlp")
     page.select_option("#f-dataset", label="blobs (2000 rows)")
-    page.fill("#f-epochs", "15")
+    # Long enough that the page, polling every 2 s, sees the job running with points (15
+    # epochs once finished within the first poll on a fast machine).
+    page.fill("#f-epochs", "300")
     page.fill("#f-batch_size", "16")
     page.click("button:has-text('Submit job')")
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
@@ -115,7 +117,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     # Resubmit opens the form filled with this job's spec; a shorter run makes version 2.
     page.click("text=Resubmit…")
     expect(page.locator("#f-model_name")).to_have_value("blobs-mlp")
-    expect(page.locator("#f-epochs")).to_have_value("15")
+    expect(page.locator("#f-epochs")).to_have_value("300")
     page.fill("#f-epochs", "4")
     page.click("button:has-text('Submit job')")
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
