@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # In a fresh interpreter: ten "batches" that each allocate, touch and free the blocks of a
 # forward pass (a 2 MiB chunk of features, two 4 MiB activations, 160 KiB of outputs);
 # prints the page faults they caused after a first batch had warmed the heap.
-_PROBE = """
+_BATCH_PROBE = """
 import ctypes, resource, sys
 from workers import malloc
 if sys.argv[1] == "tuned":
@@ -41,9 +41,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _page_faults(mode: str) -> int:
+def _run_probe(probe: str, mode: str) -> int:
+    """Run `probe` in a fresh interpreter from the repository root; the number it prints."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode],
+        [sys.executable, "-c", probe, mode],
         cwd=Path(__file__).parents[2],
         capture_output=True,
         text=True,
@@ -53,11 +54,13 @@ def _page_faults(mode: str) -> int:
 
 
 def test_a_tuned_process_reuses_freed_batch_memory_without_page_faults() -> None:
-    default, tuned = _page_faults("default"), _page_faults("tuned")
+    default, tuned = _run_probe(_BATCH_PROBE, "default"), _run_probe(_BATCH_PROBE, "tuned")
     assert default > 10 * 1000  # glibc's own thresholds: each batch faults its 10 MiB in again
     assert tuned < 100
 
 
+# Prints how many mappings are advised for transparent huge pages (VmFlags "hg") once Arrow
+# has allocated.
 _ARROW_PROBE = """
 import sys
 from workers import malloc
@@ -69,19 +72,7 @@ print(sum(line.startswith("VmFlags") and " hg" in line for line in open("/proc/s
 """
 
 
-def _huge_page_mappings(mode: str) -> int:
-    """Mappings advised for transparent huge pages (VmFlags "hg") once Arrow has allocated."""
-    done = subprocess.run(
-        [sys.executable, "-c", _ARROW_PROBE, mode],
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout)
-
-
 def test_arrow_takes_no_huge_pages_in_a_configured_process() -> None:
-    assert _huge_page_mappings("tuned") == 0
-    if _huge_page_mappings("default") == 0:
+    assert _run_probe(_ARROW_PROBE, "tuned") == 0
+    if _run_probe(_ARROW_PROBE, "default") == 0:
         pytest.skip("this pyarrow's allocator does not ask for huge pages anyway")
