@@ -10,7 +10,8 @@ data split, optimizer, schedule, batch size, thread count, and a validation pass
 
 Prints seconds per epoch for each side and the ratio (target: at most 1.10), two ways:
 - the whole job divided by its epochs: the best of the interleaved repeats (least
-  disturbed by other processes on a shared machine), the median, and process CPU time;
+  disturbed by other processes on a shared machine), the median, process CPU time, and
+  the median of the repeats' own ratios (paired: each repeat runs both sides back to back);
 - marginal: from the best runs of --base-epochs and of --epochs epochs, what each further
   epoch costs (the slope) and what a job costs once, whatever its length (the intercept:
   for Kiln the claim, registration, and their commits and fsyncs).
@@ -172,6 +173,13 @@ def main() -> None:
             f"{label:>12}: plain {p * 1000:7.1f} ms/epoch  Kiln {k * 1000:7.1f} ms/epoch  "
             f"ratio {k / p:.3f}"
         )
+    # Each repeat ran the two sides back to back, so a ratio within a repeat cancels the
+    # machine's slower and faster spells, which the ratios of bests and medians do not.
+    paired = sorted(k[0] / p[0] for p, k in zip(plain, kiln, strict=True))
+    print(
+        f"{'paired':>12}: median of the {len(paired)} repeats' ratios "
+        f"{statistics.median(paired):.3f}  (lowest {paired[0]:.3f}, highest {paired[-1]:.3f})"
+    )
     slope, intercept = {}, {}
     for side in ("plain", "kiln"):
         short, full = (min(t[0] for t in runs[side, n]) * n for n in lengths)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -279,7 +279,16 @@ def find_idempotent(session: Session, owner: str, key: str) -> Job | None:
 
 
 def log(session: Session, job_id: str, message: str, level: str = "info") -> None:
-    session.add(JobEvent(job_id=job_id, message=message, level=level, at=utcnow()))
+    log_lines(session, job_id, [(message, level)])
+
+
+def log_lines(session: Session, job_id: str, lines: list[tuple[str, str]]) -> None:
+    """Append (message, level) lines to the job's log in one INSERT: through the ORM,
+    SQLite would take one statement per line to hand back each row's id."""
+    if lines:
+        at = utcnow()
+        rows = [{"job_id": job_id, "message": m, "level": lvl, "at": at} for m, lvl in lines]
+        session.execute(insert(JobEvent), rows)
 
 
 def record_metric(session: Session, job_id: str, name: str, step: int, value: float) -> None:

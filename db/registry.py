@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
-from db.models import Dataset, Job, Model, ModelVersion
+from db.models import Dataset, Model, ModelVersion
 from kiln.errors import InUse, InvalidRequest, NotFound
 
 #: An alias starts with a letter, so it can never be mistaken for a version number.
@@ -69,36 +69,31 @@ def register_version(
 ) -> ModelVersion:
     """Add the next version of `name` (creating the model). A job registers at most one
     version: if `source_job_id` already has one (a redelivered job), that one is returned.
-
-    Without an explicit `lineage`, a job's version records the job's kind and spec, so the
-    version stays reproducible (dataset, target, split seed) even after the job is gone.
-    """
+    `lineage` says where the weights came from (see ModelVersion.lineage)."""
     if source_job_id is not None:
+        # The id alone: loading no entity keeps the common case (none yet) cheap.
         existing = session.scalar(
-            select(ModelVersion).where(ModelVersion.source_job_id == source_job_id)
+            select(ModelVersion.id).where(ModelVersion.source_job_id == source_job_id)
         )
         if existing is not None:
-            return existing
-        if lineage is None:
-            job = session.get(Job, source_job_id)
-            if job is not None:
-                lineage = {"origin": job.kind, "spec": job.spec}
-    model = session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
-    if model is None:
-        model = Model(owner=owner, name=name, aliases={}, last_number=0, created_at=utcnow())
-        session.add(model)
-        session.flush()
+            return session.get_one(ModelVersion, existing)
     # One atomic increment: two versions registered at once get different numbers, and a
     # deleted version's number is never given out again.
-    number = session.execute(
+    increment = (
         update(Model)
-        .where(Model.id == model.id)
+        .where(Model.owner == owner, Model.name == name)
         .values(last_number=Model.last_number + 1)
-        .returning(Model.last_number),
-        execution_options={"synchronize_session": False},
-    ).scalar_one()
+        .returning(Model.id, Model.last_number)
+    )
+    options = {"synchronize_session": False}
+    row = session.execute(increment, execution_options=options).one_or_none()
+    if row is None:  # the model's first version
+        session.add(Model(owner=owner, name=name, aliases={}, last_number=0, created_at=utcnow()))
+        session.flush()
+        row = session.execute(increment, execution_options=options).one()
+    model_id, number = row
     version = ModelVersion(
-        model_id=model.id,
+        model_id=model_id,
         number=number,
         source_job_id=source_job_id,
         arch=arch,
@@ -113,7 +108,6 @@ def register_version(
     )
     session.add(version)
     session.flush()
-    session.expire(model, ["last_number"])
     return version
 
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from sqlalchemy.orm import Session
 
 from db import jobs
 from db.engine import session_scope
 from workers.reconcile import time_limit_reason
 from workers.runtime import Runtime
 
-#: Progress and cancellation checks reach the database at most this often.
+#: What a runner reports (progress, log lines, metric points) reaches the database in one
+#: transaction at most this often, which also reads the cancellation flag; what is still
+#: pending when the attempt ends goes in with its final state.
 _THROTTLE_S = 0.5
 
 
@@ -67,27 +72,66 @@ class RunContext:
     oom_retries: int = 0
     #: time.monotonic() past which the soft time limit raises JobTimeout; None: no limit.
     deadline: float | None = None
-    _last_progress: float = field(default=0.0, repr=False)
-    _last_cancel_check: float = field(default=0.0, repr=False)
+    _next_sync: float = field(default=0.0, repr=False)
+    _progress: tuple[float, str] | None = field(default=None, repr=False)
+    _lines: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    _points: list[tuple[str, int, float]] = field(default_factory=list, repr=False)
+    _cancel_requested: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The claim has just written the job's progress and found no cancel request.
+        self._next_sync = time.monotonic() + _THROTTLE_S
 
     def progress(self, fraction: float, message: str = "", *, force: bool = False) -> None:
-        """Report progress (0..1) and a status line; throttled unless `force`."""
-        now = time.monotonic()
-        if not force and now - self._last_progress < _THROTTLE_S:
-            return
-        self._last_progress = now
+        """Report progress (0..1) and a status line; written with the next sync, or at
+        once if `force`."""
+        self._progress = (fraction, message)
+        if force or self.sync_due():
+            self.sync()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._lines.append((message, level))
+        if self.sync_due():
+            self.sync()
+
+    def metrics(self, points: list[tuple[str, int, float]]) -> None:
+        """Record metric points (name, step, value); a step reported again overwrites."""
+        self._points += points
+        if self.sync_due():
+            self.sync()
+
+    def sync_due(self) -> bool:
+        """Whether the next report is written at once (a runner may then spend time on
+        a better status line)."""
+        return time.monotonic() >= self._next_sync
+
+    def sync(self) -> None:
+        """Write what is pending and read the cancellation flag, in one transaction."""
+        progress, self._progress = self._progress, None
         with session_scope(self.runtime.sessions) as session:
-            held = jobs.report_progress(session, self.job_id, self.attempt, fraction, message)
+            self._write_reports(session)
+            held = progress is None or jobs.report_progress(
+                session, self.job_id, self.attempt, progress[0], progress[1]
+            )
+            self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
+        self._next_sync = time.monotonic() + _THROTTLE_S
         if not held:
             raise ClaimLost(self.job_id)
 
-    def metric(self, name: str, step: int, value: float) -> None:
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session for the runner's own writes (and for recording how the attempt
+        ended) that carries the reports still pending: they land with it or not at all."""
         with session_scope(self.runtime.sessions) as session:
-            jobs.record_metric(session, self.job_id, name, step, float(value))
+            self._write_reports(session)
+            yield session
 
-    def log(self, message: str, level: str = "info") -> None:
-        with session_scope(self.runtime.sessions) as session:
-            jobs.log(session, self.job_id, message, level)
+    def _write_reports(self, session: Session) -> None:
+        # Taken out first: reports a failed transaction could not write are dropped rather
+        # than fail every later one (the attempt ends on that error anyway).
+        lines, points, self._lines, self._points = self._lines, self._points, [], []
+        jobs.record_metrics(session, self.job_id, points)
+        jobs.log_lines(session, self.job_id, lines)
 
     def batch_size(self, requested: int) -> int:
         """The batch size for this attempt: halved once per earlier out-of-memory attempt."""
@@ -105,15 +149,11 @@ class RunContext:
         if SHUTDOWN.is_set():
             raise WorkerShutdown(self.job_id)
         now = time.monotonic()
-        limit = self.runtime.settings.job_time_limit_s
-        if self.deadline is not None and limit is not None and now >= self.deadline:
-            raise JobTimeout(limit)
-        if now - self._last_cancel_check < _THROTTLE_S:
-            return
-        self._last_cancel_check = now
-        with session_scope(self.runtime.sessions) as session:
-            cancelled = jobs.is_cancel_requested(session, self.job_id)
-        if cancelled:
+        if self.deadline is not None and now >= self.deadline:
+            raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0)
+        if now >= self._next_sync:
+            self.sync()
+        if self._cancel_requested:
             raise JobCancelled(self.job_id)
 
     @property

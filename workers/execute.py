@@ -109,11 +109,11 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
-    sessions, job_id, attempt = ctx.runtime.sessions, ctx.job_id, ctx.attempt
+    job_id, attempt = ctx.job_id, ctx.attempt
     try:
         result = RUNNERS[kind](spec, ctx)
     except JobCancelled:
-        with session_scope(sessions) as session:
+        with ctx.transaction() as session:
             jobs.mark_cancelled(session, job_id, attempt)
         log.info("job=%s attempt=%d event=cancelled", job_id, attempt)
     except ClaimLost:
@@ -132,7 +132,7 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
             log.exception("job=%s attempt=%d event=crashed", job_id, attempt)
             _fail(ctx, type(exc).__name__, str(exc) or repr(exc))
     else:
-        with session_scope(sessions) as session:
+        with ctx.transaction() as session:
             jobs.succeed(session, job_id, attempt, result)
         log.info("job=%s attempt=%d event=succeeded", job_id, attempt)
 
@@ -176,7 +176,7 @@ def _requeue(
     """Put the attempt back in the queue and send its message; if sending fails the job
     stays queued in the database and the reconciler sends it."""
     try:
-        with session_scope(ctx.runtime.sessions) as session:
+        with ctx.transaction() as session:
             if not jobs.requeue(
                 session, ctx.job_id, ctx.attempt, reason, graceful=graceful, oom=oom
             ):
@@ -195,7 +195,7 @@ def _requeue(
 
 
 def _fail(ctx: RunContext, error_type: str, message: str) -> None:
-    with session_scope(ctx.runtime.sessions) as session:
+    with ctx.transaction() as session:
         jobs.fail(session, ctx.job_id, ctx.attempt, error_type, message)
         jobs.log(session, ctx.job_id, f"failed: {message}", "error")
     log.info("job=%s attempt=%d event=failed error=%s", ctx.job_id, ctx.attempt, error_type)

@@ -413,11 +413,11 @@ def test_metrics_of_a_job_without_metrics_is_empty(client, alice, create_job):
 def test_events_returns_log_lines_in_order_and_after_a_given_id(
     client, alice, create_job, sessions
 ):
-    job = create_job()
+    job, other = create_job(), create_job()
     with sessions() as session:
         for line in ["one", "two", "three"]:
             jobs.log(session, job.id, line)
-        jobs.log(session, create_job().id, "another job's line")
+        jobs.log(session, other.id, "another job's line")
         session.commit()
 
     everything = client.get(f"/api/v1/jobs/{job.id}/events", headers=alice).get_json()["events"]

@@ -3,6 +3,7 @@ optimizer round trip."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,8 @@ def test_a_writer_resumed_from_save_n_writes_n_plus_1_into_the_other_slot(
     tmp_path: Path,
 ) -> None:
     path = _saved(tmp_path, 1.0, sequence=5)
-    writer = ckpt.BackgroundWriter(path, after=ckpt.load(path).sequence)
-    writer.submit(_checkpoint(2.0, 0))
-    writer.close()
+    writer = ckpt.Writer(path, after=ckpt.load(path).sequence)
+    writer.save(_checkpoint(2.0, 0))
     assert ckpt.load(path).sequence == 6
     assert ckpt.slots(path)[1].exists()  # save 5 is still there
     ckpt.remove(path)
@@ -121,6 +121,47 @@ def test_every_dtype_and_shape_a_checkpoint_holds_reads_back_through_safetensors
         assert loaded[f"part/{name}"].dtype == tensor.dtype
         assert torch.equal(loaded[f"part/{name}"], tensor), name
     assert ckpt.load(path).info == {"note": "x"}
+
+
+def test_a_checkpoint_reads_back_when_the_kernel_writes_a_few_bytes_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+
+    def short_pwrite(descriptor: int, data: memoryview, offset: int) -> int:
+        return real_pwrite(descriptor, data[:7], offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    path = tmp_path / ckpt.FILENAME
+    ckpt.save(_checkpoint(3.0, 1), path)
+    monkeypatch.undo()
+
+    assert torch.equal(ckpt.load(path).tensors["model"]["w"], torch.full((2, 2), 3.0))
+
+
+def test_a_writer_keeps_saving_as_the_layout_and_the_metadata_change(tmp_path: Path) -> None:
+    # Each slot's file is laid out for the tensors of its first save; a save with other
+    # tensors, or metadata past the header's room, lays the slot out anew.
+    path = tmp_path / ckpt.FILENAME
+    writer = ckpt.Writer(path)
+    saves = [
+        ({"w": torch.zeros(3)}, "a"),
+        ({"w": torch.ones(3)}, "b"),
+        ({"w": torch.full((3,), 2.0)}, "c" * 100_000),  # outgrows the header
+        ({"w": torch.arange(5.0), "b": torch.tensor(True)}, "d"),  # new layout
+        ({}, "e"),  # no tensors at all
+        ({"w": torch.full((3,), 5.0)}, "f"),
+    ]
+    try:
+        for tensors, note in saves:
+            writer.save(ckpt.Checkpoint(tensors={"model": tensors}, info={"note": note}))
+            loaded = ckpt.load(path)
+            assert loaded.info == {"note": note}
+            assert loaded.tensors.get("model", {}).keys() == tensors.keys()
+            assert all(torch.equal(loaded.tensors["model"][k], v) for k, v in tensors.items())
+    finally:
+        writer.close()
+    assert ckpt.load(path).sequence == len(saves)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])

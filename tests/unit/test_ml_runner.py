@@ -3,6 +3,7 @@ series, registration, regression, cancellation, resume_from, and DDP on CPU (glo
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from kiln.settings import Settings
 from workers import context
 from workers.execute import execute_attempt
 from workers.ml import checkpoint as ckpt
+from workers.ml.training import Hooks
 from workers.runners import train
 from workers.runtime import Runtime
 
@@ -85,17 +87,20 @@ def _cancel_after_epoch(
 ) -> None:
     """Ask to cancel the running job once `epoch` has reported; checks are not throttled."""
     monkeypatch.setattr(context, "_THROTTLE_S", 0.0)
-    report = train._Reporter.epoch
+    make_hooks = train._hooks
 
-    def epoch_then_cancel(
-        self: train._Reporter, number: int, metrics: dict[str, float], quiet: bool = False
-    ) -> None:
-        report(self, number, metrics, quiet)
-        if number == epoch and not quiet:
-            with session_scope(sessions) as session:
-                jobs.request_cancel(session, session.get(Job, self.ctx.job_id))  # type: ignore[arg-type]
+    def hooks_that_cancel(spec: Any, ctx: context.RunContext) -> Hooks:
+        hooks = make_hooks(spec, ctx)
 
-    monkeypatch.setattr(train._Reporter, "epoch", epoch_then_cancel)
+        def epoch_then_cancel(number: int, metrics: dict[str, float]) -> None:
+            hooks.epoch(number, metrics)
+            if number == epoch:
+                with session_scope(sessions) as session:
+                    jobs.request_cancel(session, session.get(Job, ctx.job_id))  # type: ignore[arg-type]
+
+        return dataclasses.replace(hooks, epoch=epoch_then_cancel)
+
+    monkeypatch.setattr(train, "_hooks", hooks_that_cancel)
 
 
 def test_train_job_stores_series_and_registers_one_version(
@@ -189,6 +194,7 @@ def test_a_warm_shutdown_checkpoints_the_step_it_stopped_at_and_the_next_attempt
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job = create_job(kind="train", spec={**SMALL, "model_name": "warm", "epochs": 2})
+    monkeypatch.setattr(context, "_THROTTLE_S", 0.0)  # progress is reported at every step
     report = context.RunContext.progress
 
     def progress_then_sigterm(self: context.RunContext, fraction: float, *a: Any, **k: Any) -> None:

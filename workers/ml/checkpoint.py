@@ -15,9 +15,9 @@ machine crash a torn slot fails its CRC and the other slot, or a fresh start, is
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,13 @@ def remove(path: Path) -> None:
 
 
 def save(checkpoint: Checkpoint, path: Path) -> None:
-    """Write `checkpoint` as save number checkpoint.sequence (set it one past the last)."""
-    _write(_snapshot(checkpoint), path)
+    """Write `checkpoint` as save number checkpoint.sequence (set it one past the last): a
+    one-off save; training saves through a Writer."""
+    writer = Writer(path, after=checkpoint.sequence - 1)
+    try:
+        writer.save(checkpoint)
+    finally:
+        writer.close()
 
 
 #: The safetensors format's names for the dtypes a checkpoint holds.
@@ -81,88 +86,110 @@ _DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """A checkpoint about to become a safetensors file: where each tensor lies, the info
-    as JSON, and every tensor's bytes back to back in one buffer."""
+class Writer:
+    """Writes the saves of one training run to `path`, numbered on from `after` (the
+    sequence of the checkpoint training resumed from, if any). Call close() when done.
 
-    layout: dict[str, dict[str, Any]]
-    info: str
-    data: torch.Tensor  # uint8
-    sequence: int
-
-
-def _snapshot(checkpoint: Checkpoint) -> Snapshot:
-    """Copy every tensor into one buffer, so training may go on while it is written.
-
-    The file is laid out here rather than by safetensors' writer: that one holds the GIL
-    for about a millisecond per call (Python work per tensor, then serialisation), which
-    the training thread feels beside epochs of tens of milliseconds."""
-    layout: dict[str, dict[str, Any]] = {}
-    raw, offset = [], 0
-    for part, tensors in checkpoint.tensors.items():
-        for name, tensor in tensors.items():
-            value = tensor.detach().cpu().contiguous()
-            flat = value.reshape(-1).view(torch.uint8)
-            end = offset + flat.numel()
-            layout[f"{part}/{name}"] = {
-                "dtype": _DTYPES[value.dtype],
-                "shape": list(value.shape),
-                "data_offsets": [offset, end],
-            }
-            raw.append(flat)
-            offset = end
-    data = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8)
-    return Snapshot(layout, json.dumps(checkpoint.info), data, checkpoint.sequence)
-
-
-def _write(snapshot: Snapshot, path: Path) -> None:
-    """Overwrite the slot of snapshot.sequence, then trim it to the bytes written (the
-    slot may have held a longer checkpoint)."""
-    data = snapshot.data.numpy().data
-    metadata = {
-        _META: snapshot.info,
-        "sequence": str(snapshot.sequence),
-        "crc32": str(zlib.crc32(data)),
-    }
-    header = json.dumps({"__metadata__": metadata, **snapshot.layout}).encode()
-    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
-    # O_CREAT without O_TRUNC: an existing slot is overwritten in place (see above).
-    descriptor = os.open(slots(path)[snapshot.sequence % 2], os.O_WRONLY | os.O_CREAT, 0o644)
-    with open(descriptor, "wb") as file:
-        file.write(len(header).to_bytes(8, "little"))
-        file.write(header)
-        file.write(data)
-        file.truncate()
-
-
-class BackgroundWriter:
-    """Writes checkpoints to `path` on one long-lived thread, one at a time, so training
-    does not wait on the disk; `close()` (call it before returning) re-raises a write's
-    error. `after`: the sequence of the checkpoint training resumed from, if any."""
+    A save must cost little beside epochs of tens of milliseconds. Each slot file stays
+    open with its data section mapped into memory while the run's tensors keep their
+    shapes (every save but a slot's first), so a save copies all the tensors into the page
+    cache in one call, checksums them, and writes the header in front. It happens in the
+    training thread: a background thread would need a copy of every tensor first, and
+    then contends with training for the GIL."""
 
     def __init__(self, path: Path, after: int = 0) -> None:
         self.path, self.sequence = path, after
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future[None] | None = None
+        self._slots: dict[int, _MappedSlot] = {}
 
-    def submit(self, checkpoint: Checkpoint) -> None:
+    def save(self, checkpoint: Checkpoint) -> None:
         self.sequence += 1
         checkpoint.sequence = self.sequence
-        snapshot = _snapshot(checkpoint)  # taken now: the state this moment describes
-        self._settle()
-        self._pending = self._pool.submit(_write, snapshot, self.path)
-
-    def _settle(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        keys = [f"{part}/{name}" for part, group in checkpoint.tensors.items() for name in group]
+        tensors = [tensor for group in checkpoint.tensors.values() for tensor in group.values()]
+        info = json.dumps(checkpoint.info)
+        index = self.sequence % 2
+        slot = self._slots.get(index)
+        if slot is None or not slot.holds(keys, tensors, info):
+            if slot is not None:
+                slot.close()
+            slot = self._slots[index] = _MappedSlot(slots(self.path)[index], keys, tensors, info)
+        slot.write(tensors, info, self.sequence)
 
     def close(self) -> None:
-        try:
-            self._settle()
-        finally:
-            self._pool.shutdown(wait=True)
+        for slot in self._slots.values():
+            slot.close()
+        self._slots.clear()
+
+
+class _MappedSlot:
+    """A slot file laid out for one list of tensors: the 8-byte header length, the header
+    (JSON, padded with spaces to whole pages, so it can grow in place), then every
+    tensor's bytes, mapped into memory and viewed as the tensors themselves."""
+
+    def __init__(self, file: Path, keys: list[str], tensors: list[torch.Tensor], info: str):
+        self.keys, self.shapes = keys, [(tensor.dtype, tensor.shape) for tensor in tensors]
+        # Widest elements first: each view then starts at a multiple of its element size.
+        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+        layout, spans, size = {}, [(0, 0)] * len(tensors), 0
+        for i in order:
+            tensor = tensors[i]
+            end = size + tensor.numel() * tensor.element_size()
+            layout[keys[i]] = {
+                "dtype": _DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [size, end],
+            }
+            spans[i], size = (size, end), end
+        #: The header's tensor entries, written after its metadata.
+        self.entries = json.dumps(layout)[1:-1]
+        # Room for twice today's header: the metadata grows (an epoch's metrics per save).
+        self.room = -(-2 * self._header_bound(info) // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.descriptor = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.descriptor, self.room + size)  # O_RDWR, no O_TRUNC: in place
+        self.data = torch.empty(0, dtype=torch.uint8)
+        if size:  # the views hold the mapping; it goes when they do
+            mapped = mmap.mmap(self.descriptor, size, offset=self.room)
+            self.data = torch.frombuffer(mapped, dtype=torch.uint8)
+        self.views = [
+            self.data[start:end].view(tensor.dtype).view(tensor.shape)
+            for (start, end), tensor in zip(spans, tensors, strict=True)
+        ]
+
+    def _header_bound(self, info: str) -> int:
+        # json.dumps escapes at most one character in two of its ASCII input.
+        return 8 + 2 * len(info) + len(self.entries) + 128
+
+    def holds(self, keys: list[str], tensors: list[torch.Tensor], info: str) -> bool:
+        return (
+            keys == self.keys
+            and [(tensor.dtype, tensor.shape) for tensor in tensors] == self.shapes
+            and self._header_bound(info) <= self.room
+        )
+
+    def write(self, tensors: list[torch.Tensor], info: str, sequence: int) -> None:
+        if self.views:
+            with torch.no_grad():
+                torch._foreach_copy_(self.views, tensors)  # one call, however many tensors
+        metadata = {
+            _META: info,
+            "sequence": str(sequence),
+            "crc32": str(zlib.crc32(self.data.numpy())),
+        }
+        entries = f", {self.entries}" if self.entries else ""
+        header = f'{{"__metadata__": {json.dumps(metadata)}{entries}}}'.encode()
+        length = self.room - 8
+        _pwrite_all(self.descriptor, length.to_bytes(8, "little") + header.ljust(length))
+
+    def close(self) -> None:
+        self.views, self.data = [], torch.empty(0)
+        os.close(self.descriptor)
+
+
+def _pwrite_all(descriptor: int, data: bytes) -> None:
+    """Write `data` at the start of the file, however few bytes each call takes."""
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.pwrite(descriptor, view[done:], done)
 
 
 def load(path: Path) -> Checkpoint:

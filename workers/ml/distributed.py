@@ -52,7 +52,7 @@ class Job:
     resume: Path | None
     weights_out: Path
     rendezvous: Path
-    config_key: dict[str, Any]
+    config_key: str
 
 
 def run(job: Job, world: int, hooks: Hooks) -> FitResult:

@@ -4,11 +4,12 @@ or as one rank of a DistributedDataParallel group."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,12 @@ class Trainer:
         self.optimizer = make_optimizer(config, model)
         self.schedule = make_schedule(config, self.optimizer)
         self.dtype = autocast_dtype(config.precision, device)
+        #: Entered around every forward pass; made once, as steps can be a few ms.
+        self.autocast: AbstractContextManager[Any] = (
+            nullcontext()
+            if self.dtype is None
+            else torch.autocast(device_type="cuda", dtype=self.dtype)
+        )
         #: Loss scaling, for fp16 only (bf16 has fp32's range).
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.position = Position()
@@ -194,13 +201,8 @@ class Trainer:
             return nn.functional.mse_loss(output.squeeze(1).float(), target)
         return nn.functional.cross_entropy(output.float(), target)
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.dtype)
-
     def train_step(self, rows: torch.Tensor) -> float:
-        with self.autocast():
+        with self.autocast:
             loss = self.loss(self.net(self.x[rows]), self.y[rows])
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -221,7 +223,10 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
 
-    def state(self, config_key: dict[str, Any]) -> ckpt.Checkpoint:
+    def save(self, writer: ckpt.Writer, config_key: str) -> None:
+        writer.save(self.state(config_key))
+
+    def state(self, config_key: str) -> ckpt.Checkpoint:
         optim_tensors, optim_rest = ckpt.optimizer_parts(self.optimizer.state_dict())
         rng = {"torch": torch.get_rng_state(), "shuffle": self.generator.get_state()}
         rng["shuffle_epoch"] = self.epoch_rng
@@ -231,7 +236,7 @@ class Trainer:
         if self.best_state is not None:
             tensors["best"] = self.best_state
         info = {
-            "position": asdict(self.position),
+            "position": vars(self.position).copy(),  # its fields are all scalars
             "optim": optim_rest,
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -270,7 +275,7 @@ def fit(
     checkpoint: Path | None = None,
     resume: ckpt.Checkpoint | None = None,
     group: Group | None = None,
-    config_key: dict[str, Any] | None = None,
+    config_key: str = "",
 ) -> FitResult:
     """Train `model` in place (restoring the best epoch's weights when early stopping is
     on); checkpoints to `checkpoint` each epoch and every checkpoint_every_s seconds."""
@@ -278,20 +283,15 @@ def fit(
     if resume is not None:
         trainer.restore(resume)
     resumed = copy.copy(trainer.position) if resume is not None else None
-    key = config_key or {}
-    writer = None
+    writer = save = None
     if checkpoint is not None and (group is None or group.rank == 0):
-        writer = ckpt.BackgroundWriter(checkpoint, after=resume.sequence if resume else 0)
-
-    def save_now() -> None:
-        if writer is not None:
-            writer.submit(trainer.state(key))
-
+        writer = ckpt.Writer(checkpoint, after=resume.sequence if resume else 0)
+        save = functools.partial(trainer.save, writer, config_key)
     history, position = trainer.history, trainer.position
     try:
         while not position.finished and position.epoch <= config.epochs:
             epoch = position.epoch
-            _train_epoch(trainer, hooks, save_now if writer is not None else None)
+            _train_epoch(trainer, hooks, save)
             metrics = _end_epoch(trainer, val, group)
             history.append(metrics)
             hooks.epoch(epoch, metrics)
@@ -302,10 +302,11 @@ def fit(
                     f"for {config.patience} epochs (best {position.best:.4f} at epoch "
                     f"{position.best_epoch})"
                 )
-            save_now()
+            if save is not None:
+                save()
     finally:
         if writer is not None:
-            writer.close()  # a checkpoint in flight is complete before anyone reads it
+            writer.close()
     final = history[-1]  # epochs >= 1: a run, or the checkpoint it resumed from, has one
     if config.patience is not None and trainer.best_state is not None:
         model.load_state_dict(trainer.best_state)
@@ -323,43 +324,50 @@ def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None
         trainer.epoch_rng = trainer.generator.get_state()
     else:  # resuming mid-epoch: replay this epoch's shuffle, then skip the steps done
         trainer.generator.set_state(trainer.epoch_rng)
-    order = torch.randperm(len(trainer.y), generator=trainer.generator).to(trainer.device)
+    rows_total, size = len(trainer.y), config.batch_size
+    order = torch.randperm(rows_total, generator=trainer.generator).to(trainer.device)
     trainer.model.train()
-    steps, last_save = trainer.steps, time.monotonic()
+    steps, epoch, log_every = trainer.steps, position.epoch, config.log_every_steps
+    next_save = time.monotonic() + config.checkpoint_every_s
+    # The loop body runs once per step, so it keeps to plain ints (no tensor len()).
     for step in range(position.step, steps):
         try:
-            hooks.step(position.epoch, step, steps)
+            hooks.step(epoch, step, steps)
         except StopAtStep as stop:
             if save is not None:
                 save()
             raise stop.cause from None
-        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        rows = order[step * size : (step + 1) * size]
+        seen = min(size, rows_total - step * size)
         if group is not None:
             rows = rows[group.rank :: group.world]
+            seen = len(rows)
         loss = trainer.train_step(rows)
-        position.loss_sum += loss * len(rows)
-        position.seen += len(rows)
+        position.loss_sum += loss * seen
+        position.seen += seen
         position.global_step += 1
         position.step = step + 1
-        if config.log_every_steps and position.global_step % config.log_every_steps == 0:
+        if log_every and position.global_step % log_every == 0:
             hooks.step_loss(position.global_step, loss)
-        if save is not None and time.monotonic() - last_save >= config.checkpoint_every_s:
+        if save is not None and time.monotonic() >= next_save:
             save()
-            last_save = time.monotonic()
+            next_save = time.monotonic() + config.checkpoint_every_s
 
 
 def _end_epoch(trainer: Trainer, val: Table, group: Group | None) -> dict[str, float]:
     """Close the epoch: schedule step, evaluation, best-so-far tracking, next position."""
     position, config = trainer.position, trainer.config
-    totals = torch.tensor([position.loss_sum, float(position.seen)], dtype=torch.float64)
+    loss_sum, seen = position.loss_sum, float(position.seen)
     if group is not None:
+        totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
         dist.all_reduce(totals)
+        loss_sum, seen = totals.tolist()
     lr = trainer.optimizer.param_groups[0]["lr"]
     if trainer.schedule is not None:
         trainer.schedule.step()
     # Every rank evaluates the same weights on the same rows, so all agree on stopping.
     metrics = {
-        "train_loss": float(totals[0] / max(totals[1], 1.0)),
+        "train_loss": loss_sum / max(seen, 1.0),
         **evaluate(trainer.model, val, trainer.device, config),
         "lr": lr,
     }
@@ -370,7 +378,10 @@ def _end_epoch(trainer: Trainer, val: Table, group: Group | None) -> dict[str, f
     )
     if better:
         position.best, position.best_epoch, position.bad_epochs = value, position.epoch, 0
-        trainer.best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        if config.patience is not None:  # only early stopping goes back to the best weights
+            trainer.best_state = {
+                k: v.detach().clone() for k, v in trainer.model.state_dict().items()
+            }
     else:
         position.bad_epochs += 1
     position.epoch += 1
@@ -389,7 +400,7 @@ def outputs(model: nn.Module, features: np.ndarray, device: torch.device) -> tor
         for i in range(0, len(features), _EVAL_BATCH)
     ]
     model.train(was_training)
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def evaluate(
@@ -407,21 +418,21 @@ def evaluate(
             "val_mae": float(error.abs().mean()),
             "val_rmse": float((error**2).mean().sqrt()),
         }
-    targets = torch.from_numpy(data.targets)
-    predicted = out.argmax(dim=1)
+    # Counting is done in NumPy: on a few hundred rows its calls cost less than torch's.
+    predicted = out.argmax(dim=1).numpy()
     return {
-        "val_loss": float(nn.functional.cross_entropy(out, targets)),
-        "val_accuracy": float((predicted == targets).double().mean()),
-        "val_f1": macro_f1(predicted, targets),
+        "val_loss": float(nn.functional.cross_entropy(out, torch.from_numpy(data.targets))),
+        "val_accuracy": float((predicted == data.targets).mean()),
+        "val_f1": macro_f1(predicted, data.targets),
     }
 
 
-def macro_f1(predicted: torch.Tensor, targets: torch.Tensor) -> float:
-    """F1 averaged over the classes that occur in either tensor (as scikit-learn's macro F1)."""
-    size = int(torch.cat([predicted, targets]).max()) + 1
-    hits = torch.bincount(targets[predicted == targets], minlength=size).double()
-    guessed = torch.bincount(predicted, minlength=size).double()
-    actual = torch.bincount(targets, minlength=size).double()
+def macro_f1(predicted: np.ndarray, targets: np.ndarray) -> float:
+    """F1 averaged over the classes that occur in either array (as scikit-learn's macro F1)."""
+    size = int(max(predicted.max(initial=0), targets.max(initial=0))) + 1
+    hits = np.bincount(targets[predicted == targets], minlength=size)
+    guessed = np.bincount(predicted, minlength=size)
+    actual = np.bincount(targets, minlength=size)
     present = (guessed + actual) > 0
     return float((2 * hits[present] / (guessed[present] + actual[present])).mean())
 

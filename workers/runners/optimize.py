@@ -59,7 +59,7 @@ def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
     weights = ctx.scratch_dir / "model.safetensors"
     bundle.save(original, new_config, weights)  # float weights; see the module docstring
     stored = ctx.runtime.store.put_file(weights)
-    with session_scope(ctx.runtime.sessions) as session:
+    with ctx.transaction() as session:
         version = registry.register_version(
             session,
             owner=ctx.owner,

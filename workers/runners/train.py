@@ -4,6 +4,7 @@ job resumes from another's with `resume_from`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from db import jobs, registry
+from db import registry
 from db.engine import session_scope
 from db.models import Dataset, Job
 from kiln import datasets
@@ -51,29 +52,22 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     model.mean.copy_(torch.tensor(mean))
     model.std.copy_(torch.tensor(std))
     loop = _loop_config(spec, prepared.table.task, target_mean, target_std)
-    # A checkpoint only fits a run with the same network and the same optimizer shapes.
-    key = json.loads(json.dumps({"config": config, "optimizer": spec.optimizer,
-                                 "lr_schedule": spec.lr_schedule}))  # fmt: skip
+    key = _checkpoint_key(config, spec)
     checkpoint = ctx.scratch_dir / ckpt.FILENAME
     resume, resume_path = _load_resume(spec, ctx, checkpoint, key)
     ctx.log(
         f"training {spec.arch} ({prepared.table.task}) on {len(train_rows.targets)} rows, "
         f"validating on {len(val_rows.targets)}, device {ctx.device}, {spec.gpus} process(es)"
     )
-    reporter = _Reporter(ctx)
     if resume is not None:
         at = resume.info["position"]
         ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
-        # Points the lost attempt had buffered but not written come back from the checkpoint.
+        # Points the lost attempt had reported but not written come back from the checkpoint.
         for number, metrics in enumerate(resume.info.get("history", []), start=1):
-            reporter.epoch(number, metrics, quiet=True)
-    try:
-        result = _fit(
-            spec, ctx, model, train_rows, val_rows, loop, checkpoint, resume, resume_path,
-            key, reporter,
-        )  # fmt: skip
-    finally:
-        reporter.flush()
+            ctx.metrics(_points(number, metrics))
+    result = _fit(
+        spec, ctx, model, config, train_rows, val_rows, loop, checkpoint, resume, resume_path, key
+    )
     return _register(spec, ctx, model, config, result, prepared.dataset_digest, checkpoint)
 
 
@@ -81,17 +75,17 @@ def _fit(
     spec: TrainSpec,
     ctx: RunContext,
     model: bundle.Network,
+    config: dict[str, Any],
     train_rows: data.Table,
     val_rows: data.Table,
     loop: LoopConfig,
     checkpoint: Path,
     resume: ckpt.Checkpoint | None,
     resume_path: Path | None,
-    key: dict[str, Any],
-    reporter: _Reporter,
+    key: str,
 ) -> FitResult:
     """Train in this process, or in spec.gpus DistributedDataParallel processes."""
-    hooks = _hooks(spec, ctx, reporter)
+    hooks = _hooks(spec, ctx)
     if spec.gpus == 1:
         model.to(ctx.device)
         return fit(model, train_rows, val_rows, loop, ctx.device, hooks, checkpoint, resume,
@@ -102,7 +96,7 @@ def _fit(
             f"{torch.cuda.device_count()} (group GPUs for one worker: KILN_GPUS=0+1)"
         )
     job = distributed.Job(
-        model_config=dict(json.loads(json.dumps(key["config"]))),
+        model_config=json.loads(json.dumps(config)),
         model_state={k: v.cpu() for k, v in model.state_dict().items()},
         train=train_rows,
         val=val_rows,
@@ -132,11 +126,11 @@ def _register(
     dataset_digest: str | None,
     checkpoint: Path,
 ) -> dict[str, Any]:
-    ctx.progress(1.0, "saving the model", force=True)
+    ctx.progress(1.0, "saving the model")
     weights = ctx.scratch_dir / "model.safetensors"
     bundle.save(model, config, weights)
     stored = ctx.runtime.store.put_file(weights)
-    with session_scope(ctx.runtime.sessions) as session:
+    with ctx.transaction() as session:
         version = registry.register_version(
             session,
             owner=ctx.owner,
@@ -148,6 +142,8 @@ def _register(
             artifact_digest=stored.digest,
             artifact_size=stored.size,
             dataset_digest=dataset_digest,
+            # The spec with its defaults filled in: the run can be repeated from it alone.
+            lineage={"origin": "train", "spec": spec.model_dump(mode="json")},
         )
         number = version.number
     # The version is registered: the checkpoint has served its purpose.
@@ -162,6 +158,13 @@ def _register(
         "stopped_early": result.stopped_early,
         "resumed_from_epoch": resumed.epoch if resumed is not None else None,
     }
+
+
+def _checkpoint_key(config: dict[str, Any], spec: TrainSpec) -> str:
+    """What a checkpoint must have been trained with to be resumed here (the same network
+    and optimizer shapes), as a digest: saved with every checkpoint, so kept short."""
+    fit = {"config": config, "optimizer": spec.optimizer, "lr_schedule": spec.lr_schedule}
+    return hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()
 
 
 def _loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
@@ -187,68 +190,36 @@ def _loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: flo
     )
 
 
-class _Reporter:
-    """Epoch metrics, step losses and log lines, written in one transaction at most every
-    _FLUSH_S seconds: per-epoch commits would cost more than a small model's epoch."""
-
-    _FLUSH_S = 0.5
-
-    def __init__(self, ctx: RunContext) -> None:
-        self.ctx = ctx
-        self.points: list[tuple[str, int, float]] = []
-        self.lines: list[tuple[str, str]] = []
-        self.flushed = time.monotonic()
-
-    def epoch(self, number: int, metrics: dict[str, float], quiet: bool = False) -> None:
-        self.points += [(name, number, value) for name, value in metrics.items()]
-        if not quiet:
-            summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            self.log(f"epoch {number}: {summary}")
-        self._maybe_flush()
-
-    def point(self, name: str, step: int, value: float) -> None:
-        self.points.append((name, step, value))
-        self._maybe_flush()
-
-    def log(self, line: str, level: str = "info") -> None:
-        self.lines.append((line, level))
-        self._maybe_flush()
-
-    def _maybe_flush(self) -> None:
-        if time.monotonic() - self.flushed >= self._FLUSH_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.points or self.lines:
-            with session_scope(self.ctx.runtime.sessions) as session:
-                jobs.record_metrics(session, self.ctx.job_id, self.points)
-                for line, level in self.lines:
-                    jobs.log(session, self.ctx.job_id, line, level)
-        self.points, self.lines = [], []
-        self.flushed = time.monotonic()
+def _points(epoch: int, metrics: dict[str, float]) -> list[tuple[str, int, float]]:
+    return [(name, epoch, value) for name, value in metrics.items()]
 
 
-def _hooks(spec: TrainSpec, ctx: RunContext, reporter: _Reporter) -> Hooks:
+def _hooks(spec: TrainSpec, ctx: RunContext) -> Hooks:
     """Report to the job: cancellation and progress with ETA per step, metrics per epoch."""
     started = time.monotonic()
     first: list[float] = []
 
     def step(epoch: int, index: int, steps: int) -> None:
+        if not first or ctx.sync_due():  # the status line is only built to be written
+            done = (epoch - 1 + index / steps) / spec.epochs
+            if not first:
+                first.append(done)  # a resumed run's ETA counts only the work left
+            ctx.progress(done, f"epoch {epoch}/{spec.epochs}{_eta(started, first[0], done)}")
         try:
             ctx.raise_if_cancelled()
         except (WorkerShutdown, JobCancelled, JobTimeout) as stop:
             # Warm shutdown loses no work, and a cancelled or timed-out job keeps a
             # checkpoint of where it stopped for `resume_from`.
             raise StopAtStep(stop) from None
-        done = (epoch - 1 + index / steps) / spec.epochs
-        if not first:
-            first.append(done)  # a resumed run's ETA counts only the work left
-        ctx.progress(done, f"epoch {epoch}/{spec.epochs}{_eta(started, first[0], done)}")
+
+    def epoch(number: int, metrics: dict[str, float]) -> None:
+        ctx.metrics(_points(number, metrics))
+        ctx.log(f"epoch {number}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def step_loss(global_step: int, loss: float) -> None:
-        reporter.point("train_loss_step", global_step, loss)
+        ctx.metrics([("train_loss_step", global_step, loss)])
 
-    return Hooks(step=step, epoch=reporter.epoch, step_loss=step_loss, log=reporter.log)
+    return Hooks(step=step, epoch=epoch, step_loss=step_loss, log=ctx.log)
 
 
 def _eta(started: float, first: float, done: float) -> str:
@@ -259,7 +230,7 @@ def _eta(started: float, first: float, done: float) -> str:
 
 
 def _load_resume(
-    spec: TrainSpec, ctx: RunContext, own: Path, key: dict[str, Any]
+    spec: TrainSpec, ctx: RunContext, own: Path, key: str
 ) -> tuple[ckpt.Checkpoint | None, Path | None]:
     """The checkpoint to start from (and its path), checked to fit this run."""
     path = _resume_source(spec, ctx, own)
