@@ -187,6 +187,27 @@ def test_cancelled_job_keeps_its_checkpoint_and_a_new_job_resumes_from_it(
     ]
 
 
+def test_a_checkpoint_an_older_kiln_left_for_the_job_is_set_aside_not_fatal(
+    runtime: Runtime, create_job: Callable[..., Job], sessions: sessionmaker[Session]
+) -> None:
+    job = create_job(kind="train", spec={**SMALL, "model_name": "upgraded", "epochs": 2})
+    # An attempt before an upgrade saved a checkpoint whose key the new code does not know.
+    old = ckpt.Checkpoint({"model": {"w": torch.zeros(1)}}, {"key": {"config": {}}}, sequence=1)
+    scratch = runtime.settings.data_dir / "work" / job.id
+    scratch.mkdir(parents=True)
+    ckpt.save(old, scratch / ckpt.FILENAME)
+
+    execute_attempt(runtime, job.id, 0, "w1", never_resent)
+
+    with sessions() as session:
+        done = session.get(Job, job.id)
+        assert done is not None
+        assert done.state == "succeeded", done.error_message
+        assert done.result is not None
+        assert done.result["resumed_from_epoch"] is None
+    assert "ignoring a checkpoint in an older layout; starting over" in _log(sessions, job.id)
+
+
 def test_a_warm_shutdown_checkpoints_the_step_it_stopped_at_and_the_next_attempt_goes_on(
     runtime: Runtime,
     create_job: Callable[..., Job],

@@ -180,8 +180,11 @@ class Trainer:
         self.position = Position()
         self.best_state: dict[str, torch.Tensor] | None = None
         #: Each finished epoch's metrics, kept in checkpoints so a resumed job can restore
-        #: series points its lost attempt had not yet written.
+        #: series points its lost attempt had not yet written. Saved as one float64 table
+        #: with a row for every epoch of the run: the checkpoint's layout stays the same
+        #: from save to save, and no JSON grows with the run.
         self.history: list[dict[str, float]] = []
+        self.history_table: torch.Tensor | None = None
         self.net: nn.Module = model
         if group is not None:
             ids = [device.index] if device.type == "cuda" else None
@@ -223,6 +226,15 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
 
+    def record(self, metrics: dict[str, float]) -> None:
+        """Add a finished epoch's metrics (the same names, in the same order, each epoch)."""
+        self.history.append(metrics)
+        row = len(self.history) - 1
+        if self.history_table is None or len(self.history_table) <= row:
+            self.history_table = _table(self.history, max(self.config.epochs, row + 1))
+        else:
+            self.history_table[row] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+
     def save(self, writer: ckpt.Writer, config_key: str) -> None:
         writer.save(self.state(config_key))
 
@@ -235,14 +247,17 @@ class Trainer:
         tensors = {"model": self.model.state_dict(), "optim": optim_tensors, "rng": rng}
         if self.best_state is not None:
             tensors["best"] = self.best_state
+        if self.history_table is not None:
+            tensors["history"] = {"table": self.history_table}
         info = {
             "position": vars(self.position).copy(),  # its fields are all scalars
             "optim": optim_rest,
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "key": config_key,
-            "history": self.history,
-        }
+            "history": {"names": list(self.history[0]) if self.history else [],
+                        "epochs": len(self.history)},
+        }  # fmt: skip
         return ckpt.Checkpoint(tensors=tensors, info=info)
 
     def restore(self, saved: ckpt.Checkpoint) -> None:
@@ -262,7 +277,25 @@ class Trainer:
         self.epoch_rng = rng["shuffle_epoch"]
         self.best_state = saved.tensors.get("best")
         self.position = Position(**saved.info["position"])
-        self.history = list(saved.info.get("history", []))
+        self.history = saved_history(saved)
+        if self.history:
+            self.history_table = _table(self.history, max(self.config.epochs, len(self.history)))
+
+
+def _table(history: list[dict[str, float]], rows: int) -> torch.Tensor:
+    """`history` as the first rows of a float64 table of `rows` rows (the rest NaN)."""
+    table = torch.full((rows, len(history[0])), math.nan, dtype=torch.float64)
+    table[: len(history)] = torch.tensor([list(m.values()) for m in history], dtype=torch.float64)
+    return table
+
+
+def saved_history(saved: ckpt.Checkpoint) -> list[dict[str, float]]:
+    """The per-epoch metrics a checkpoint holds, oldest first."""
+    table = saved.tensors.get("history", {}).get("table")
+    if table is None:
+        return []
+    names, epochs = saved.info["history"]["names"], saved.info["history"]["epochs"]
+    return [dict(zip(names, row, strict=True)) for row in table[:epochs].tolist()]
 
 
 def fit(
@@ -293,7 +326,7 @@ def fit(
             epoch = position.epoch
             _train_epoch(trainer, hooks, save)
             metrics = _end_epoch(trainer, val, group)
-            history.append(metrics)
+            trainer.record(metrics)
             hooks.epoch(epoch, metrics)
             if config.patience is not None and position.bad_epochs >= config.patience:
                 position.finished = position.stopped_early = True

@@ -23,7 +23,7 @@ from kiln.states import JobState
 from workers.context import JobCancelled, JobTimeout, RunContext, WorkerShutdown
 from workers.ml import bundle, data, distributed, text
 from workers.ml import checkpoint as ckpt
-from workers.ml.training import FitResult, Hooks, LoopConfig, StopAtStep, fit
+from workers.ml.training import FitResult, Hooks, LoopConfig, StopAtStep, fit, saved_history
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
         at = resume.info["position"]
         ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
         # Points the lost attempt had reported but not written come back from the checkpoint.
-        for number, metrics in enumerate(resume.info.get("history", []), start=1):
+        for number, metrics in enumerate(saved_history(resume), start=1):
             ctx.metrics(_points(number, metrics))
     result = _fit(
         spec, ctx, model, config, train_rows, val_rows, loop, checkpoint, resume, resume_path, key
@@ -243,6 +243,9 @@ def _load_resume(
         ctx.log(f"ignoring an unreadable checkpoint ({unreadable}); starting over", "warning")
         return None, None
     if resume is not None and resume.info.get("key") != key:
+        if path == own:  # written by an earlier Kiln for this very job: it cannot be read
+            ctx.log("ignoring a checkpoint in an older layout; starting over", "warning")
+            return None, None
         raise JobFailure(
             "the checkpoint to resume from was trained with another model, dataset, "
             "optimizer or schedule; resume with the same ones"
