@@ -159,6 +159,18 @@ def test_cnn_on_flat_rows_fails_clearly(run_job: Callable[..., Job]) -> None:
     assert "cnn needs image rows" in (job.error_message or "")
 
 
+def test_a_diverging_job_fails_with_a_reason_and_no_nan_in_its_series(
+    run_job: Callable[..., Job], sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(context, "_THROTTLE_S", 0.0)  # every epoch's points are written at once
+    job = run_job({**SMALL, "model_name": "x", "optimizer": "sgd", "lr": 10, "epochs": 3})
+    assert (job.state, job.error_type) == ("failed", "JobFailure")
+    assert (job.error_message or "").startswith("training diverged: ")
+    with sessions() as session:
+        values = session.scalars(select(Metric.value).where(Metric.job_id == job.id)).all()
+    assert all(value == value and abs(value) != float("inf") for value in values)
+
+
 def test_cancelled_job_keeps_its_checkpoint_and_a_new_job_resumes_from_it(
     run_job: Callable[..., Job],
     sessions: sessionmaker[Session],

@@ -3,6 +3,7 @@ regression, step metrics and mixed-precision selection."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from workers.ml import bundle, data
 from workers.ml import checkpoint as ckpt
 from workers.ml.training import (
+    Diverged,
     FitResult,
     Hooks,
     LoopConfig,
@@ -168,6 +170,14 @@ def test_weight_decay_shrinks_the_weights() -> None:
         return float(sum(p.detach().norm() for p in model.net.parameters()))
 
     assert norm(0.9) < norm(0.0)
+
+
+def test_a_loss_that_stops_being_a_number_fails_the_run_with_the_step_it_happened_at(
+    tmp_path: Path,
+) -> None:
+    exploding = dataclasses.replace(BASE, optimizer="sgd", lr=1e12)
+    with pytest.raises(Diverged, match=r"the training loss became (nan|inf) at epoch 1, step"):
+        _train(exploding, checkpoint=tmp_path / ckpt.FILENAME)
 
 
 def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:

@@ -142,7 +142,7 @@ class _MappedSlot:
             spans[i], size = (size, end), end
         #: The header's tensor entries, written after its metadata.
         self.entries = json.dumps(layout)[1:-1]
-        # Room for twice today's header: the metadata grows (an epoch's metrics per save).
+        # Room for twice today's header, so a longer position or schedule state fits in place.
         self.room = -(-2 * self._header_bound(info) // mmap.PAGESIZE) * mmap.PAGESIZE
         self.descriptor = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self.descriptor, self.room + size)  # O_RDWR, no O_TRUNC: in place

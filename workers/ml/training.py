@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kiln.errors import JobFailure
 from workers.ml import checkpoint as ckpt
 from workers.ml.data import REGRESSION, Table
 
@@ -68,6 +69,17 @@ class Hooks:
     #: Every log_every_steps steps: (global step, that step's training loss).
     step_loss: Callable[[int, float], None] = _ignore
     log: Callable[[str], None] = _ignore
+
+
+class Diverged(JobFailure):
+    """The training loss or a validation metric stopped being a finite number: the run
+    cannot recover by itself (and a NaN has no place in a metric series)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"training diverged: {what}; try a lower lr, grad_clip or another optimizer "
+            "(resume_from this job keeps the epochs before it)"
+        )
 
 
 class StopAtStep(Exception):
@@ -326,6 +338,9 @@ def fit(
             epoch = position.epoch
             _train_epoch(trainer, hooks, save)
             metrics = _end_epoch(trainer, val, group)
+            for name, value in metrics.items():
+                if not math.isfinite(value):
+                    raise Diverged(f"{name} became {value} after epoch {epoch}")
             trainer.record(metrics)
             hooks.epoch(epoch, metrics)
             if config.patience is not None and position.bad_epochs >= config.patience:
@@ -376,6 +391,9 @@ def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None
             rows = rows[group.rank :: group.world]
             seen = len(rows)
         loss = trainer.train_step(rows)
+        # Under DDP every rank must stop at the same point: the epoch-end check does it.
+        if group is None and not math.isfinite(loss):
+            raise Diverged(f"the training loss became {loss} at epoch {epoch}, step {step + 1}")
         position.loss_sum += loss * seen
         position.seen += seen
         position.global_step += 1
