@@ -85,12 +85,13 @@ def register_version(
         .values(last_number=Model.last_number + 1)
         .returning(Model.id, Model.last_number)
     )
-    options = {"synchronize_session": False}
-    row = session.execute(increment, execution_options=options).one_or_none()
+    # (A Model this session already holds gets the new last_number too: the ORM applies
+    # the increment to it.)
+    row = session.execute(increment).one_or_none()
     if row is None:  # the model's first version
         session.add(Model(owner=owner, name=name, aliases={}, last_number=0, created_at=utcnow()))
         session.flush()
-        row = session.execute(increment, execution_options=options).one()
+        row = session.execute(increment).one()
     model_id, number = row
     version = ModelVersion(
         model_id=model_id,

@@ -92,6 +92,17 @@ def register(sessions, settings):
     return register_one
 
 
+def test_a_session_holding_the_model_sees_each_version_number_it_gives_out(sessions):
+    fields = {"owner": "alice", "name": "m", "source_job_id": None, "arch": "mlp",
+              "config": CONFIG, "metrics": {}, "artifact_digest": "0" * 64,
+              "artifact_size": 1, "dataset_digest": None}  # fmt: skip
+    with sessions() as session:
+        first = registry.register_version(session, **fields)
+        model = registry.get_model(session, "alice", "m")
+        second = registry.register_version(session, **fields)
+        assert (first.number, second.number, model.last_number) == (1, 2, 2)
+
+
 # --- upload -----------------------------------------------------------------------------------
 
 
