@@ -291,11 +291,6 @@ def log_lines(session: Session, job_id: str, lines: list[tuple[str, str]]) -> No
         session.execute(insert(JobEvent), rows)
 
 
-def record_metric(session: Session, job_id: str, name: str, step: int, value: float) -> None:
-    """Record one metric point; a resumed attempt re-reporting a step overwrites it."""
-    record_metrics(session, job_id, [(name, step, value)])
-
-
 def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, float]]) -> None:
     """Record many points in one INSERT .. ON CONFLICT (job, name, step) DO UPDATE: a step
     reported again (by a resumed attempt) keeps its latest value, and nothing is read

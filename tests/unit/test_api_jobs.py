@@ -378,14 +378,14 @@ def test_cancel_of_a_finished_job_answers_409(client, alice, create_job, state):
 def test_metrics_returns_each_series_by_name_in_step_order(client, alice, create_job, sessions):
     job = create_job(state="running")
     with sessions() as session:
-        for name, step, value in [
+        points = [
             ("val_acc", 2, 0.9),
             ("train_loss", 2, 0.5),
             ("val_acc", 1, 0.8),
             ("train_loss", 1, 0.7),
             ("train_loss", 3, 0.4),
-        ]:
-            jobs.record_metric(session, job.id, name, step, value)
+        ]
+        jobs.record_metrics(session, job.id, points)
         session.commit()
 
     response = client.get(f"/api/v1/jobs/{job.id}/metrics", headers=alice)

@@ -344,8 +344,7 @@ def test_job_page_shows_state_progress_log_and_cancel(
     with sessions() as session:
         jobs.report_progress(session, job.id, 1, 0.42, "epoch 5/12, ETA 33s")
         jobs.log(session, job.id, "epoch 5: train_loss=0.5")
-        jobs.record_metric(session, job.id, "train_loss", 1, 0.9)
-        jobs.record_metric(session, job.id, "train_loss", 2, 0.5)
+        jobs.record_metrics(session, job.id, [("train_loss", 1, 0.9), ("train_loss", 2, 0.5)])
         session.commit()
     page = as_alice.get(f"/jobs/{job.id}").text
     assert 'value="42.0"' in page
