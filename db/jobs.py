@@ -6,10 +6,11 @@ Every write a worker makes names the attempt it holds, so a worker that lost its
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -98,16 +99,17 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
 
 def report_progress(
     session: Session, job_id: str, attempt: int, progress: float, message: str
-) -> bool:
-    """Store progress (clamped to 0..1) and the status line; doubles as a heartbeat."""
+) -> bool | None:
+    """Store progress (clamped to 0..1) and the status line, doubling as a heartbeat, in one
+    statement that also reads the cancel flag: whether the user asked to cancel, or None if
+    the attempt no longer holds the job."""
     clamped = min(max(progress, 0.0), 1.0)
-    return _cas(
-        session,
-        job_id,
-        _holds(attempt),
-        progress=clamped,
-        message=message,
-        heartbeat_at=utcnow(),
+    return session.scalar(
+        update(Job)
+        .where(Job.id == job_id, _holds(attempt))
+        .values(progress=clamped, message=message, heartbeat_at=utcnow())
+        .returning(Job.cancel_requested),
+        execution_options={"synchronize_session": False},
     )
 
 
@@ -283,12 +285,12 @@ def log(session: Session, job_id: str, message: str, level: str = "info") -> Non
 
 
 def log_lines(session: Session, job_id: str, lines: list[tuple[str, str]]) -> None:
-    """Append (message, level) lines to the job's log in one INSERT: through the ORM,
+    """Append (message, level) lines to the job's log in one Core INSERT: through the ORM,
     SQLite would take one statement per line to hand back each row's id."""
     if lines:
         at = utcnow()
         rows = [{"job_id": job_id, "message": m, "level": lvl, "at": at} for m, lvl in lines]
-        session.execute(insert(JobEvent), rows)
+        session.execute(insert(JobEvent.__table__), rows)
 
 
 def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, float]]) -> None:
@@ -303,14 +305,18 @@ def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, f
         {"job_id": job_id, "name": name, "step": step, "value": value, "at": now}
         for (name, step), value in latest.items()
     ]
-    dialect = session.get_bind().dialect.name
-    upsert = postgresql_insert(Metric) if dialect == "postgresql" else sqlite_insert(Metric)
-    session.execute(
-        upsert.on_conflict_do_update(
-            index_elements=[Metric.job_id, Metric.name, Metric.step],
-            set_={"value": upsert.excluded.value, "at": upsert.excluded.at},
-        ),
-        rows,
+    session.execute(_metric_upsert(session.get_bind().dialect.name), rows)
+
+
+@functools.cache
+def _metric_upsert(dialect: str) -> Insert:
+    """The statement record_metrics runs, built once per dialect (a running job issues it
+    every few hundred ms). A Core insert: the ORM's bulk path would add per-row work."""
+    insert_into = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    upsert = insert_into(Metric.__table__)
+    return upsert.on_conflict_do_update(
+        index_elements=["job_id", "name", "step"],
+        set_={"value": upsert.excluded.value, "at": upsert.excluded.at},
     )
 
 

@@ -110,13 +110,16 @@ class RunContext:
         progress, self._progress = self._progress, None
         with session_scope(self.runtime.sessions) as session:
             self._write_reports(session)
-            held = progress is None or jobs.report_progress(
-                session, self.job_id, self.attempt, progress[0], progress[1]
-            )
-            self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
+            if progress is None:
+                cancel = jobs.is_cancel_requested(session, self.job_id)
+            else:
+                cancel = jobs.report_progress(
+                    session, self.job_id, self.attempt, progress[0], progress[1]
+                )
         self._next_sync = time.monotonic() + _THROTTLE_S
-        if not held:
+        if cancel is None:
             raise ClaimLost(self.job_id)
+        self._cancel_requested = cancel
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -84,7 +84,7 @@ def test_writes_of_an_attempt_that_was_requeued_are_rejected(
     assert _write(sessions, lambda s: jobs.requeue(s, job.id, 1, "worker lost"))
     stale_writes: dict[str, Callable[[Session], bool]] = {
         "heartbeat": lambda s: jobs.heartbeat(s, job.id, 1),
-        "progress": lambda s: jobs.report_progress(s, job.id, 1, 0.5, "half"),
+        "progress": lambda s: jobs.report_progress(s, job.id, 1, 0.5, "half") is not None,
         "succeed": lambda s: jobs.succeed(s, job.id, 1, {"late": True}),
         "fail": lambda s: jobs.fail(s, job.id, 1, "RuntimeError", "late"),
         "cancelled": lambda s: jobs.mark_cancelled(s, job.id, 1),
@@ -122,7 +122,7 @@ def test_terminal_states_never_change(
             for attempt in (0, 1, 2)
             for write in (
                 lambda s, a=attempt: jobs.heartbeat(s, job.id, a),
-                lambda s, a=attempt: jobs.report_progress(s, job.id, a, 0.1, "x"),
+                lambda s, a=attempt: jobs.report_progress(s, job.id, a, 0.1, "x") is not None,
                 lambda s, a=attempt: jobs.succeed(s, job.id, a, {}),
                 lambda s, a=attempt: jobs.fail(s, job.id, a, "RuntimeError", "x"),
                 lambda s, a=attempt: jobs.mark_cancelled(s, job.id, a),
@@ -192,6 +192,8 @@ def test_cancelling_a_running_job_asks_its_attempt_to_stop(
     row = _row(sessions, job.id)
     assert (row.state, row.cancel_requested) == (JobState.RUNNING, True)
     assert _write(sessions, lambda s: jobs.is_cancel_requested(s, job.id))
+    # A running attempt's progress report reads the flag in the same statement.
+    assert _write(sessions, lambda s: jobs.report_progress(s, job.id, 1, 0.5, "half")) is True
     assert _write(sessions, lambda s: jobs.mark_cancelled(s, job.id, 1))
     assert _row(sessions, job.id).state == JobState.CANCELLED
 
@@ -315,7 +317,10 @@ class JobLifecycle(RuleBasedStateMachine):
         job_id, want = self._pick(data)
         attempt = want.attempt + offset
         if with_progress:
-            held = self._write(lambda s: jobs.report_progress(s, job_id, attempt, 0.5, "half"))
+            report = self._write(lambda s: jobs.report_progress(s, job_id, attempt, 0.5, "half"))
+            held = report is not None
+            if held:  # the same statement reads the cancel flag
+                assert report == want.cancel_requested
         else:
             held = self._write(lambda s: jobs.heartbeat(s, job_id, attempt))
         assert held == (want.state is JobState.RUNNING and offset == 0)

@@ -190,6 +190,9 @@ class Trainer:
         #: Loss scaling, for fp16 only (bf16 has fp32's range).
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.position = Position()
+        #: The model's tensors as a checkpoint saves them: training and restore() update
+        #: them in place, so they are looked up once rather than on every save.
+        self.model_state = model.state_dict()
         self.best_state: dict[str, torch.Tensor] | None = None
         #: Each finished epoch's metrics, kept in checkpoints so a resumed job can restore
         #: series points its lost attempt had not yet written. Saved as one float64 table
@@ -256,7 +259,7 @@ class Trainer:
         rng["shuffle_epoch"] = self.epoch_rng
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        tensors = {"model": self.model.state_dict(), "optim": optim_tensors, "rng": rng}
+        tensors = {"model": self.model_state, "optim": optim_tensors, "rng": rng}
         if self.best_state is not None:
             tensors["best"] = self.best_state
         if self.history_table is not None:
@@ -430,9 +433,7 @@ def _end_epoch(trainer: Trainer, val: Table, group: Group | None) -> dict[str, f
     if better:
         position.best, position.best_epoch, position.bad_epochs = value, position.epoch, 0
         if config.patience is not None:  # only early stopping goes back to the best weights
-            trainer.best_state = {
-                k: v.detach().clone() for k, v in trainer.model.state_dict().items()
-            }
+            trainer.best_state = {k: v.clone() for k, v in trainer.model_state.items()}
     else:
         position.bad_epochs += 1
     position.epoch += 1
