@@ -149,6 +149,15 @@ def make_schedule(
     return None
 
 
+def seed(value: int, device: torch.device) -> None:
+    """Seed the generators training on `device` draws from. (torch.manual_seed also queues
+    a seed for every other device kind not yet initialised, formatting the caller's stack
+    for each: 0.6 ms a call, twice a job, for devices a CPU job never touches.)"""
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(value)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype: CUDA only, so the CPU path stays exactly fp32."""
     if device.type != "cuda" or precision == "fp32":
@@ -169,7 +178,7 @@ class Trainer:
         device: torch.device,
         group: Group | None = None,
     ) -> None:
-        torch.manual_seed(config.seed)
+        seed(config.seed, device)
         self.model, self.config, self.device, self.group = model, config, device, group
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch_rng = self.generator.get_state()

@@ -23,7 +23,15 @@ from kiln.states import JobState
 from workers.context import JobCancelled, JobTimeout, RunContext, WorkerShutdown
 from workers.ml import bundle, data, distributed, text
 from workers.ml import checkpoint as ckpt
-from workers.ml.training import FitResult, Hooks, LoopConfig, StopAtStep, fit, saved_history
+from workers.ml.training import (
+    FitResult,
+    Hooks,
+    LoopConfig,
+    StopAtStep,
+    fit,
+    saved_history,
+    seed,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     if prepared.table.task == data.REGRESSION:
         target_mean, target_std = data.target_scale(train_rows)
         config |= {"target_mean": target_mean, "target_std": target_std}
-    torch.manual_seed(spec.seed)  # the initial weights are part of what the seed fixes
+    seed(spec.seed, ctx.device)  # the initial weights are part of what the seed fixes
     try:
         model = bundle.build(config)
     except ValueError as exc:  # an arch that cannot take this data (cnn on flat rows)
