@@ -13,8 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from kiln.errors import JobFailure
@@ -56,10 +57,16 @@ def build(config: dict[str, Any]) -> Network:
     return Network(net, width, shape)
 
 
+def to_bytes(model: nn.Module, config: dict[str, Any]) -> bytes:
+    """Weights and config as one safetensors file's bytes (a runner hands them straight to
+    the artifact store: no scratch file to write and read back)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(state, metadata={"kiln_config": json.dumps(config)})
+
+
 def save(model: nn.Module, config: dict[str, Any], path: Path) -> None:
     """Write weights and config into one safetensors file."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"kiln_config": json.dumps(config)})
+    path.write_bytes(to_bytes(model, config))
 
 
 def load(path: Path, config: dict[str, Any], device: torch.device) -> Network:

@@ -56,9 +56,8 @@ def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"original {before}; quantized {after}")
 
     new_config = {**config, bundle.QUANTIZATION: bundle.DYNAMIC_INT8}
-    weights = ctx.scratch_dir / "model.safetensors"
-    bundle.save(original, new_config, weights)  # float weights; see the module docstring
-    stored = ctx.runtime.store.put_file(weights)
+    # Float weights; see the module docstring.
+    stored = ctx.runtime.store.put_bytes(bundle.to_bytes(original, new_config))
     with ctx.transaction() as session:
         version = registry.register_version(
             session,

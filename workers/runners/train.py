@@ -135,9 +135,7 @@ def _register(
     checkpoint: Path,
 ) -> dict[str, Any]:
     ctx.progress(1.0, "saving the model")
-    weights = ctx.scratch_dir / "model.safetensors"
-    bundle.save(model, config, weights)
-    stored = ctx.runtime.store.put_file(weights)
+    stored = ctx.runtime.store.put_bytes(bundle.to_bytes(model, config))
     with ctx.transaction() as session:
         version = registry.register_version(
             session,
