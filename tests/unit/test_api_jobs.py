@@ -402,6 +402,26 @@ def test_metrics_returns_each_series_by_name_in_step_order(client, alice, create
     }
 
 
+def test_a_metric_step_reported_again_keeps_its_latest_value(client, alice, create_job, sessions):
+    # As a resumed attempt re-reports the epochs its lost attempt had already written.
+    job = create_job(state="running")
+    for points in (
+        [("val_acc", 1, 0.5), ("val_acc", 2, 0.6)],
+        [("val_acc", 2, 0.7), ("val_acc", 2, 0.75), ("val_acc", 3, 0.8)],
+    ):
+        with sessions() as session:
+            jobs.record_metrics(session, job.id, points)
+            session.commit()
+
+    body = client.get(f"/api/v1/jobs/{job.id}/metrics", headers=alice).get_json()
+
+    assert [(p["step"], p["value"]) for p in body["series"]["val_acc"]] == [
+        (1, 0.5),
+        (2, 0.75),
+        (3, 0.8),
+    ]
+
+
 def test_metrics_of_a_job_without_metrics_is_empty(client, alice, create_job):
     job = create_job()
 
