@@ -163,9 +163,9 @@ def main() -> None:
         }
         # Interleaved, so machine noise hits both sides; which side goes first alternates,
         # so neither always runs in the wake of the other.
+        sides = [("plain", plain_epoch_s), ("kiln", partial(kiln_epoch_s, runtime))]
         for repeat in range(args.repeats):
             for n in lengths:
-                sides = [("plain", plain_epoch_s), ("kiln", partial(kiln_epoch_s, runtime))]
                 for side, run in sides[:: 1 if repeat % 2 == 0 else -1]:
                     runs[side, n].append(run(n))
         engine.dispose()
