@@ -6,9 +6,11 @@ Every write a worker makes names the attempt it holds, so a worker that lost its
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
-from kiln.errors import IllegalTransition, NotFound
+from kiln.errors import IllegalTransition, InvalidRequest, NotFound
 from kiln.states import JobState, sources_of
 
 
@@ -326,3 +328,82 @@ def get_owned(session: Session, job_id: str, owner: str | None) -> Job:
     if job is None or (owner is not None and job.owner != owner):
         raise NotFound(f"no job {job_id}")
     return job
+
+
+class Page(NamedTuple):
+    """One page of a listing, and the cursor of the next (None on the last page)."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def listed(
+    session: Session,
+    owner: str | None,
+    *,
+    state: JobState | None = None,
+    kind: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> Page:
+    """The jobs `owner` may see (None: every owner's), newest first, `limit` at a time;
+    pass a page's next_cursor to get the page after it (InvalidRequest for a bad cursor)."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if cursor:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    rows = list(session.scalars(query))
+    page, more = rows[:limit], len(rows) > limit
+    return Page(page, _encode_cursor(page[-1]) if more else None)
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, job_id = base64.urlsafe_b64decode(cursor).decode().split("|", 1)
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None:  # the API's cursors carry an offset; a naive one would 500
+            raise ValueError("cursor time has no UTC offset")
+        return when, job_id
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("cursor is not one this API returned") from None
+
+
+def metric_points(session: Session, job_id: str) -> list[Metric]:
+    """The job's metric points, by name then step."""
+    return list(
+        session.scalars(
+            select(Metric).where(Metric.job_id == job_id).order_by(Metric.name, Metric.step)
+        )
+    )
+
+
+def events(session: Session, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEvent]:
+    """The job's log lines after the one with id `after`, oldest first."""
+    return list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit)
+        )
+    )
+
+
+def event_tail(session: Session, job_id: str, limit: int) -> list[JobEvent]:
+    """The job's newest `limit` log lines, oldest first."""
+    newest = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(limit)
+    )
+    return list(newest)[::-1]

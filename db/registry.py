@@ -188,3 +188,20 @@ def digest_in_use(session: Session, digest: str) -> bool:
     # Exports live in a JSON column; there are few, so they are checked here, not in SQL.
     exports = session.scalars(select(ModelVersion.exports))
     return any(e.get("digest") == digest for found in exports for e in found.values())
+
+
+def get_owned(session: Session, model_id: str, owner: str | None) -> Model:
+    """The model by id, if `owner` may see it (None: an admin sees all); otherwise NotFound.
+    (get_model finds one by name in the caller's own namespace.)"""
+    model = session.get(Model, model_id)
+    if model is None or (owner is not None and model.owner != owner):
+        raise NotFound(f"no model {model_id}")
+    return model
+
+
+def listed(session: Session, owner: str | None) -> list[Model]:
+    """The models `owner` may see (None: every owner's), by name."""
+    query = select(Model).order_by(Model.name, Model.id)
+    if owner is not None:
+        query = query.where(Model.owner == owner)
+    return list(session.scalars(query))

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
-from datetime import datetime
-from typing import Any
 
-from flask import Response, current_app, request, send_file
-from sqlalchemy import and_, or_, select
+from flask import Response, request
 from sqlalchemy.exc import IntegrityError
 
 from db import jobs
-from db.models import Job, JobEvent, Metric
-from kiln.artifacts import open_store
-from kiln.errors import InvalidRequest, KilnError, NoOutput
+from db.models import Job
+from kiln.errors import InvalidRequest, KilnError
 from kiln.schemas import (
     EventOut,
     EventPage,
@@ -28,7 +22,7 @@ from kiln.schemas import (
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
-from web import session
+from web import session, storage
 from web.api import bp
 from web.api.body import answer, parse
 from web.auth import principal
@@ -111,25 +105,20 @@ def _replay(earlier: Job, fingerprint: str | None) -> Response:
 @bp.get("/jobs")
 def list_jobs() -> Response:
     limit = _int_arg("limit", 50, 1, _MAX_PAGE)
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    owner = principal().visible_owner
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    if state := request.args.get("state"):
-        if state not in {s.value for s in JobState}:
-            raise InvalidRequest(f"unknown state {state!r}")
-        query = query.where(Job.state == state)
-    if kind := request.args.get("kind"):
-        query = query.where(Job.kind == kind)
-    if cursor := request.args.get("cursor"):
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    rows = list(session.get().scalars(query))
-    page, more = rows[:limit], len(rows) > limit
-    next_cursor = _encode_cursor(page[-1]) if more else None
-    return answer(JobPage(jobs=[JobOut.model_validate(j) for j in page], next_cursor=next_cursor))
+    state = request.args.get("state")
+    if state and state not in {s.value for s in JobState}:
+        raise InvalidRequest(f"unknown state {state!r}")
+    page = jobs.listed(
+        session.get(),
+        principal().visible_owner,
+        state=JobState(state) if state else None,
+        kind=request.args.get("kind"),
+        cursor=request.args.get("cursor"),
+        limit=limit,
+    )
+    return answer(
+        JobPage(jobs=[JobOut.model_validate(j) for j in page.jobs], next_cursor=page.next_cursor)
+    )
 
 
 @bp.get("/jobs/<job_id>")
@@ -148,11 +137,8 @@ def cancel_job(job_id: str) -> Response:
 @bp.get("/jobs/<job_id>/metrics")
 def job_metrics(job_id: str) -> Response:
     job = _owned(job_id)
-    points = session.get().scalars(
-        select(Metric).where(Metric.job_id == job.id).order_by(Metric.name, Metric.step)
-    )
     series: dict[str, list[MetricPoint]] = {}
-    for point in points:
+    for point in jobs.metric_points(session.get(), job.id):
         series.setdefault(point.name, []).append(
             MetricPoint(step=point.step, value=point.value, at=point.at)
         )
@@ -165,56 +151,20 @@ def job_events(job_id: str) -> Response:
     job = _owned(job_id)
     after = _int_arg("after", 0, 0, 2**62)
     limit = _int_arg("limit", 500, 1, 5000)
-    events = session.get().scalars(
-        select(JobEvent)
-        .where(JobEvent.job_id == job.id, JobEvent.id > after)
-        .order_by(JobEvent.id)
-        .limit(limit)
-    )
-    return answer(EventPage(events=[EventOut.model_validate(e) for e in events]))
-
-
-_MEDIA_TYPES = {
-    "parquet": "application/vnd.apache.parquet",
-    "csv": "text/csv",
-    "jsonl": "application/x-ndjson",
-}
+    found = jobs.events(session.get(), job.id, after=after, limit=limit)
+    return answer(EventPage(events=[EventOut.model_validate(e) for e in found]))
 
 
 @bp.get("/jobs/<job_id>/output")
 def job_output(job_id: str) -> Response:
     """The job's output file (a batch_predict's predictions), streamed."""
-    return _result_file(_owned(job_id), "output")
+    return storage.send_result_file(_owned(job_id), "output")
 
 
 @bp.get("/jobs/<job_id>/errors")
 def job_errors(job_id: str) -> Response:
     """The job's error file: one JSON line per input row that could not be scored."""
-    return _result_file(_owned(job_id), "error_file")
-
-
-def stored_file(job: Job, entry: str) -> dict[str, Any] | None:
-    """The job result's description of a stored file (digest, format, rows), if it has one."""
-    described = (job.result or {}).get(entry)
-    return described if isinstance(described, dict) and "digest" in described else None
-
-
-def _result_file(job: Job, entry: str) -> Response:
-    described = stored_file(job, entry)
-    if described is None:
-        what = "output" if entry == "output" else "error file"
-        raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")
-    fmt = str(described.get("format", "bin"))
-    store = open_store(current_app.config["KILN_SETTINGS"])
-    suffix = "errors" if entry == "error_file" else "output"
-    return send_file(
-        store.path(described["digest"]),
-        mimetype=_MEDIA_TYPES.get(fmt, "application/octet-stream"),
-        as_attachment=True,
-        download_name=f"{job.id}-{suffix}.{fmt}",
-        etag=described["digest"],
-        conditional=True,
-    )
+    return storage.send_result_file(_owned(job_id), "error_file")
 
 
 def _owned(job_id: str) -> Job:
@@ -232,18 +182,3 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low} and {high}")
     return value
-
-
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created_at, job_id = base64.urlsafe_b64decode(cursor).decode().split("|", 1)
-        when = datetime.fromisoformat(created_at)
-        if when.tzinfo is None:  # the API's cursors carry an offset; a naive one would 500
-            raise ValueError("cursor time has no UTC offset")
-        return when, job_id
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidRequest("cursor is not one this API returned") from None

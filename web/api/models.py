@@ -6,7 +6,6 @@ import json
 
 from flask import Response, current_app, request, send_file
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from db import registry
 from db.models import Model, ModelVersion
@@ -22,7 +21,7 @@ from kiln.errors import (
 from kiln.schemas import AliasRequest, ModelConfigIn, ModelList, ModelOut, ModelVersionOut
 from kiln.settings import Settings
 from kiln.specs import check_model_name
-from web import session
+from web import session, storage
 from web.api import bp
 from web.api.body import answer, parse
 from web.auth import principal
@@ -31,11 +30,7 @@ from web.errors import validation_details
 
 @bp.get("/models")
 def list_models() -> Response:
-    query = select(Model).order_by(Model.name)
-    owner = principal().visible_owner
-    if owner is not None:
-        query = query.where(Model.owner == owner)
-    found = session.get().scalars(query)
+    found = registry.listed(session.get(), principal().visible_owner)
     return answer(ModelList(models=[ModelOut.model_validate(m) for m in found]))
 
 
@@ -89,12 +84,7 @@ def upload_version(name: str) -> Response:
 @bp.delete("/models/<name>/versions/<version>")
 def delete_version(name: str, version: str) -> Response:
     """Delete a version (409 while an alias points at it) and the files only it used."""
-    db = session.get()
-    orphans = registry.delete_version(db, _model(name), version)
-    db.commit()
-    store = _store()
-    for digest in orphans:
-        store.discard(digest)
+    storage.delete_version(session.get(), _model(name), version)
     return Response(status=204)
 
 

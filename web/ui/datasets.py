@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from flask import flash, jsonify, redirect, render_template, request, url_for
-from sqlalchemy import select
 from werkzeug import Response
 
+from db import datasets as dataset_store
 from db.models import Dataset
 from kiln.errors import KilnError
-from web import session
-from web.api import datasets as api_datasets
+from kiln.schemas import DatasetOut
+from web import session, storage
 from web.ui import auth, bp
 
 
@@ -22,29 +22,22 @@ def datasets() -> str:
 @bp.post("/datasets")
 @auth.signed_in
 def upload() -> Response | tuple[str, int]:
-    """Store the upload through the API's own upload view, so both accept the same files
-    (it reads the session's principal, which auth.load_principal put in g.principal)."""
+    """Store the upload as the API does (web.storage), so both accept the same files."""
+    name = request.form.get("name", "")
     try:
-        answer = api_datasets.upload_dataset()
-    except KilnError as exc:
-        page = render_template(
-            "datasets.html",
-            datasets=_visible(),
-            error=exc.message,
-            name=request.form.get("name", ""),
+        dataset = storage.upload_dataset(
+            session.get(), auth.current().owner, request.files.get("file"), name
         )
+    except KilnError as exc:
+        page = render_template("datasets.html", datasets=_visible(), error=exc.message, name=name)
         return page, exc.status
-    dataset = answer.get_json()
-    flash(f"Uploaded {dataset['name']}: {dataset['rows']} rows.")
+    flash(f"Uploaded {dataset.name}: {dataset.rows} rows.")
     target = url_for("ui.datasets")
     if request.headers.get("X-Requested-With") == "XMLHttpRequest":
-        return jsonify(redirect=target, dataset=dataset)
+        shown = DatasetOut.model_validate(dataset).model_dump(mode="json")
+        return jsonify(redirect=target, dataset=shown)
     return redirect(target)
 
 
 def _visible() -> list[Dataset]:
-    query = select(Dataset).order_by(Dataset.created_at.desc())
-    owner = auth.current().visible_owner
-    if owner is not None:
-        query = query.where(Dataset.owner == owner)
-    return list(session.get().scalars(query))
+    return dataset_store.listed(session.get(), auth.current().visible_owner)

@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from flask import abort, jsonify, redirect, render_template, request, url_for
-from sqlalchemy import select
 from werkzeug import Response
 
 from db import jobs as job_store
-from db.models import Job, JobEvent, Metric
+from db.models import Job
 from kiln.specs import KINDS
 from kiln.states import JobState
-from web import session
-from web.api import jobs as api_jobs
+from web import session, storage
 from web.ui import auth, bp
 
 _LIST_LIMIT = 100
 _LOG_TAIL = 200
 _STATES = [s.value for s in JobState]
 
-#: What a job page offers for download: name in the UI's URL → (the result entry that
-#: describes the file, the API view that serves it). The view runs with the session's
-#: principal, so the browser gets the same owner checks and the same bytes as the API.
-DOWNLOADS: dict[str, tuple[str, Callable[[str], Response]]] = {
-    "output": ("output", api_jobs.job_output),
-    "errors": ("error_file", api_jobs.job_errors),
-}
+#: What a job page offers for download: name in the UI's URL → the result entry that
+#: describes the file. web.storage serves it, as it does for the API: the same bytes.
+DOWNLOADS: dict[str, str] = {"output": "output", "errors": "error_file"}
 
 
 @bp.get("/jobs")
@@ -47,16 +40,15 @@ def jobs_table() -> str:
 def _listing() -> dict[str, Any]:
     state = request.args.get("state", "")
     kind = request.args.get("kind", "")
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(_LIST_LIMIT)
-    owner = auth.current().visible_owner
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    if state in _STATES:
-        query = query.where(Job.state == state)
-    if kind:
-        query = query.where(Job.kind == kind)
+    page = job_store.listed(
+        session.get(),
+        auth.current().visible_owner,
+        state=JobState(state) if state in _STATES else None,
+        kind=kind or None,
+        limit=_LIST_LIMIT,
+    )
     return {
-        "jobs": list(session.get().scalars(query)),
+        "jobs": page.jobs,
         "state": state if state in _STATES else "",
         "kind": kind,
         "states": _STATES,
@@ -106,22 +98,14 @@ def _status(found: Job) -> dict[str, Any]:
 def _downloads(found: Job) -> dict[str, dict[str, Any]]:
     """The files the job has: those whose result entry names a stored file (a digest)."""
     offered: dict[str, dict[str, Any]] = {}
-    for what, (entry, _) in DOWNLOADS.items():
-        if (described := api_jobs.stored_file(found, entry)) is not None:
+    for what, entry in DOWNLOADS.items():
+        if (described := storage.stored_file(found, entry)) is not None:
             offered[what] = described
     return offered
 
 
 def _log(found: Job) -> dict[str, Any]:
-    tail = list(
-        session.get().scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == found.id)
-            .order_by(JobEvent.id.desc())
-            .limit(_LOG_TAIL)
-        )
-    )
-    return {"events": tail[::-1]}
+    return {"events": job_store.event_tail(session.get(), found.id, _LOG_TAIL)}
 
 
 @bp.get("/jobs/<job_id>/metrics.json")
@@ -129,11 +113,8 @@ def _log(found: Job) -> dict[str, Any]:
 def job_metrics(job_id: str) -> Response:
     """Metric series for the job page's charts: {state, series: {name: [[step, value]]}}."""
     found = _owned(job_id)
-    points = session.get().scalars(
-        select(Metric).where(Metric.job_id == found.id).order_by(Metric.name, Metric.step)
-    )
     series: dict[str, list[list[float]]] = {}
-    for point in points:
+    for point in job_store.metric_points(session.get(), found.id):
         series.setdefault(point.name, []).append([point.step, point.value])
     terminal = JobState(found.state).is_terminal
     return jsonify(state=found.state, terminal=terminal, series=series)
@@ -151,11 +132,11 @@ def cancel(job_id: str) -> Response:
 @bp.get("/jobs/<job_id>/download/<what>")
 @auth.signed_in
 def download(job_id: str, what: str) -> Response:
-    """A job's file, served by the API view for it (auth.load_principal set g.principal)."""
-    if what not in _downloads(_owned(job_id)):
+    """A job's output or error file, sent as the API sends it."""
+    found = _owned(job_id)
+    if what not in _downloads(found):
         abort(404, f"job {job_id} has no {what} file to download")
-    _, view = DOWNLOADS[what]
-    return view(job_id)
+    return storage.send_result_file(found, DOWNLOADS[what])
 
 
 def _owned(job_id: str) -> Job:

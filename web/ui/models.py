@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from flask import flash, redirect, render_template, request, url_for
-from sqlalchemy import select
 from werkzeug import Response
 
+from db import datasets as dataset_store
 from db import registry
 from db.models import Dataset, Model
-from kiln.errors import InvalidRequest, NotFound
+from kiln.errors import InvalidRequest
 from web import session
 from web.ui import auth, bp
 
@@ -16,11 +16,7 @@ from web.ui import auth, bp
 @bp.get("/models")
 @auth.signed_in
 def models() -> str:
-    query = select(Model).order_by(Model.name)
-    owner = auth.current().visible_owner
-    if owner is not None:
-        query = query.where(Model.owner == owner)
-    found = list(session.get().scalars(query))
+    found = registry.listed(session.get(), auth.current().visible_owner)
     return render_template(
         "models.html",
         models=found,
@@ -34,10 +30,7 @@ def models() -> str:
 def set_alias(model_id: str) -> Response:
     """Point an alias (production, by default) at one of the model's versions."""
     db = session.get()
-    model = db.get(Model, model_id)
-    owner = auth.current().visible_owner
-    if model is None or (owner is not None and model.owner != owner):
-        raise NotFound(f"no model {model_id}")
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
     alias = request.form.get("alias", "production").strip() or "production"
     version = request.form.get("version", "")
     if not version.isdecimal():
@@ -58,7 +51,4 @@ def _metric_names(model: Model) -> list[str]:
 def _datasets_by_digest(found: list[Model]) -> dict[tuple[str, str], Dataset]:
     """The uploads the versions were trained on, by (owner, digest), for lineage links."""
     digests = {v.dataset_digest for m in found for v in m.versions if v.dataset_digest}
-    if not digests:
-        return {}
-    rows = session.get().scalars(select(Dataset).where(Dataset.digest.in_(digests)))
-    return {(d.owner, d.digest): d for d in rows}
+    return dataset_store.by_digest(session.get(), digests)

@@ -1,0 +1,111 @@
+"""What the web does with rows that own files in the artifact store, for the API and the UI
+alike: store an uploaded dataset, delete a dataset or a model version (and the files only
+it used), and send a job's result file. Each checks nothing about who asks: the caller has
+found the row with the owner rule (db.datasets.get_owned, db.jobs.get_owned, ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, current_app, send_file
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import FileStorage
+
+from db import datasets as dataset_store
+from db import registry
+from db.models import Dataset, Job, Model
+from kiln import datasets
+from kiln.artifacts import ArtifactStore, open_store
+from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
+from kiln.settings import Settings
+
+_CHUNK = 1024 * 1024
+
+_MEDIA_TYPES = {
+    "parquet": "application/vnd.apache.parquet",
+    "csv": "text/csv",
+    "jsonl": "application/x-ndjson",
+}
+
+
+def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: str) -> Dataset:
+    """Stream the upload into the store, check it parses as the format its suffix names
+    (CSV, Parquet, JSONL or NPZ), and record it (committed)."""
+    if upload is None or not upload.filename:
+        raise InvalidRequest("send the file as multipart/form-data field 'file'")
+    fmt = datasets.format_of(upload.filename)
+    settings = _settings()
+    store = open_store(settings)
+    stored = store.put_chunks(
+        iter(lambda: upload.stream.read(_CHUNK), b""), max_bytes=settings.max_upload_bytes
+    )
+    try:
+        info = datasets.inspect(stored.path, fmt)
+    except UnsupportedDataset:
+        # The store shares equal files: keep one that an earlier row already refers to.
+        if not registry.digest_in_use(db, stored.digest):
+            store.discard(stored.digest)
+        raise
+    dataset = dataset_store.create(
+        db,
+        owner=owner,
+        name=name or upload.filename,
+        format=info.format,
+        rows=info.rows,
+        columns=info.columns,
+        size_bytes=stored.size,
+        digest=stored.digest,
+    )
+    db.commit()
+    return dataset
+
+
+def delete_dataset(db: Session, dataset: Dataset) -> None:
+    """Delete the dataset (InUse while a version was trained on it), committed, then its
+    file if nothing else refers to it."""
+    orphan = dataset_store.delete(db, dataset)
+    db.commit()
+    if orphan is not None:
+        _store().discard(orphan)
+
+
+def delete_version(db: Session, model: Model, ref: str | int) -> None:
+    """Delete a version (InUse while an alias points at it), committed, then the files only
+    it used."""
+    orphans = registry.delete_version(db, model, ref)
+    db.commit()
+    store = _store()
+    for digest in orphans:
+        store.discard(digest)
+
+
+def stored_file(job: Job, entry: str) -> dict[str, Any] | None:
+    """The job result's description of a stored file (digest, format, rows), if it has one."""
+    described = (job.result or {}).get(entry)
+    return described if isinstance(described, dict) and "digest" in described else None
+
+
+def send_result_file(job: Job, entry: str) -> Response:
+    """Stream the file a job's result names under `entry` ("output" or "error_file")."""
+    described = stored_file(job, entry)
+    if described is None:
+        what = "output" if entry == "output" else "error file"
+        raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")
+    fmt = str(described.get("format", "bin"))
+    suffix = "errors" if entry == "error_file" else "output"
+    return send_file(
+        _store().path(described["digest"]),
+        mimetype=_MEDIA_TYPES.get(fmt, "application/octet-stream"),
+        as_attachment=True,
+        download_name=f"{job.id}-{suffix}.{fmt}",
+        etag=described["digest"],
+        conditional=True,
+    )
+
+
+def _settings() -> Settings:
+    return current_app.config["KILN_SETTINGS"]
+
+
+def _store() -> ArtifactStore:
+    return open_store(_settings())
