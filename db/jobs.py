@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import ColumnElement, Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -21,6 +22,8 @@ from db.base import utcnow
 from db.models import Job, JobEvent, Metric
 from kiln.errors import IllegalTransition, InvalidRequest, NotFound
 from kiln.states import JobState, sources_of
+
+T = TypeVar("T")
 
 
 def create(
@@ -92,6 +95,65 @@ def claim(session: Session, job_id: str, attempt: int, worker: str, device: str)
         message="running",
     )
     return attempt + 1 if won else None
+
+
+def claim_followers(
+    session: Session,
+    leader_id: str,
+    default_device: str,
+    take: Callable[[Job], T | None],
+    size: Callable[[T], int],
+    *,
+    budget: int,
+    limit: int,
+) -> list[tuple[str, int, T]]:
+    """Claim queued jobs to run alongside the leader (dynamic batching): of its owner and
+    kind, not cancelled, highest priority first, at most `limit` looked at; each one `take`
+    accepts and whose `size` fits what is left of `budget` is claimed with the ordinary
+    compare-and-set, on the leader's worker and device. Returns (job id, the attempt
+    claimed, what `take` returned) for each one won."""
+    leader = session.get_one(Job, leader_id)
+    worker, device = leader.worker or "unknown", leader.device or default_device
+    candidates = session.scalars(
+        select(Job)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.kind == leader.kind,
+            Job.owner == leader.owner,
+            Job.cancel_requested.is_(False),
+        )
+        .order_by(Job.priority.desc(), Job.created_at)
+        .limit(limit)
+    ).all()
+    claimed = []
+    for job in candidates:
+        taken = take(job)
+        if taken is None or size(taken) > budget:
+            continue
+        attempt = claim(session, job.id, job.attempt, worker, device)
+        if attempt is not None:
+            claimed.append((job.id, attempt, taken))
+            budget -= size(taken)
+    return claimed
+
+
+def finish_followers(
+    session: Session, leader_id: str, endings: list[tuple[str, int, dict[str, Any] | str]]
+) -> None:
+    """End jobs a leader claimed and ran: each succeeds with its result (marked
+    `batched_with` the leader) or fails with its reason (a str); a cancel request that came
+    in while they ran is honoured instead."""
+    ids = [job_id for job_id, _, _ in endings]
+    cancelled = set(
+        session.scalars(select(Job.id).where(Job.id.in_(ids), Job.cancel_requested.is_(True)))
+    )
+    for job_id, attempt, ending in endings:
+        if job_id in cancelled:
+            mark_cancelled(session, job_id, attempt)
+        elif isinstance(ending, str):
+            fail(session, job_id, attempt, "JobFailure", ending)
+        else:
+            succeed(session, job_id, attempt, ending | {"batched_with": leader_id})
 
 
 def heartbeat(session: Session, job_id: str, attempt: int) -> bool:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from sqlalchemy.orm import Session
 
-from db import jobs
+from db import datasets, jobs, registry
 from db.engine import session_scope
+from db.models import Dataset, Job, ModelVersion
+from kiln.errors import JobFailure, NotFound
 from workers.reconcile import time_limit_reason
 from workers.runtime import Runtime
 
@@ -53,6 +56,8 @@ class JobTimeout(Exception):
     def __init__(self, limit_s: float) -> None:
         super().__init__(time_limit_reason(limit_s))
 
+
+T = TypeVar("T")
 
 #: Set in a worker's pool process when it got SIGTERM (workers.shutdown installs the
 #: handler); read by every RunContext of that process.
@@ -162,6 +167,97 @@ class RunContext:
     @property
     def scratch_dir(self) -> Path:
         """A private working folder for this job (checkpoints, outputs being written)."""
-        path = self.runtime.settings.data_dir / "work" / self.job_id
+        path = self.scratch_dir_of(self.job_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def scratch_dir_of(self, job_id: str) -> Path:
+        """Where job `job_id` keeps (or kept) its scratch files; it may not exist."""
+        return self.runtime.settings.data_dir / "work" / job_id
+
+    # What a runner reads and writes in the database: the job owner's rows only. The rows
+    # come back detached, their columns loaded; a runner only reads them.
+
+    def dataset(self, dataset_id: str) -> Dataset:
+        """The owner's uploaded dataset; JobFailure if there is none of that id."""
+        with session_scope(self.runtime.sessions) as session:
+            try:
+                return datasets.get_owned(session, dataset_id, self.owner)
+            except NotFound as exc:
+                raise JobFailure(exc.message) from None
+
+    def version(self, model: str, ref: str | int) -> ModelVersion:
+        """The owner's model `model` at `ref` (number, alias or latest); NotFound if none."""
+        with session_scope(self.runtime.sessions) as session:
+            return registry.find_version(session, self.owner, model, ref)
+
+    def job(self, job_id: str) -> Job:
+        """Another of the owner's jobs; NotFound if there is none of that id."""
+        with session_scope(self.runtime.sessions) as session:
+            return jobs.get_owned(session, job_id, self.owner)
+
+    def register_version(
+        self,
+        *,
+        name: str,
+        arch: str,
+        config: dict[str, Any],
+        metrics: dict[str, float],
+        artifact_digest: str,
+        artifact_size: int,
+        dataset_digest: str | None,
+        lineage: dict[str, Any],
+    ) -> int:
+        """Register the version this job made as the next of the owner's model `name` (a
+        job registers at most one), with the reports still pending; returns its number."""
+        with self.transaction() as session:
+            version = registry.register_version(
+                session,
+                owner=self.owner,
+                name=name,
+                source_job_id=self.job_id,
+                arch=arch,
+                config=config,
+                metrics=metrics,
+                artifact_digest=artifact_digest,
+                artifact_size=artifact_size,
+                dataset_digest=dataset_digest,
+                lineage=lineage,
+            )
+            return version.number
+
+    def record_export(self, version_id: str, fmt: str, digest: str, size: int) -> None:
+        """Note an export on a version; JobFailure if the version was deleted meanwhile."""
+        with session_scope(self.runtime.sessions) as session:
+            try:
+                registry.record_export(session, version_id, fmt, digest, size)
+            except NotFound as exc:
+                raise JobFailure(exc.message) from None
+
+    def attach_result(self, result: dict[str, Any]) -> None:
+        """Record part of the result before the attempt ends (a failing job's error file)."""
+        with session_scope(self.runtime.sessions) as session:
+            jobs.attach_result(session, self.job_id, self.attempt, result)
+
+    # Dynamic batching: jobs claimed to run alongside this one (its followers) are finished
+    # by this attempt; db.jobs holds the claims and the endings.
+
+    def claim_followers(
+        self, take: Callable[[Job], T | None], size: Callable[[T], int], budget: int, limit: int
+    ) -> list[tuple[str, int, T]]:
+        """Claim queued jobs of this job's owner and kind that `take` accepts, up to
+        `budget` in `size`; (job id, attempt, what `take` gave) each."""
+        with session_scope(self.runtime.sessions) as session:
+            return jobs.claim_followers(
+                session, self.job_id, str(self.device), take, size, budget=budget, limit=limit
+            )
+
+    def finish_followers(self, endings: list[tuple[str, int, dict[str, Any] | str]]) -> None:
+        """Record the followers' endings in one transaction: a result, or why it failed."""
+        with session_scope(self.runtime.sessions) as session:
+            jobs.finish_followers(session, self.job_id, endings)
+
+    def fail_followers(self, held: list[tuple[str, int]], error_type: str, message: str) -> None:
+        with session_scope(self.runtime.sessions) as session:
+            for job_id, attempt in held:
+                jobs.fail(session, job_id, attempt, error_type, message)

@@ -41,9 +41,6 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from db import jobs, registry
-from db.engine import session_scope
-from db.models import Dataset
 from kiln import datasets
 from kiln.errors import JobFailure, UnsupportedDataset
 from kiln.specs import BatchPredictSpec
@@ -173,15 +170,11 @@ def _score_chunks(
 def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | None) -> Plan:
     """Resolve the dataset and the model version; a resumed job keeps the version it began
     with, even if an alias such as `production` has moved since."""
-    with session_scope(ctx.runtime.sessions) as session:
-        dataset = session.get(Dataset, spec.dataset)
-        if dataset is None or dataset.owner != ctx.owner:
-            raise JobFailure(f"no dataset {spec.dataset}")
-        ref = manifest["version"] if manifest else spec.version
-        version = registry.find_version(session, ctx.owner, spec.model, ref)
-        number, digest, config = version.number, version.artifact_digest, version.config
-        columns = {c["name"]: c["dtype"] for c in dataset.columns}
-        fmt, rows, data_digest = dataset.format, dataset.rows, dataset.digest
+    dataset = ctx.dataset(spec.dataset)
+    version = ctx.version(spec.model, manifest["version"] if manifest else spec.version)
+    number, digest, config = version.number, version.artifact_digest, version.config
+    columns = {c["name"]: c["dtype"] for c in dataset.columns}
+    fmt, rows, data_digest = dataset.format, dataset.rows, dataset.digest
     features = spec.features or list(config["feature_names"])
     width = len(config["feature_names"])
     vector = len(features) == 1 and width != 1 and "list" in columns.get(features[0], "")
@@ -462,8 +455,7 @@ def _attach_errors(ctx: RunContext, work: Path, progress: Progress) -> None:
     """Store the error file so far and record it on the job before it fails."""
     path = _concatenate(work, "err", progress.chunks, "jsonl", "errors.jsonl")
     error_file = _store(ctx, path, "jsonl", progress.errors)
-    with session_scope(ctx.runtime.sessions) as session:
-        jobs.attach_result(session, ctx.job_id, ctx.attempt, {"error_file": error_file})
+    ctx.attach_result({"error_file": error_file})
 
 
 def _assemble(

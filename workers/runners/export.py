@@ -13,19 +13,15 @@ from typing import Any
 
 import torch
 
-from db import registry
-from db.engine import session_scope
-from kiln.errors import JobFailure, NotFound
 from kiln.specs import ExportSpec
 from workers.context import RunContext
 from workers.ml import bundle
 
 
 def run(spec: ExportSpec, ctx: RunContext) -> dict[str, Any]:
-    with session_scope(ctx.runtime.sessions) as session:
-        version = registry.find_version(session, ctx.owner, spec.model, spec.version)
-        version_id, number, config = version.id, version.number, version.config
-        digest = version.artifact_digest
+    version = ctx.version(spec.model, spec.version)
+    version_id, number, config = version.id, version.number, version.config
+    digest = version.artifact_digest
     cpu = torch.device("cpu")
     model, _ = bundle.load_for_inference(ctx.runtime.store.path(digest), config, cpu)
     example = torch.randn(
@@ -41,11 +37,7 @@ def run(spec: ExportSpec, ctx: RunContext) -> dict[str, Any]:
         torch.testing.assert_close(traced(example), model(example))
         torch.jit.save(traced, str(path))
     stored = ctx.runtime.store.put_file(path)
-    with session_scope(ctx.runtime.sessions) as session:
-        try:
-            registry.record_export(session, version_id, spec.format, stored.digest, stored.size)
-        except NotFound as exc:
-            raise JobFailure(exc.message) from None
+    ctx.record_export(version_id, spec.format, stored.digest, stored.size)
     return {
         "model": spec.model,
         "version": number,

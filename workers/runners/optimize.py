@@ -22,9 +22,6 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from db import registry
-from db.engine import session_scope
-from db.models import Dataset
 from kiln import datasets
 from kiln.errors import JobFailure
 from kiln.specs import OptimizeSpec, TrainSpec
@@ -38,10 +35,9 @@ _TIMED_PASSES = 5
 
 
 def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
-    with session_scope(ctx.runtime.sessions) as session:
-        source = registry.find_version(session, ctx.owner, spec.model, spec.version)
-        number, config, lineage = source.number, source.config, source.lineage
-        digest, dataset_digest, arch = source.artifact_digest, source.dataset_digest, source.arch
+    source = ctx.version(spec.model, spec.version)
+    number, config, lineage = source.number, source.config, source.lineage
+    digest, dataset_digest, arch = source.artifact_digest, source.dataset_digest, source.arch
     if config.get(bundle.QUANTIZATION):
         raise JobFailure(f"version {number} is already quantized ({config[bundle.QUANTIZATION]})")
     rows, evaluated_on = _evaluation_rows(spec, ctx, config, lineage, dataset_digest)
@@ -58,29 +54,24 @@ def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
     new_config = {**config, bundle.QUANTIZATION: bundle.DYNAMIC_INT8}
     # Float weights; see the module docstring.
     stored = ctx.runtime.store.put_bytes(bundle.to_bytes(original, new_config))
-    with ctx.transaction() as session:
-        version = registry.register_version(
-            session,
-            owner=ctx.owner,
-            name=spec.model,
-            source_job_id=ctx.job_id,
-            arch=arch,
-            config=new_config,
-            metrics={"val_accuracy": after["accuracy"], "rows_per_s": after["rows_per_s"]},
-            artifact_digest=stored.digest,
-            artifact_size=stored.size,
-            # The source's training data stays pinned: this version's lineage runs through it.
-            dataset_digest=dataset_digest,
-            lineage={
-                "origin": "optimize",
-                "source_version": number,
-                "quantization": bundle.DYNAMIC_INT8,
-                "evaluated_on": evaluated_on,
-                # The source's training spec, so this version's split can be recomputed too.
-                "spec": lineage.get("spec", {}),
-            },
-        )
-        new_number = version.number
+    new_number = ctx.register_version(
+        name=spec.model,
+        arch=arch,
+        config=new_config,
+        metrics={"val_accuracy": after["accuracy"], "rows_per_s": after["rows_per_s"]},
+        artifact_digest=stored.digest,
+        artifact_size=stored.size,
+        # The source's training data stays pinned: this version's lineage runs through it.
+        dataset_digest=dataset_digest,
+        lineage={
+            "origin": "optimize",
+            "source_version": number,
+            "quantization": bundle.DYNAMIC_INT8,
+            "evaluated_on": evaluated_on,
+            # The source's training spec, so this version's split can be recomputed too.
+            "spec": lineage.get("spec", {}),
+        },
+    )
     return {
         "model": spec.model,
         "version": new_number,
@@ -131,11 +122,8 @@ def _evaluation_rows(
 def _dataset_table(
     ctx: RunContext, dataset_id: str, target: str, expected_digest: str | None
 ) -> data.Table:
-    with session_scope(ctx.runtime.sessions) as session:
-        found = session.get(Dataset, dataset_id)
-        if found is None or found.owner != ctx.owner:
-            raise JobFailure(f"no dataset {dataset_id}")
-        fmt, digest = found.format, found.digest
+    found = ctx.dataset(dataset_id)
+    fmt, digest = found.format, found.digest
     if expected_digest is not None and digest != expected_digest:
         raise JobFailure(f"dataset {dataset_id} is not the file the version was trained on")
     return data.from_arrow(datasets.read_table(ctx.runtime.store.path(digest), fmt), target)

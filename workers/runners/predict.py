@@ -21,11 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select
 from torch import nn
 
-from db import jobs, registry
-from db.engine import session_scope
 from db.models import Job
 from kiln.errors import InvalidSpec, JobFailure
 from kiln.specs import PredictSpec, Row, parse_spec
@@ -48,9 +45,8 @@ class Follower:
 
 
 def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
-    with session_scope(ctx.runtime.sessions) as session:
-        version = registry.find_version(session, ctx.owner, spec.model, spec.version)
-        config, digest, number = version.config, version.artifact_digest, version.number
+    version = ctx.version(spec.model, spec.version)
+    config, digest, number = version.config, version.artifact_digest, version.number
     followers = _claim_followers(spec, ctx, wait=True)
     with _failing_with_it(ctx, followers):
         model, device = model_cache.load_version(ctx, digest, config)
@@ -115,30 +111,13 @@ def _claim_followers(spec: PredictSpec, ctx: RunContext, *, wait: bool) -> list[
 
 
 def _claim_some(spec: PredictSpec, ctx: RunContext, budget: int) -> list[Follower]:
-    with session_scope(ctx.runtime.sessions) as session:
-        leader = session.get(Job, ctx.job_id)
-        worker, device = (leader.worker or "unknown", leader.device or str(ctx.device))
-        candidates = session.scalars(
-            select(Job)
-            .where(
-                Job.state == "queued",
-                Job.kind == "predict",
-                Job.owner == ctx.owner,
-                Job.cancel_requested.is_(False),
-            )
-            .order_by(Job.priority.desc(), Job.created_at)
-            .limit(budget * _CANDIDATES_PER_ROW)
-        ).all()
-        claimed = []
-        for job in candidates:
-            other = _compatible(job, spec, ctx)
-            if other is None or len(other.inputs) > budget:
-                continue
-            attempt = jobs.claim(session, job.id, job.attempt, worker, device)
-            if attempt is not None:
-                claimed.append(Follower(job.id, attempt, other))
-                budget -= len(other.inputs)
-        return claimed
+    claimed = ctx.claim_followers(
+        lambda job: _compatible(job, spec, ctx),
+        lambda other: len(other.inputs),
+        budget=budget,
+        limit=budget * _CANDIDATES_PER_ROW,
+    )
+    return [Follower(job_id, attempt, other) for job_id, attempt, other in claimed]
 
 
 def _compatible(job: Job, spec: PredictSpec, ctx: RunContext) -> PredictSpec | None:
@@ -212,21 +191,13 @@ def _finish_followers(
 ) -> None:
     """Record each follower's own ending in one transaction; a cancel request that came in
     while it ran is honoured."""
-    if not followers:
-        return
-    with session_scope(ctx.runtime.sessions) as session:
-        ids = [f.job_id for f in followers]
-        cancelled = set(
-            session.scalars(select(Job.id).where(Job.id.in_(ids), Job.cancel_requested.is_(True)))
+    if followers:
+        ctx.finish_followers(
+            [
+                (f.job_id, f.attempt, str(r) if isinstance(r, JobFailure) else r)
+                for f, r in zip(followers, results, strict=True)
+            ]
         )
-        for follower, result in zip(followers, results, strict=True):
-            if follower.job_id in cancelled:
-                jobs.mark_cancelled(session, follower.job_id, follower.attempt)
-            elif isinstance(result, JobFailure):
-                jobs.fail(session, follower.job_id, follower.attempt, "JobFailure", str(result))
-            else:
-                result["batched_with"] = ctx.job_id
-                jobs.succeed(session, follower.job_id, follower.attempt, result)
 
 
 @contextmanager
@@ -237,9 +208,7 @@ def _failing_with_it(ctx: RunContext, followers: list[Follower]) -> Iterator[Non
         yield
     except BaseException as exc:
         message = f"the batch this job was scored in failed: {exc!r}"
-        with session_scope(ctx.runtime.sessions) as session:
-            for follower in followers:
-                jobs.fail(session, follower.job_id, follower.attempt, "BatchFailed", message)
+        ctx.fail_followers([(f.job_id, f.attempt) for f in followers], "BatchFailed", message)
         raise
 
 

@@ -13,11 +13,8 @@ from typing import Any
 
 import torch
 
-from db import registry
-from db.engine import session_scope
-from db.models import Dataset, Job
 from kiln import datasets
-from kiln.errors import JobFailure
+from kiln.errors import JobFailure, NotFound
 from kiln.specs import TrainSpec
 from kiln.states import JobState
 from workers.context import JobCancelled, JobTimeout, RunContext, WorkerShutdown
@@ -136,22 +133,17 @@ def _register(
 ) -> dict[str, Any]:
     ctx.progress(1.0, "saving the model")
     stored = ctx.runtime.store.put_bytes(bundle.to_bytes(model, config))
-    with ctx.transaction() as session:
-        version = registry.register_version(
-            session,
-            owner=ctx.owner,
-            name=spec.model_name,
-            source_job_id=ctx.job_id,
-            arch=spec.arch,
-            config=config,
-            metrics=result.metrics,
-            artifact_digest=stored.digest,
-            artifact_size=stored.size,
-            dataset_digest=dataset_digest,
-            # The spec with its defaults filled in: the run can be repeated from it alone.
-            lineage={"origin": "train", "spec": spec.model_dump(mode="json")},
-        )
-        number = version.number
+    number = ctx.register_version(
+        name=spec.model_name,
+        arch=spec.arch,
+        config=config,
+        metrics=result.metrics,
+        artifact_digest=stored.digest,
+        artifact_size=stored.size,
+        dataset_digest=dataset_digest,
+        # The spec with its defaults filled in: the run can be repeated from it alone.
+        lineage={"origin": "train", "spec": spec.model_dump(mode="json")},
+    )
     # The version is registered: the checkpoint has served its purpose.
     ckpt.remove(checkpoint)
     resumed = result.resumed_from
@@ -265,14 +257,16 @@ def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
         return own
     if spec.resume_from is None:
         return None
-    with session_scope(ctx.runtime.sessions) as session:
-        source = session.get(Job, spec.resume_from)
-        if source is None or source.owner != ctx.owner or source.kind != "train":
-            raise JobFailure(f"cannot resume: no train job {spec.resume_from} of yours")
-        state = source.state
+    try:
+        source = ctx.job(spec.resume_from)
+    except NotFound:
+        source = None
+    if source is None or source.kind != "train":
+        raise JobFailure(f"cannot resume: no train job {spec.resume_from} of yours")
+    state = source.state
     if state in (JobState.QUEUED, JobState.RUNNING):
         raise JobFailure(f"cannot resume from job {spec.resume_from}: it is still {state}")
-    path = ctx.runtime.settings.data_dir / "work" / spec.resume_from / ckpt.FILENAME
+    path = ctx.scratch_dir_of(spec.resume_from) / ckpt.FILENAME
     if not ckpt.exists(path):
         raise JobFailure(
             f"cannot resume: job {spec.resume_from} left no checkpoint "
@@ -315,9 +309,6 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
 
 
 def _uploaded(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
-    with session_scope(ctx.runtime.sessions) as session:
-        found = session.get(Dataset, spec.dataset)
-        if found is None or found.owner != ctx.owner:
-            raise JobFailure(f"no dataset {spec.dataset}")
-        fmt, digest = found.format, found.digest
+    found = ctx.dataset(spec.dataset)
+    fmt, digest = found.format, found.digest
     return datasets.read_table(ctx.runtime.store.path(digest), fmt), digest
