@@ -34,6 +34,7 @@ from db.models import Job
 from kiln import logs
 from kiln.errors import InvalidSpec, JobFailure, NotFound
 from kiln.specs import parse_spec
+from kiln.states import JobState
 from workers.context import (
     SHUTDOWN,
     ClaimLost,
@@ -66,7 +67,7 @@ def execute_attempt(
         if job is None:
             log.warning("job=%s event=dropped reason=unknown_job", job_id)
             return
-        if job.state != "queued" or job.attempt != queued_attempt:
+        if job.state != JobState.QUEUED or job.attempt != queued_attempt:
             # Already taken (by a batch leader, say) or finished: the claim would refuse it,
             # so skip parsing and the UPDATE; this is the common path under dynamic batching.
             log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)

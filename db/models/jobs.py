@@ -19,22 +19,34 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, UTCDateTime, new_id, utcnow
+from kiln.states import JobState
+
+
+def _sql_list(states: list[JobState]) -> str:
+    return ", ".join(f"'{state.value}'" for state in states)
+
+
+#: The CHECKs below, written from kiln.states (the same text the migrations created).
+_KNOWN = _sql_list(list(JobState))
+_TERMINAL = _sql_list([state for state in JobState if state.is_terminal])
 
 
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(
-            "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
+            f"state IN ({_KNOWN})",
             name="state_known",
         ),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress_in_unit_range"),
         # A finished job says when it finished; a failed one says why.
         CheckConstraint(
-            "state NOT IN ('succeeded', 'failed', 'cancelled') OR finished_at IS NOT NULL",
+            f"state NOT IN ({_TERMINAL}) OR finished_at IS NOT NULL",
             name="terminal_has_finished_at",
         ),
-        CheckConstraint("state != 'failed' OR error_type IS NOT NULL", name="failed_has_error"),
+        CheckConstraint(
+            f"state != '{JobState.FAILED.value}' OR error_type IS NOT NULL", name="failed_has_error"
+        ),
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
@@ -42,7 +54,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     owner: Mapped[str] = mapped_column(String(100))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=0)

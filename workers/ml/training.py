@@ -21,8 +21,8 @@ from torch import nn
 from kiln.errors import JobFailure
 from workers.ml import checkpoint as ckpt
 from workers.ml.data import REGRESSION, Table
-
-_EVAL_BATCH = 4096
+from workers.ml.inference import outputs
+from workers.ml.inference import predict_proba as predict_proba  # its home before inference.py
 
 
 @dataclass(frozen=True)
@@ -451,19 +451,6 @@ def _end_epoch(trainer: Trainer, val: Table, group: Group | None) -> dict[str, f
     return metrics
 
 
-@torch.no_grad()
-def outputs(model: nn.Module, features: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The network's raw outputs for `features`, in batches, as float32 on the CPU."""
-    was_training = model.training
-    model.eval()
-    parts = [
-        model(torch.from_numpy(features[i : i + _EVAL_BATCH]).to(device)).float().cpu()
-        for i in range(0, len(features), _EVAL_BATCH)
-    ]
-    model.train(was_training)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def evaluate(
     model: nn.Module, data: Table, device: torch.device, config: LoopConfig | None = None
 ) -> dict[str, float]:
@@ -496,14 +483,3 @@ def macro_f1(predicted: np.ndarray, targets: np.ndarray) -> float:
     actual = np.bincount(targets, minlength=size)
     present = (guessed + actual) > 0
     return float((2 * hits[present] / (guessed[present] + actual[present])).mean())
-
-
-def predict_proba(model: nn.Module, features: np.ndarray, device: torch.device) -> np.ndarray:
-    return torch.softmax(outputs(model, features, device), dim=1).numpy()
-
-
-def predict_values(
-    model: nn.Module, features: np.ndarray, device: torch.device, mean: float, std: float
-) -> np.ndarray:
-    """Regression predictions in target units."""
-    return (outputs(model, features, device).squeeze(1).double() * std + mean).numpy()

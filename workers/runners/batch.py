@@ -18,14 +18,16 @@ Rows that cannot be scored (a missing value, NaN or infinity, a vector of the wr
 still get their output row, with no prediction, and a line in the error file (JSONL: row
 number, reason, pass-through columns). The job fails once more than `max_error_fraction` of
 the dataset's rows have failed; its error file is attached all the same.
+
+This module plans, reads, scores and assembles; the part files and the manifest are
+workers/runners/batch_parts.py, and turning a record batch into features is
+workers/runners/batch_features.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import queue
 import shutil
 import threading
@@ -37,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -47,8 +48,8 @@ from kiln.specs import BatchPredictSpec
 from workers import model_cache
 from workers.context import JobCancelled, RetryableOOM, RunContext
 from workers.ml import bundle
+from workers.runners import batch_features, batch_parts
 
-_MANIFEST = "manifest.json"
 _PREFETCH_CHUNKS = 2
 
 
@@ -66,15 +67,6 @@ class Plan:
     features: list[str]
     #: The one list column that holds each row's feature vector, if the features come so.
     vector_column: bool
-
-
-@dataclass
-class Progress:
-    """The committed chunks and the input rows and error rows they hold."""
-
-    chunks: int = 0
-    rows: int = 0
-    errors: int = 0
 
 
 @dataclass
@@ -96,7 +88,7 @@ def run(spec: BatchPredictSpec, ctx: RunContext) -> dict[str, Any]:
 
 
 def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
-    manifest = _read_manifest(work)
+    manifest = batch_parts.read_manifest(work)
     plan = _plan(spec, ctx, manifest)
     if bundle.task(plan.config) != "classification" or plan.config.get("input") == "text":
         raise JobFailure(
@@ -106,14 +98,14 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     if manifest is None or manifest["key"] != plan.key:
         shutil.rmtree(work, ignore_errors=True)
         manifest = {"key": plan.key, "version": plan.model_version, "digest": plan.model_digest}
-        _write_manifest(work, manifest)
-    progress = _committed(work)
+        batch_parts.write_manifest(work, manifest)
+    progress = batch_parts.committed(work)
     if progress.chunks:
         ctx.log(f"resuming at row {progress.rows} ({progress.chunks} chunks were done)")
     started, first_row = time.monotonic(), progress.rows
-    output = _Output(work / f"output.{spec.output_format}", spec.output_format)
+    output = batch_parts.Output(work / f"output.{spec.output_format}", spec.output_format)
     with contextlib.closing(output):
-        for batch in _parts(work, "out", progress.chunks):
+        for batch in batch_parts.parts(work, "out", progress.chunks):
             output.write(batch)  # a resumed attempt's output starts with the committed rows
         _score_chunks(spec, ctx, work, plan, progress, output)
         if progress.rows != plan.total_rows:
@@ -133,8 +125,8 @@ def _score_chunks(
     ctx: RunContext,
     work: Path,
     plan: Plan,
-    progress: Progress,
-    output: _Output,
+    progress: batch_parts.Progress,
+    output: batch_parts.Output,
 ) -> None:
     """Score the chunks not yet committed, committing each and counting it in `progress`."""
     model, device = model_cache.load_version(ctx, plan.model_digest, plan.config)
@@ -155,8 +147,7 @@ def _score_chunks(
             raise RetryableOOM(f"CUDA out of memory at batch size {batch_size}") from exc
         out = _output_batch(spec, chunk, probabilities, labels)
         errors = _error_batch(spec, chunk, progress.rows)
-        _write_part(work / f"err-{chunk.index:06d}.arrow", errors)
-        _write_part(work / f"out-{chunk.index:06d}.arrow", out)  # the commit
+        batch_parts.commit_chunk(work, chunk.index, errors, out)
         output.write(out)
         progress.chunks += 1
         progress.rows += chunk.batch.num_rows
@@ -256,53 +247,11 @@ def _read_ahead(spec: BatchPredictSpec, plan: Plan, skip: int, pin: bool) -> Ite
 def _prepare(index: int, batch: pa.RecordBatch, plan: Plan, width: int, pin: bool) -> Chunk:
     """The chunk's feature matrix for the rows that can be scored, and why the rest cannot."""
     if plan.vector_column:
-        matrix, ok, reasons = _vectors(batch.column(plan.features[0]), width)
+        matrix, ok, reasons = batch_features.from_vectors(batch.column(plan.features[0]), width)
     else:
-        matrix, ok, reasons = _columns(batch, plan.features)
+        matrix, ok, reasons = batch_features.from_columns(batch, plan.features)
     tensor = torch.from_numpy(matrix)
     return Chunk(index, batch, tensor.contiguous().pin_memory() if pin else tensor, ok, reasons)
-
-
-def _columns(
-    batch: pa.RecordBatch, names: list[str]
-) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """The feature matrix, rows by features, as the transpose of a features-by-rows array:
-    stacking whole columns is a quarter of the cost of scattering each into a row-major
-    matrix, and a Linear layer takes the transposed layout as fast."""
-    columns = [batch.column(name).to_numpy(zero_copy_only=False) for name in names]
-    by_feature = np.vstack(columns).astype(np.float32, copy=False)
-    finite = np.isfinite(by_feature)
-    ok = finite.all(axis=0)
-    reasons: dict[int, str] = {}
-    for row in np.flatnonzero(~ok):
-        j = int(np.flatnonzero(~finite[:, row])[0])
-        column = batch.column(names[j])
-        what = "a missing value" if column[int(row)].as_py() is None else f"{by_feature[j, row]}"
-        reasons[int(row)] = f"column {names[j]!r} has {what}; the model needs finite numbers"
-    return (by_feature if ok.all() else by_feature[:, ok]).T, ok, reasons
-
-
-def _vectors(column: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    lengths = np.nan_to_num(lengths.astype(np.float64), nan=-1).astype(np.int64)
-    ok = lengths == width
-    reasons = {
-        int(row): "the feature vector is missing"
-        if lengths[row] < 0
-        else f"the row has {lengths[row]} values; the model takes {width}"
-        for row in np.flatnonzero(~ok)
-    }
-    good = column.filter(pa.array(ok))
-    matrix = good.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    matrix = matrix.reshape(-1, width)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        rows = np.flatnonzero(ok)[~finite]
-        for row in rows:
-            reasons[int(row)] = "the feature vector holds a missing value, NaN or infinity"
-        ok[rows] = False
-        matrix = matrix[finite]
-    return np.ascontiguousarray(matrix), ok, reasons
 
 
 @torch.inference_mode()
@@ -359,91 +308,6 @@ def _error_batch(spec: BatchPredictSpec, chunk: Chunk, first_row: int) -> pa.Rec
     return pa.RecordBatch.from_pydict(columns)
 
 
-def _write_part(path: Path, batch: pa.RecordBatch) -> None:
-    """Write the part file under a temporary name, then rename it: it is whole or absent."""
-    tmp = path.with_suffix(".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    os.replace(tmp, path)
-
-
-def _committed(work: Path) -> Progress:
-    """What the parts already written hold: chunks 0, 1, ... up to the first one whose
-    parts are missing or do not read back whole (torn by a machine crash)."""
-    progress = Progress()
-    while True:
-        index = progress.chunks
-        try:
-            rows, errors = (
-                _part_rows(work / f"{kind}-{index:06d}.arrow") for kind in ("out", "err")
-            )
-        except (OSError, pa.ArrowInvalid):
-            return progress
-        progress.chunks, progress.rows, progress.errors = (
-            index + 1,
-            progress.rows + rows,
-            progress.errors + errors,
-        )
-
-
-def _part_rows(path: Path) -> int:
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-
-
-def _read_manifest(work: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((work / _MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_manifest(work: Path, manifest: dict[str, Any]) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f"{_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, work / _MANIFEST)
-
-
-def _parts(work: Path, prefix: str, count: int) -> Iterator[pa.RecordBatch]:
-    for index in range(count):
-        with pa.memory_map(str(work / f"{prefix}-{index:06d}.arrow")) as source:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-
-
-class _Output:
-    """A file of `fmt` written batch by batch, opened at the first row; close() gives its
-    path, or None when no batch had rows."""
-
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.path, self.fmt = path, fmt
-        self._writer: datasets.TableWriter | None = None
-        self._finished: Path | None = None
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows:
-            self._writer = self._writer or datasets.TableWriter(self.path, self.fmt, batch.schema)
-            self._writer.write(batch)
-
-    def close(self) -> Path | None:
-        """Finish the file (again: no-op); its path."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer, self._finished = None, self.path
-        return self._finished
-
-
-def _concatenate(work: Path, prefix: str, count: int, fmt: str, name: str) -> Path | None:
-    """Stream the committed parts into one file of `fmt`; None when there are no rows."""
-    output = _Output(work / name, fmt)
-    for batch in _parts(work, prefix, count):
-        output.write(batch)
-    return output.close()
-
-
 def _store(ctx: RunContext, path: Path | None, fmt: str, rows: int) -> dict[str, Any] | None:
     if path is None:
         return None
@@ -451,9 +315,9 @@ def _store(ctx: RunContext, path: Path | None, fmt: str, rows: int) -> dict[str,
     return {"digest": stored.digest, "size": stored.size, "format": fmt, "rows": rows}
 
 
-def _attach_errors(ctx: RunContext, work: Path, progress: Progress) -> None:
+def _attach_errors(ctx: RunContext, work: Path, progress: batch_parts.Progress) -> None:
     """Store the error file so far and record it on the job before it fails."""
-    path = _concatenate(work, "err", progress.chunks, "jsonl", "errors.jsonl")
+    path = batch_parts.concatenate(work, "err", progress.chunks, "jsonl", "errors.jsonl")
     error_file = _store(ctx, path, "jsonl", progress.errors)
     ctx.attach_result({"error_file": error_file})
 
@@ -463,11 +327,11 @@ def _assemble(
     ctx: RunContext,
     work: Path,
     plan: Plan,
-    progress: Progress,
+    progress: batch_parts.Progress,
     output: Path | None,
 ) -> dict[str, Any]:
     fmt = spec.output_format
-    errors = _concatenate(work, "err", progress.chunks, "jsonl", "errors.jsonl")
+    errors = batch_parts.concatenate(work, "err", progress.chunks, "jsonl", "errors.jsonl")
     return {
         "model": spec.model,
         "version": plan.model_version,
@@ -479,7 +343,7 @@ def _assemble(
     }
 
 
-def _too_many_errors(spec: BatchPredictSpec, plan: Plan, progress: Progress) -> str:
+def _too_many_errors(spec: BatchPredictSpec, plan: Plan, progress: batch_parts.Progress) -> str:
     return (
         f"{progress.errors} of the dataset's {plan.total_rows} rows could not be scored, "
         f"more than max_error_fraction={spec.max_error_fraction}; "

@@ -29,7 +29,7 @@ from kiln.specs import PredictSpec, Row, parse_spec
 from workers import model_cache
 from workers.context import RunContext
 from workers.ml import bundle, text
-from workers.ml.training import predict_proba, predict_values
+from workers.ml.inference import predict_proba, predict_values
 
 #: Candidates read per look at the queue, as a multiple of the rows still wanted.
 _CANDIDATES_PER_ROW = 2
