@@ -98,6 +98,7 @@ def _arguments(theirs: Owned) -> dict[str, str]:
         "model_id": theirs.model_id,
         "name": theirs.model,
         "version": "1",
+        "number": "1",
         "alias": "production",
         "what": "output",
     }
@@ -151,7 +152,7 @@ def test_another_owners_resource_is_404_on_every_route(
                 response = client.open(path, method=method, data={"csrf_token": csrf})
             assert response.status_code == 404, f"{method} {path}: {response.status_code}"
             walked.append(rule.endpoint)
-    assert {"api.get_job", "api.delete_dataset", "ui.download", "ui.set_alias"} <= set(walked)
+    assert {"api.get_job", "api.delete_dataset", "ui.download", "ui.delete_version"} <= set(walked)
 
     with sessions() as session:  # nothing of bob's was changed by the attempts
         assert session.get_one(Job, bobs.job).state == "succeeded"

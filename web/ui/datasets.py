@@ -1,4 +1,5 @@
-"""Datasets page: the user's uploads, and an upload form (XHR progress, or a plain POST)."""
+"""Datasets page: the user's uploads, an upload form (XHR progress, or a plain POST) taking
+every format the API takes (CSV, Parquet, JSONL, NPZ), and deleting an upload."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from werkzeug import Response
 
 from db import datasets as dataset_store
 from db.models import Dataset
-from kiln.errors import KilnError
+from kiln.datasets import FORMATS
+from kiln.errors import InUse, KilnError
 from kiln.schemas import DatasetOut
 from web import session, storage
 from web.ui import auth, bp
@@ -16,7 +18,7 @@ from web.ui import auth, bp
 @bp.get("/datasets")
 @auth.signed_in
 def datasets() -> str:
-    return render_template("datasets.html", datasets=_visible(), error=None, name="")
+    return _page(error=None, name="")
 
 
 @bp.post("/datasets")
@@ -29,8 +31,7 @@ def upload() -> Response | tuple[str, int]:
             session.get(), auth.current().owner, request.files.get("file"), name
         )
     except KilnError as exc:
-        page = render_template("datasets.html", datasets=_visible(), error=exc.message, name=name)
-        return page, exc.status
+        return _page(error=exc.message, name=name), exc.status
     flash(f"Uploaded {dataset.name}: {dataset.rows} rows.")
     target = url_for("ui.datasets")
     if request.headers.get("X-Requested-With") == "XMLHttpRequest":
@@ -39,5 +40,35 @@ def upload() -> Response | tuple[str, int]:
     return redirect(target)
 
 
-def _visible() -> list[Dataset]:
-    return dataset_store.listed(session.get(), auth.current().visible_owner)
+@bp.route("/datasets/<dataset_id>/delete", methods=["GET", "POST"])
+@auth.signed_in
+def delete_dataset(dataset_id: str) -> Response | tuple[str, int] | str:
+    """GET asks to confirm; POST deletes as the API does: refused (409, with the reason)
+    while a model version was trained on the dataset."""
+    dataset = _owned(dataset_id)
+    page = {
+        "what": f"dataset {dataset.name}",
+        "consequence": "Jobs that name it will fail; the jobs that used it keep their results.",
+        "action": url_for("ui.delete_dataset", dataset_id=dataset.id),
+        "back": url_for("ui.datasets"),
+    }
+    if request.method == "GET":
+        return render_template("confirm_delete.html", error=None, **page)
+    try:
+        storage.delete_dataset(session.get(), dataset)
+    except InUse as exc:
+        return render_template("confirm_delete.html", error=exc.message, **page), exc.status
+    flash(f"Deleted {page['what']}.")
+    return redirect(url_for("ui.datasets"))
+
+
+def _page(error: str | None, name: str) -> str:
+    visible = dataset_store.listed(session.get(), auth.current().visible_owner)
+    accept = ",".join(f".{fmt}" for fmt in FORMATS)
+    return render_template(
+        "datasets.html", datasets=visible, error=error, name=name, formats=FORMATS, accept=accept
+    )
+
+
+def _owned(dataset_id: str) -> Dataset:
+    return dataset_store.get_owned(session.get(), dataset_id, auth.current().visible_owner)

@@ -1,4 +1,5 @@
-"""Jobs pages: the list (live), one job (live status, log, chart data), cancel, downloads."""
+"""Jobs pages: the list (live, a page at a time), one job (live status, log, chart data),
+cancel, downloads."""
 
 from __future__ import annotations
 
@@ -40,15 +41,19 @@ def jobs_table() -> str:
 def _listing() -> dict[str, Any]:
     state = request.args.get("state", "")
     kind = request.args.get("kind", "")
+    cursor = request.args.get("cursor") or None
     page = job_store.listed(
         session.get(),
         auth.current().visible_owner,
         state=JobState(state) if state in _STATES else None,
         kind=kind or None,
+        cursor=cursor,
         limit=_LIST_LIMIT,
     )
     return {
         "jobs": page.jobs,
+        "cursor": cursor,
+        "next_cursor": page.next_cursor,
         "state": state if state in _STATES else "",
         "kind": kind,
         "states": _STATES,

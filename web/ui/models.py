@@ -1,4 +1,5 @@
-"""Models page: each model's versions with their metrics side by side, aliases, lineage."""
+"""Models page: each model's versions with their metrics side by side, aliases, lineage,
+and deleting a version."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from werkzeug import Response
 from db import datasets as dataset_store
 from db import registry
 from db.models import Dataset, Model
-from kiln.errors import InvalidRequest
-from web import session
+from kiln.errors import InUse, InvalidRequest
+from web import session, storage
 from web.ui import auth, bp
 
 
@@ -39,6 +40,30 @@ def set_alias(model_id: str) -> Response:
     db.commit()
     flash(f"{model.name}: {alias} now points at version {version}.")
     return redirect(url_for("ui.models") + f"#model-{model.id}")
+
+
+@bp.route("/models/<model_id>/versions/<int:number>/delete", methods=["GET", "POST"])
+@auth.signed_in
+def delete_version(model_id: str, number: int) -> Response | tuple[str, int] | str:
+    """GET asks to confirm; POST deletes as the API does: refused (409, with the reason)
+    while an alias points at the version."""
+    db = session.get()
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
+    registry.resolve_version(db, model, number)  # 404 for a version it does not have
+    page = {
+        "what": f"{model.name} v{number}",
+        "consequence": "Its weights and exports are removed; jobs that name it will fail.",
+        "action": url_for("ui.delete_version", model_id=model.id, number=number),
+        "back": url_for("ui.models") + f"#model-{model.id}",
+    }
+    if request.method == "GET":
+        return render_template("confirm_delete.html", error=None, **page)
+    try:
+        storage.delete_version(db, model, number)
+    except InUse as exc:
+        return render_template("confirm_delete.html", error=exc.message, **page), exc.status
+    flash(f"Deleted {page['what']}.")
+    return redirect(page["back"])
 
 
 def _metric_names(model: Model) -> list[str]:
