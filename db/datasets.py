@@ -7,15 +7,15 @@ None is an admin, who sees every owner's rows; anyone else sees only their own.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import registry
+from db import owned, registry
 from db.base import utcnow
 from db.models import Dataset
-from kiln.errors import InUse, NotFound
+from kiln.datasets import DatasetInfo
+from kiln.errors import InUse
 
 
 def create(
@@ -23,19 +23,18 @@ def create(
     *,
     owner: str,
     name: str,
-    format: str,
-    rows: int,
-    columns: list[dict[str, Any]],
+    info: DatasetInfo,
     size_bytes: int,
     digest: str,
 ) -> Dataset:
-    """Record an upload whose file is already in the artifact store; the caller commits."""
+    """Record an upload whose file is already in the artifact store (`info`: what parsing
+    it found); the caller commits."""
     dataset = Dataset(
         owner=owner,
         name=name,
-        format=format,
-        rows=rows,
-        columns=columns,
+        format=info.format,
+        rows=info.rows,
+        columns=info.columns,
         size_bytes=size_bytes,
         digest=digest,
         created_at=utcnow(),
@@ -47,18 +46,13 @@ def create(
 
 def get_owned(session: Session, dataset_id: str, owner: str | None) -> Dataset:
     """The dataset, if `owner` may see it (None: an admin sees all); otherwise NotFound."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or (owner is not None and dataset.owner != owner):
-        raise NotFound(f"no dataset {dataset_id}")
-    return dataset
+    return owned.get_owned(session, Dataset, dataset_id, owner)
 
 
 def listed(session: Session, owner: str | None) -> list[Dataset]:
     """The datasets `owner` may see, newest first."""
-    query = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc())
-    if owner is not None:
-        query = query.where(Dataset.owner == owner)
-    return list(session.scalars(query))
+    newest_first = (Dataset.created_at.desc(), Dataset.id.desc())
+    return list(session.scalars(owned.visible(Dataset, owner, *newest_first)))
 
 
 def by_digest(session: Session, digests: Iterable[str]) -> dict[tuple[str, str], Dataset]:

@@ -18,9 +18,10 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from db import owned
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
-from kiln.errors import IllegalTransition, InvalidRequest, NotFound
+from kiln.errors import IllegalTransition, InvalidRequest
 from kiln.states import JobState, sources_of
 
 T = TypeVar("T")
@@ -386,10 +387,7 @@ def _metric_upsert(dialect: str) -> Insert:
 
 def get_owned(session: Session, job_id: str, owner: str | None) -> Job:
     """The job, if `owner` may see it (None: an admin sees all); otherwise NotFound."""
-    job = session.get(Job, job_id)
-    if job is None or (owner is not None and job.owner != owner):
-        raise NotFound(f"no job {job_id}")
-    return job
+    return owned.get_owned(session, Job, job_id, owner)
 
 
 class Page(NamedTuple):
@@ -410,9 +408,7 @@ def listed(
 ) -> Page:
     """The jobs `owner` may see (None: every owner's), newest first, `limit` at a time;
     pass a page's next_cursor to get the page after it (InvalidRequest for a bad cursor)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
+    query = owned.visible(Job, owner, Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
     if kind:

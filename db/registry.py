@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from db import owned
 from db.base import utcnow
 from db.models import Dataset, Model, ModelVersion
 from kiln.errors import InUse, InvalidRequest, NotFound
@@ -193,15 +194,9 @@ def digest_in_use(session: Session, digest: str) -> bool:
 def get_owned(session: Session, model_id: str, owner: str | None) -> Model:
     """The model by id, if `owner` may see it (None: an admin sees all); otherwise NotFound.
     (get_model finds one by name in the caller's own namespace.)"""
-    model = session.get(Model, model_id)
-    if model is None or (owner is not None and model.owner != owner):
-        raise NotFound(f"no model {model_id}")
-    return model
+    return owned.get_owned(session, Model, model_id, owner)
 
 
 def listed(session: Session, owner: str | None) -> list[Model]:
     """The models `owner` may see (None: every owner's), by name."""
-    query = select(Model).order_by(Model.name, Model.id)
-    if owner is not None:
-        query = query.where(Model.owner == owner)
-    return list(session.scalars(query))
+    return list(session.scalars(owned.visible(Model, owner, Model.name, Model.id)))

@@ -15,11 +15,11 @@ from croniter import croniter
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db import jobs
+from db import jobs, owned
 from db.base import utcnow
 from db.models import ApiKey, Job, Schedule
 from kiln import routing
-from kiln.errors import InvalidSpec, NotFound
+from kiln.errors import InvalidSpec
 from kiln.specs import parse_spec
 
 
@@ -81,17 +81,11 @@ def create(
 
 
 def get_owned(session: Session, schedule_id: str, owner: str | None) -> Schedule:
-    schedule = session.get(Schedule, schedule_id)
-    if schedule is None or (owner is not None and schedule.owner != owner):
-        raise NotFound(f"no schedule {schedule_id}")
-    return schedule
+    return owned.get_owned(session, Schedule, schedule_id, owner)
 
 
 def listed(session: Session, owner: str | None) -> list[Schedule]:
-    query = select(Schedule).order_by(Schedule.created_at, Schedule.id)
-    if owner is not None:
-        query = query.where(Schedule.owner == owner)
-    return list(session.scalars(query))
+    return list(session.scalars(owned.visible(Schedule, owner, Schedule.created_at, Schedule.id)))
 
 
 def set_enabled(session: Session, schedule: Schedule, enabled: bool) -> Schedule:

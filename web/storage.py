@@ -50,9 +50,7 @@ def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: st
         db,
         owner=owner,
         name=name or upload.filename,
-        format=info.format,
-        rows=info.rows,
-        columns=info.columns,
+        info=info,
         size_bytes=stored.size,
         digest=stored.digest,
     )

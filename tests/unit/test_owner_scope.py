@@ -21,6 +21,7 @@ from db import datasets, registry, schedules
 from db.base import utcnow
 from db.models import Dataset, Job, Model, ModelVersion, Schedule
 from kiln.artifacts import ArtifactStore
+from kiln.datasets import DatasetInfo
 from kiln.settings import Settings
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -68,9 +69,9 @@ def _resources(sessions: sessionmaker[Session], store: ArtifactStore, owner: str
         )  # fmt: skip
         job.finished_at = job.created_at = job.started_at = utcnow()
         session.add(job)
+        info = DatasetInfo(format="csv", rows=1, columns=[{"name": "x", "dtype": "int64"}])
         dataset = datasets.create(
-            session, owner=owner, name=f"{owner}s-data", format="csv", rows=1,
-            columns=[{"name": "x", "dtype": "int64"}], size_bytes=stored.size,
+            session, owner=owner, name=f"{owner}s-data", info=info, size_bytes=stored.size,
             digest=stored.digest,
         )  # fmt: skip
         version = registry.register_version(

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import abort, redirect, render_template, request, url_for
-from sqlalchemy import select
 from werkzeug import Response
 
+from db import datasets as dataset_store
 from db import jobs as job_store
-from db.models import Dataset, Job, Model
+from db import registry
+from db.models import Job
 from kiln.errors import InvalidSpec
 from kiln.specs import KINDS, Spec, parse_spec
 from web import session
@@ -162,14 +163,10 @@ def _pickers() -> dict[str, Any]:
     """Choices for the dataset and model inputs: built-ins and the user's own."""
     owner = auth.current().owner
     db = session.get()
-    datasets = db.scalars(
-        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
-    )
-    models = db.scalars(select(Model).where(Model.owner == owner).order_by(Model.name))
     return {
         "builtin_datasets": forms.builtin_datasets(),
-        "datasets": list(datasets),
-        "models": list(models),
+        "datasets": dataset_store.listed(db, owner),
+        "models": registry.listed(db, owner),
     }
 
 
