@@ -6,6 +6,7 @@ claimed jobs ended."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from kiln.artifacts import ArtifactStore
 from kiln.errors import JobFailure
 from kiln.settings import Settings
 from kiln.specs import parse_spec
-from workers import model_cache
+from workers import model_cache, runners
 from workers.ml import bundle
 from workers.runners import predict
 
@@ -104,3 +105,32 @@ def test_a_leader_with_bad_rows_fails_after_finishing_its_followers(ctx: FakeCon
         predict.run(spec, ctx)  # type: ignore[arg-type]
 
     assert set(ctx.ended) == {"good", "bad"}
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The modules a file imports, leaving out those under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in ast.walk(block)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_no_runner_reaches_the_database_but_through_its_ctx() -> None:
+    folder = Path(runners.__file__).parent
+    checked = sorted(folder.glob("*.py"))
+    assert len(checked) >= 7
+    for path in checked:
+        direct = {m for m in _runtime_imports(path) if m == "db" or m.startswith("db.")}
+        assert not direct, f"{path.name} imports {sorted(direct)}: use a RunContext method"

@@ -17,19 +17,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from db.models import Job
 from kiln.errors import InvalidSpec, JobFailure
 from kiln.specs import PredictSpec, Row, parse_spec
 from workers import model_cache
 from workers.context import RunContext
 from workers.ml import bundle, text
 from workers.ml.inference import predict_proba, predict_values
+
+if TYPE_CHECKING:
+    from db.models import Job
 
 #: Candidates read per look at the queue, as a multiple of the rows still wanted.
 _CANDIDATES_PER_ROW = 2
