@@ -6,10 +6,13 @@ so inside the commands, so `kiln --help` and the client commands load neither.""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +20,8 @@ import click
 from kiln.cli.group import server_command
 from kiln.client_cli import Remote
 from kiln.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _settings() -> Settings:
@@ -31,28 +36,43 @@ def _settings() -> Settings:
 
 @server_command
 @click.command(short_help="Web, workers and scheduler together (foreground).")
-def run() -> None:
-    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all."""
-    from kiln.supervise import Supervisor
+@click.option(
+    "--outlive-parent",
+    is_flag=True,
+    help="Keep running when the process that started it (a shell, make) dies.",
+)
+def run(outlive_parent: bool) -> None:
+    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all.
+
+    They stop with it however it dies, and it stops (gracefully, as on SIGTERM) when the
+    process that started it dies, unless --outlive-parent."""
+    from kiln.supervise import Supervisor, die_with_parent
 
     settings = _settings()
+    if not outlive_parent and os.getppid() > 1:
+        die_with_parent(signal.SIGTERM, os.getppid())
     env = dict(os.environ)
     redis = None
     if not settings.redis_url:
-        from kiln.embedded import start_redis
+        from kiln.embedded import EmbeddedRedisError, start_redis
 
-        redis, env["KILN_REDIS_URL"] = start_redis(settings.data_dir / "redis")
-        click.echo(f"no KILN_REDIS_URL: started an embedded Redis at {env['KILN_REDIS_URL']}")
-    _migrate(settings)
-    supervisor = Supervisor(restart=True)
-    for role in ("web", "worker", "scheduler"):
-        supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
-    click.echo(f"Kiln on http://{settings.host}:{settings.port} (Ctrl-C stops it)")
+        try:
+            redis = start_redis(settings.data_dir / "redis")
+        except EmbeddedRedisError as exc:
+            raise click.ClickException(str(exc)) from exc
+        env["KILN_REDIS_URL"] = redis.url
+        log.info("event=embedded_redis_started url=%s", redis.url)
     try:
-        sys.exit(supervisor.run())
+        _migrate(settings)
+        supervisor = Supervisor(restart=True)
+        for role in ("web", "worker", "scheduler"):
+            supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
+        log.info("event=serving url=http://%s:%d (Ctrl-C stops it)", settings.host, settings.port)
+        code = supervisor.run()
     finally:
         if redis is not None:
-            redis.shutdown()
+            redis.stop()  # last: the workers stopped above still needed it
+    sys.exit(code)
 
 
 @server_command
@@ -72,10 +92,25 @@ def web() -> None:
         sys.executable,
         [
             sys.executable, "-m", "gunicorn", "web.wsgi:app",
+            # Kiln's JSON log lines, workers that die with the master (kiln/cli/gunicorn_config.py)
+            "--config", "python:kiln.cli.gunicorn_config",
             "--bind", f"{settings.host}:{settings.port}",
             "--workers", "2", "--threads", "4", "--access-logfile", "-",
+            *_control_socket(settings.data_dir),
         ],
     )  # fmt: skip
+
+
+def _control_socket(data_dir: Path) -> list[str]:
+    """gunicorn's control socket (for gunicornc) in this instance's data dir, not the
+    per-user default that concurrent instances would share; none if the path is too long."""
+    from kiln.embedded import SOCKET_PATH_MAX
+
+    path = data_dir.resolve() / "gunicorn.ctl"
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        log.warning("event=no_control_socket reason='path too long' path=%s", path)
+        return ["--no-control-socket"]
+    return ["--control-socket", str(path)]
 
 
 @server_command
