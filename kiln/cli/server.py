@@ -58,8 +58,9 @@ def run(outlive_parent: bool) -> None:
 
         try:
             redis = start_redis(settings.data_dir / "redis")
-        except EmbeddedRedisError as exc:
-            raise click.ClickException(str(exc)) from exc
+        except EmbeddedRedisError as exc:  # a log line like the rest (JSON off a terminal)
+            log.error("event=embedded_redis_failed reason=%s", exc)
+            sys.exit(1)
         env["KILN_REDIS_URL"] = redis.url
         log.info("event=embedded_redis_started url=%s", redis.url)
     try:
