@@ -37,10 +37,6 @@ def job_fields(**fields: Any) -> Iterator[None]:
         _job.reset(token)
 
 
-def current_job_fields() -> dict[str, Any]:
-    return dict(_job.get() or {})
-
-
 class JobContextFilter(logging.Filter):
     """Copies the bound job fields onto each record (None for the ones not bound)."""
 
@@ -108,4 +104,7 @@ def configure(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (a library's DeprecationWarning, Celery's SecurityWarning) would be
+    # printed as text; as records of the `py.warnings` logger they get this format too.
+    logging.captureWarnings(True)
     return handler

@@ -14,7 +14,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KILN_", frozen=True)
 
-    #: Holds the SQLite file, artifacts, uploads and the embedded Redis socket.
+    #: Holds the SQLite file, artifacts (uploads included), job scratch folders, the embedded
+    #: Redis (socket, dump) and gunicorn's control socket: every file of an instance.
     data_dir: Path = Path("var")
     #: SQLAlchemy URL; empty means a SQLite file inside data_dir.
     database_url: str = ""
@@ -101,10 +102,6 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.data_dir / "uploads"
 
     @property
     def prometheus_dir(self) -> Path:

@@ -1,15 +1,26 @@
 """Supervisor: run child processes in the foreground, restart the ones that die, and stop
-them all (each with its whole process group) on SIGTERM or SIGINT."""
+them all (each with its whole process group) on SIGTERM or SIGINT.
+
+However the supervisor dies (SIGKILL, the OOM killer), its children die with it: each is
+started with Linux's parent-death signal (`die_with_parent`), SIGTERM by default, so a
+child still stops its own children gracefully (gunicorn its workers, the launcher its
+Celery workers). Grandchildren carry their own: gunicorn's workers (kiln.cli.gunicorn_config)
+and Celery's pool processes (Celery sets SIGKILL) die with their parent.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -28,6 +39,42 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     backoff_s: float = 1.0
     restart_at: float = field(default=0.0)
+
+
+#: prctl(2) option: the signal this process gets when the thread that started it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, loaded once in the parent (never between fork and exec); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return libc.prctl  # type: ignore[no-any-return]
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
+    """Have the kernel send this process `sig` when its parent dies (kept across exec).
+
+    With `parent_pid`, a parent that died before the call (this process was re-parented
+    already) sends the signal at once. Returns False where the platform has no such thing.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def child_setup(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets `sig` when the calling process (and thread) dies."""
+    _prctl()  # load libc here, in the parent
+    parent = os.getpid()
+    return functools.partial(die_with_parent, sig, parent)
 
 
 class Supervisor:
@@ -59,8 +106,12 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, child: _Child) -> None:
-        # A new session per child: stopping it stops its own children too (Celery's pool).
-        child.process = subprocess.Popen(child.argv, env=dict(child.env), start_new_session=True)
+        # A new session per child: stopping it stops its own children too (Celery's pool),
+        # and a Ctrl-C reaches only this supervisor, which stops the children in order.
+        # Popen runs from this thread only (the parent-death signal follows the thread).
+        child.process = subprocess.Popen(
+            child.argv, env=dict(child.env), start_new_session=True, preexec_fn=child_setup()
+        )
         log.info("event=started name=%s pid=%d", child.name, child.process.pid)
 
     def _watch(self) -> int:

@@ -83,7 +83,6 @@ def execute_attempt(
     if attempt is None:
         log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
         return
-    log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
     limit = runtime.settings.job_time_limit_s
     ctx = RunContext(
         job_id=job_id,
@@ -97,6 +96,7 @@ def execute_attempt(
     )
     tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
     with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
+        log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
         _run(ctx, kind, spec, send)
 
 

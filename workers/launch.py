@@ -31,7 +31,8 @@ class WorkerProcess:
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "celery", "-A", "workers.main", "worker",
+            # --quiet: no banner printed as text; workers/main.py logs what it said.
+            sys.executable, "-m", "celery", "-A", "workers.main", "--quiet", "worker",
             "--hostname", f"{self.name}@%h",
             "--queues", ",".join(self.queues),
             # One job at a time per device, and no job waits reserved behind it.

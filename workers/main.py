@@ -2,9 +2,11 @@
 
 import gc
 import logging
+import os
 from typing import Any
 
 from celery import signals
+from celery.apps import worker as celery_worker_app
 
 from kiln import logs
 from kiln.broker import make_celery
@@ -25,10 +27,36 @@ def _freeze_startup_objects(**_: Any) -> None:
     gc.freeze()
 
 
+@signals.celeryd_init.connect
+def _configure_logging_early(**_: Any) -> None:
+    """Kiln's format from the worker program's start, before Celery's own set-up: its
+    privilege check's SecurityWarning (root in a container) is a log line too."""
+    logs.configure(settings.log_format)
+
+
 @signals.setup_logging.connect
 def _configure_logging(loglevel: int | None = None, **_: Any) -> None:
     """Kiln's log format (JSON lines off a terminal, with the job on each line) over Celery's."""
     logs.configure(settings.log_format, loglevel or logging.INFO)
+
+
+def _say_through_logging(message: str, *_: Any) -> None:
+    """Celery prints its shutdown notices ("worker: Warm shutdown") straight to stdout with
+    `safe_say`; as log records they take Kiln's format like every other line."""
+    logging.getLogger("celery.apps.worker").info("%s", message.strip())
+
+
+celery_worker_app.safe_say = _say_through_logging
+
+
+@signals.celeryd_after_setup.connect
+def _log_started(sender: str, instance: Any, **_: Any) -> None:
+    """What Celery's banner said (the launcher runs it with --quiet), as one log line."""
+    queues = ",".join(sorted(instance.app.amqp.queues.consume_from or {}))
+    logging.getLogger(__name__).info(
+        "event=worker_started hostname=%s queues=%s concurrency=%s pid=%d",
+        sender, queues, instance.concurrency, os.getpid(),
+    )  # fmt: skip
 
 
 import workers.metrics  # noqa: E402  (counts finished jobs for Prometheus)

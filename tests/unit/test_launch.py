@@ -81,7 +81,8 @@ def test_cpu_workers_setting_adds_cpu_workers_beside_gpu_workers(
 def test_worker_argv_runs_one_job_at_a_time_and_reserves_none(worker: WorkerProcess) -> None:
     argv = worker.argv()
 
-    assert argv[:6] == [sys.executable, "-m", "celery", "-A", "workers.main", "worker"]
+    # --quiet: Celery's banner is not printed as text (workers/main.py logs it as a line).
+    assert argv[:7] == [sys.executable, "-m", "celery", "-A", "workers.main", "--quiet", "worker"]
     assert _option(argv, "--concurrency") == "1"
     assert _option(argv, "--prefetch-multiplier") == "1"
     assert _option(argv, "--pool") == "prefork"

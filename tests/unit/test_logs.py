@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,7 @@ def captured() -> Iterator[tuple[io.StringIO, logging.Logger]]:
     yield stream, logging.getLogger("kiln.test")
     root.handlers[:] = before
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def lines(stream: io.StringIO) -> list[dict]:
@@ -70,6 +72,17 @@ def test_configuring_twice_keeps_one_handler(captured) -> None:
     logs.configure("json", stream=stream)
     log.info("once")
     assert len(lines(stream)) == 1
+
+
+def test_python_warnings_are_json_lines_too(captured) -> None:
+    """Celery's SecurityWarning (a worker run as root) and the like, not printed as text."""
+    stream, _ = captured
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning(UserWarning("running as root"), UserWarning, "celery.py", 893)
+    (entry,) = lines(stream)
+    assert entry["logger"] == "py.warnings"
+    assert "UserWarning: running as root" in entry["msg"]
 
 
 def test_text_format_tags_job_lines() -> None:

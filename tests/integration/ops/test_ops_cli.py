@@ -280,21 +280,26 @@ def test_celery_inspect_ping_lists_the_named_worker(worker: Worker) -> None:
     assert "pong" in out
 
 
-def test_flower_shows_the_worker_by_name(
+def test_flower_shows_the_worker_by_name_behind_basic_auth(
     worker: Worker, start_worker: Callable[..., Worker]
 ) -> None:
+    """The way docs/deploy-ops.md and the Procfile run Flower: basic auth from
+    FLOWER_BASIC_AUTH; its API answers with the credentials and 401 without them."""
     pytest.importorskip("flower", reason="Flower is in the ops extra")
     port = free_port()
     argv = [sys.executable, "-m", "celery", "-A", "workers.main", "flower", f"--port={port}",
             "--address=127.0.0.1"]  # fmt: skip
-    flower = start_worker(argv, {**worker.env, "FLOWER_UNAUTHENTICATED_API": "true"})
+    flower = start_worker(argv, {**worker.env, "FLOWER_BASIC_AUTH": "ops:flower-test-password"})
+    url = f"http://127.0.0.1:{port}/api/workers?refresh=1"
 
     def workers() -> dict:
         try:
-            answer = requests.get(f"http://127.0.0.1:{port}/api/workers?refresh=1", timeout=15)
+            answer = requests.get(url, auth=("ops", "flower-test-password"), timeout=15)
         except requests.ConnectionError:
             return {}
         return answer.json() if answer.status_code == 200 else {}
 
     found = wait_until(workers, 120, "Flower to list the worker")
     assert f"cpu0@{socket.gethostname()}" in found, flower.output()[-2000:]
+    assert requests.get(url, timeout=15).status_code == 401
+    assert requests.get(url, auth=("ops", "wrong"), timeout=15).status_code == 401

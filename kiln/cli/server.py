@@ -1,86 +1,27 @@
-"""The `kiln` command: client commands that call a Kiln server over HTTP, and server
-commands that run Kiln's processes on its own hosts."""
+"""The server commands of `kiln`: they run Kiln's processes on its own hosts (run, web,
+worker, scheduler, migrate) and manage keys in the database. The one module of `kiln`
+allowed to import `db` and `workers` (tests/unit/test_boundaries.py enforces it); it does
+so inside the commands, so `kiln --help` and the client commands load neither."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
 
-from kiln.client_cli import COMMANDS, Remote, exit_code
+from kiln.cli.group import server_command
+from kiln.client_cli import Remote
 from kiln.settings import Settings
 
-_HELP = """Kiln: an asynchronous job-queue backend for PyTorch.
-
-\b
-Client commands talk to a Kiln server over HTTP: the server at --url (or KILN_URL,
-default http://127.0.0.1:8000) with the key --api-key (or KILN_API_KEY).
-Server commands run on Kiln's own hosts and read KILN_DATABASE_URL, KILN_REDIS_URL and
-the other KILN_* settings. `kiln keys` is both: with a server named (--url or KILN_URL)
-it calls the API with an admin key; without one it writes to the database directly.
-
-\b
-Exit codes:
-  0  success (for wait: the job succeeded)
-  1  the job failed or was cancelled (wait, submit --wait)
-  2  usage error (bad flags, unreadable spec file)
-  3  the API refused the request (4xx other than below, 5xx)
-  4  not found (no such job, model, dataset or key; or not yours)
-  5  authentication or permission (no key, unknown or revoked key, not admin)
-  6  wait --timeout passed before the job finished
-  7  the server cannot be reached
-"""
-
-
-SERVER_SECTION = "Server commands (on Kiln's hosts)"
-CLIENT_SECTION = "Client commands (over HTTP)"
-
-
-class KilnGroup(click.Group):
-    """Lists commands in two sections and turns client errors into documented exit codes."""
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        sections: dict[str, list[tuple[str, str]]] = {CLIENT_SECTION: [], SERVER_SECTION: []}
-        for name in self.list_commands(ctx):
-            command = self.get_command(ctx, name)
-            if command is None or command.hidden:
-                continue
-            section = getattr(command, "kiln_section", CLIENT_SECTION)
-            sections[section].append((name, command.get_short_help_str(limit=60)))
-        for title, rows in sections.items():
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from kiln.client import ClientError
-
-        try:
-            return super().invoke(ctx)
-        except ClientError as exc:
-            click.echo(f"error: {exc}", err=True)
-            for detail in getattr(exc, "errors", []):
-                click.echo(f"  {'.'.join(map(str, detail.get('loc', [])))}: {detail.get('msg')}")
-            ctx.exit(exit_code(exc))
-
-
-def server_command(command: click.Command) -> click.Command:
-    command.kiln_section = SERVER_SECTION  # type: ignore[attr-defined]
-    return command
-
-
-@click.group(cls=KilnGroup, help=_HELP)
-@click.option("--url", envvar="KILN_URL", help="The Kiln server [KILN_URL].")
-@click.option("--api-key", envvar="KILN_API_KEY", help="Your API key [KILN_API_KEY].")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's answers as JSON.")
-@click.pass_context
-def main(ctx: click.Context, url: str | None, api_key: str | None, as_json: bool) -> None:
-    ctx.obj = Remote(url=url, api_key=api_key, as_json=as_json)
+log = logging.getLogger(__name__)
 
 
 def _settings() -> Settings:
@@ -94,33 +35,49 @@ def _settings() -> Settings:
 
 
 @server_command
-@main.command(short_help="Web, workers and scheduler together (foreground).")
-def run() -> None:
-    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all."""
-    from kiln.supervise import Supervisor
+@click.command(short_help="Web, workers and scheduler together (foreground).")
+@click.option(
+    "--outlive-parent",
+    is_flag=True,
+    help="Keep running when the process that started it (a shell, make) dies.",
+)
+def run(outlive_parent: bool) -> None:
+    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all.
+
+    They stop with it however it dies, and it stops (gracefully, as on SIGTERM) when the
+    process that started it dies, unless --outlive-parent."""
+    from kiln.supervise import Supervisor, die_with_parent
 
     settings = _settings()
+    if not outlive_parent and os.getppid() > 1:
+        die_with_parent(signal.SIGTERM, os.getppid())
     env = dict(os.environ)
     redis = None
     if not settings.redis_url:
-        from kiln.embedded import start_redis
+        from kiln.embedded import EmbeddedRedisError, start_redis
 
-        redis, env["KILN_REDIS_URL"] = start_redis(settings.data_dir / "redis")
-        click.echo(f"no KILN_REDIS_URL: started an embedded Redis at {env['KILN_REDIS_URL']}")
-    _migrate(settings)
-    supervisor = Supervisor(restart=True)
-    for role in ("web", "worker", "scheduler"):
-        supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
-    click.echo(f"Kiln on http://{settings.host}:{settings.port} (Ctrl-C stops it)")
+        try:
+            redis = start_redis(settings.data_dir / "redis")
+        except EmbeddedRedisError as exc:  # a log line like the rest (JSON off a terminal)
+            log.error("event=embedded_redis_failed reason=%s", exc)
+            sys.exit(1)
+        env["KILN_REDIS_URL"] = redis.url
+        log.info("event=embedded_redis_started url=%s", redis.url)
     try:
-        sys.exit(supervisor.run())
+        _migrate(settings)
+        supervisor = Supervisor(restart=True)
+        for role in ("web", "worker", "scheduler"):
+            supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
+        log.info("event=serving url=http://%s:%d (Ctrl-C stops it)", settings.host, settings.port)
+        code = supervisor.run()
     finally:
         if redis is not None:
-            redis.shutdown()
+            redis.stop()  # last: the workers stopped above still needed it
+    sys.exit(code)
 
 
 @server_command
-@main.command(short_help="The web server (gunicorn).")
+@click.command(short_help="The web server (gunicorn).")
 def web() -> None:
     """The web server (gunicorn), with /metrics summed over its worker processes."""
     import shutil
@@ -136,14 +93,29 @@ def web() -> None:
         sys.executable,
         [
             sys.executable, "-m", "gunicorn", "web.wsgi:app",
+            # Kiln's JSON log lines, workers that die with the master (kiln/cli/gunicorn_config.py)
+            "--config", "python:kiln.cli.gunicorn_config",
             "--bind", f"{settings.host}:{settings.port}",
             "--workers", "2", "--threads", "4", "--access-logfile", "-",
+            *_control_socket(settings.data_dir),
         ],
     )  # fmt: skip
 
 
+def _control_socket(data_dir: Path) -> list[str]:
+    """gunicorn's control socket (for gunicornc) in this instance's data dir, not the
+    per-user default that concurrent instances would share; none if the path is too long."""
+    from kiln.embedded import SOCKET_PATH_MAX
+
+    path = data_dir.resolve() / "gunicorn.ctl"
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        log.warning("event=no_control_socket reason='path too long' path=%s", path)
+        return ["--no-control-socket"]
+    return ["--control-socket", str(path)]
+
+
 @server_command
-@main.command(short_help="The worker launcher (a Celery worker per GPU).")
+@click.command(short_help="The worker launcher (a Celery worker per GPU).")
 def worker() -> None:
     """The worker launcher: one Celery worker per GPU, or a CPU worker; metrics on
     KILN_METRICS_PORT."""
@@ -153,7 +125,7 @@ def worker() -> None:
 
 
 @server_command
-@main.command(short_help="Re-queue lost jobs, resend lost messages.")
+@click.command(short_help="Re-queue lost jobs, resend lost messages.")
 def scheduler() -> None:
     """Periodic maintenance: re-queue lost jobs, resend lost messages."""
     from workers.scheduler import run_forever
@@ -162,7 +134,7 @@ def scheduler() -> None:
 
 
 @server_command
-@main.command(short_help="Upgrade the database schema.")
+@click.command(short_help="Upgrade the database schema.")
 def migrate() -> None:
     """Upgrade the database to the latest schema (and create KILN_ADMIN_KEY's key)."""
     _migrate(_settings())
@@ -182,7 +154,7 @@ def _migrate(settings: Settings) -> None:
         engine.dispose()
 
 
-@main.group(name="keys", short_help="API keys (over the API, or in the database).")
+@click.group(name="keys", short_help="API keys (over the API, or in the database).")
 def keys_group() -> None:
     """API keys: over the API with --url/KILN_URL (admin key), else in the database."""
 
@@ -258,9 +230,5 @@ def _database() -> Iterator[Any]:
         engine.dispose()
 
 
-for _command in COMMANDS:
-    main.add_command(_command)
-
-
-if __name__ == "__main__":
-    main()
+#: What kiln.cli adds to the `kiln` group.
+COMMANDS = [run, web, worker, scheduler, migrate, keys_group]
