@@ -78,6 +78,12 @@ class HfParams(BaseModel):
     )
 
     def unused_for(self, task: str) -> list[str]:
-        """Fields set explicitly that `task` does not use."""
+        """Fields `task` does not use that differ from their defaults (by value: a stored
+        spec is written back with every default filled in)."""
         allowed = TASK_PARAMS.get(task, set()) | {"truncation"}
-        return sorted(name for name in self.model_fields_set if name not in allowed)
+        defaults = HfParams()
+        return sorted(
+            name
+            for name in type(self).model_fields
+            if name not in allowed and getattr(self, name) != getattr(defaults, name)
+        )

@@ -33,6 +33,7 @@ from workers import model_cache
 from workers.context import RunContext
 from workers.ml import bundle, text
 from workers.ml.training import predict_proba, predict_values
+from workers.runners import hf_predict
 
 #: Candidates read per look at the queue, as a multiple of the rows still wanted.
 _CANDIDATES_PER_ROW = 2
@@ -51,6 +52,10 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     with session_scope(ctx.runtime.sessions) as session:
         version = registry.find_version(session, ctx.owner, spec.model, spec.version)
         config, digest, number = version.config, version.artifact_digest, version.number
+        family, task = version.family, version.task
+    if family == "hf":  # a transformers directory: texts in, task results out
+        return hf_predict.run(spec, ctx, digest=digest, task=task or "", number=number)
+    hf_predict.refuse_text_inputs(spec)
     followers = _claim_followers(spec, ctx, wait=True)
     with _failing_with_it(ctx, followers):
         model, device = model_cache.load_version(ctx, digest, config)
