@@ -267,3 +267,16 @@ def test_generation_without_room_for_a_prompt_is_refused(directories):
     bundle = hf.load(directories["text-generation"], "text-generation", torch.device("cpu"))
     with pytest.raises(JobFailure, match="leaves no room"):
         hf.run(bundle, ["hi"], HfParams(max_new_tokens=64))
+
+
+def test_loading_and_running_never_open_a_connection(directories, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for task in ("text-classification", "text-generation"):
+        bundle = hf.load(directories[task], task, torch.device("cpu"))
+        assert len(hf.run(bundle, ["alice went to paris"], HfParams())) == 1
