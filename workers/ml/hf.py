@@ -97,13 +97,17 @@ def load(directory: Path, task: str, device: torch.device) -> HfModel:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **offline)
         model = classes[task].from_pretrained(directory, use_safetensors=True, **offline)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError) as exc:
+        # The directory passed the web's checks, so this is the model's own mismatch (an
+        # architecture without a head for the task, a tokenizer needing a missing library).
         raise JobFailure(f"transformers cannot load this model for {task}: {exc}") from None
     model = model.eval().to(device)
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: batches pad with end-of-text
+        if tokenizer.eos_token is None:
+            raise JobFailure("the tokenizer has neither a padding nor an end-of-text token")
+        tokenizer.pad_token = tokenizer.eos_token
     if task == "text-generation":
         tokenizer.padding_side = "left"  # the continuation follows the prompt directly
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     return HfModel(model, tokenizer, task, _context(model.config, tokenizer))
 
 
