@@ -280,3 +280,14 @@ def test_loading_and_running_never_open_a_connection(directories, monkeypatch):
     for task in ("text-classification", "text-generation"):
         bundle = hf.load(directories[task], task, torch.device("cpu"))
         assert len(hf.run(bundle, ["alice went to paris"], HfParams())) == 1
+
+
+def test_each_batch_reports_progress_and_results_keep_input_order(directories):
+    bundle = hf.load(directories["embedding"], "embedding", torch.device("cpu"))
+    texts = [" ".join(["day"] * (i % 7 + 1)) for i in range(40)]
+    seen: list[tuple[int, int]] = []
+
+    results = hf.run(bundle, texts, HfParams(), lambda done, total: seen.append((done, total)))
+
+    assert seen == [(32, 40), (40, 40)]
+    assert [r["tokens"] for r in results] == [i % 7 + 3 for i in range(40)]  # [CLS] … [SEP]

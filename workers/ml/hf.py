@@ -119,8 +119,14 @@ def _context(config: Any, tokenizer: Any) -> int:
     return min(limits) if limits else 512
 
 
-def run(bundle: HfModel, texts: list[str], params: HfParams) -> list[dict[str, Any]]:
-    """One result per text, in order. JobFailure names the first input that cannot run."""
+def run(
+    bundle: HfModel,
+    texts: list[str],
+    params: HfParams,
+    after_batch: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One result per text, in order. JobFailure names the first input that cannot run.
+    `after_batch(done, total)` is called after each batch (progress, cancellation)."""
     unused = params.unused_for(bundle.task)
     if unused:
         raise JobFailure(f"{', '.join(unused)} do not apply to a {bundle.task} model")
@@ -147,14 +153,15 @@ def run(bundle: HfModel, texts: list[str], params: HfParams) -> list[dict[str, A
             )
     results: list[dict[str, Any]] = [{} for _ in texts]
     batch = GENERATION_BATCH if bundle.task == "text-generation" else ENCODER_BATCH
-    with torch.inference_mode():
-        for order in _batches(lengths, batch):
+    done = 0
+    for order in _batches(lengths, batch):
+        with torch.inference_mode():
             found = tasks[bundle.task](bundle, [texts[i] for i in order], params)
-            for i, result in zip(order, found, strict=True):
-                results[i] = result | {
-                    "tokens": min(lengths[i], room),
-                    "truncated": lengths[i] > room,
-                }
+        for i, result in zip(order, found, strict=True):
+            results[i] = result | {"tokens": min(lengths[i], room), "truncated": lengths[i] > room}
+        done += len(order)
+        if after_batch is not None:
+            after_batch(done, len(texts))
     return results
 
 

@@ -23,8 +23,12 @@ def run(
     texts = hf.to_texts(spec.inputs)
     bundle = load_version(ctx, digest, task)
     ctx.raise_if_cancelled()
-    predictions = hf.run(bundle, texts, spec.hf or HfParams())
-    ctx.raise_if_cancelled()
+
+    def after_batch(done: int, total: int) -> None:
+        ctx.progress(done / total, f"{done}/{total} inputs")
+        ctx.raise_if_cancelled()  # a long generation job stops at its next batch
+
+    predictions = hf.run(bundle, texts, spec.hf or HfParams(), after_batch)
     return {"model": spec.model, "version": number, "task": task, "predictions": predictions}
 
 
