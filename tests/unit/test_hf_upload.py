@@ -233,3 +233,33 @@ def test_the_form_names_a_known_family_and_task(client, alice, tiny_bert):
     data = {"family": "plugin", "files": [(io.BytesIO(b"x"), "config.json")]}
     response = client.post("/api/v1/models/p/versions", data=data, headers=alice)
     assert "plugin" in problem(response, 400, "invalid_request")
+
+
+def test_a_tar_gz_that_inflates_past_the_limit_stops_early(make_app, alice, settings):
+    client = make_app(max_upload_bytes=100_000).test_client()
+    info = tarfile.TarInfo("tiny/model.safetensors")
+    info.size = 10_000_000  # compresses to a few kB, inflates to 100x the limit
+    response = push_tar(client, alice, [info], [b"\0" * info.size])
+
+    problem(response, 413, "payload_too_large")
+    assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "words"),
+    [
+        ("model.tar", b"not a tar at all" * 100, "not a readable"),
+        ("model.tar.gz", b"\x1f\x8b\x08garbage", "not a readable"),
+    ],
+)
+def test_an_unreadable_archive_is_refused(client, alice, filename, content, words):
+    data = {"family": "hf", "task": "embedding", "files": [(io.BytesIO(content), filename)]}
+    response = client.post("/api/v1/models/enc/versions", data=data, headers=alice)
+    assert words in problem(response, 422, "invalid_model_file")
+
+
+def test_a_part_named_outside_the_directory_is_refused(client, alice, tiny_bert, settings):
+    files = files_of(tiny_bert)
+    files["../config.json"] = files.pop("config.json")
+    assert "'..'" in problem(push(client, alice, files), 422, "invalid_model_file")
+    assert stored_files(settings) == []
