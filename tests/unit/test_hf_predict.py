@@ -240,7 +240,7 @@ def test_parameters_of_another_task_fail_the_job(register, predict):
     register("embedding")
     job = predict({"model": "embedding", "inputs": ["a day"], "hf": {"max_new_tokens": 3}})
     assert job.state == "failed"
-    assert "max_new_tokens do not apply to a embedding model" in job.error_message
+    assert "max_new_tokens: not a parameter of embedding models" in job.error_message
 
 
 def test_a_zoo_version_refuses_plain_strings(predict, runtime, sessions, tmp_path):

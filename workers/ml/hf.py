@@ -129,7 +129,7 @@ def run(
     `after_batch(done, total)` is called after each batch (progress, cancellation)."""
     unused = params.unused_for(bundle.task)
     if unused:
-        raise JobFailure(f"{', '.join(unused)} do not apply to a {bundle.task} model")
+        raise JobFailure(f"{', '.join(unused)}: not a parameter of {bundle.task} models")
     tasks: dict[str, Callable[[HfModel, list[str], HfParams], list[dict[str, Any]]]] = {
         "embedding": _embed,
         "text-classification": _classify,
