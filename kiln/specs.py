@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from kiln.errors import InvalidSpec
+from kiln.families import HfParams
 
 DeviceClass = Literal["auto", "cpu", "gpu"]
 
@@ -223,7 +224,11 @@ class PredictSpec(Spec):
 
     model: str
     version: VersionRef = "latest"
-    inputs: list[Row] = Field(min_length=1, max_length=10_000)
+    #: Rows of numbers for zoo versions; strings (or {column: text} rows) for hf versions.
+    inputs: list[Row | str] = Field(min_length=1, max_length=10_000)
+    hf: HfParams | None = Field(
+        default=None, description="Task parameters for an hf version (kiln/families.py)."
+    )
 
 
 class OptimizeSpec(Spec):

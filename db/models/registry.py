@@ -60,6 +60,11 @@ class ModelVersion(Base):
         JSON, default=dict, server_default="{}"
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Which loader reads the artifact (kiln/families.py): `zoo` (one safetensors file and
+    #: `config`) or `hf` (a transformers model directory, stored as one tar).
+    family: Mapped[str] = mapped_column(String(16), default="zoo", server_default="zoo")
+    #: An hf version's task (embedding, text-classification, ...); None for zoo.
+    task: Mapped[str | None] = mapped_column(String(32), default=None)
 
     model: Mapped[Model] = relationship(back_populates="versions")
 

@@ -22,7 +22,7 @@ from kiln.schemas import AliasRequest, ModelConfigIn, ModelList, ModelOut, Model
 from kiln.settings import Settings
 from kiln.specs import check_model_name
 from web import session, storage
-from web.api import bp
+from web.api import bp, hf_upload
 from web.api.body import answer, parse
 from web.auth import principal
 from web.errors import validation_details
@@ -46,7 +46,10 @@ def get_version(name: str, version: str) -> Response:
 
 @bp.post("/models/<name>/versions")
 def upload_version(name: str) -> Response:
-    """Register an externally trained model: safetensors weights plus a JSON config."""
+    """Register an externally trained model: safetensors weights plus a JSON config, or
+    (form field family=hf) a Hugging Face model directory."""
+    if hf_upload.requested_family() == "hf":
+        return hf_upload.upload_hf_version(name)
     _check_name(name)
     weights = request.files.get("weights")
     if weights is None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from kiln import schemas
+from kiln.families import HF_TASKS
 from kiln.specs import KINDS
 from web.api import bp
 
@@ -113,10 +114,15 @@ def _paths() -> dict[str, Any]:
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "required": ["weights", "config"],
+                "description": "A zoo model: `weights` and `config`. A Hugging Face model "
+                "directory (docs/models.md): family=hf, `task` and `files`, one part per file "
+                "(repeat the part) or one .tar/.tar.gz.",
                 "properties": {
                     "weights": {"type": "string", "format": "binary"},
                     "config": _ref(schemas.ModelConfigIn),
+                    "family": {"type": "string", "enum": ["zoo", "hf"], "default": "zoo"},
+                    "task": {"type": "string", "enum": list(HF_TASKS)},
+                    "files": {"type": "string", "format": "binary"},
                 },
             },
             "encoding": {"config": {"contentType": "application/json"}},
@@ -186,7 +192,8 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/models/{name}/versions": {
             "post": _op(
-                "Upload an externally trained model: safetensors weights plus a JSON config",
+                "Upload an externally trained model: safetensors weights plus a JSON config, "
+                "or (family=hf) a Hugging Face model directory",
                 201,
                 schemas.ModelVersionOut,
                 model_upload,

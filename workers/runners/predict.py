@@ -29,6 +29,7 @@ from workers import model_cache
 from workers.context import RunContext
 from workers.ml import bundle, text
 from workers.ml.inference import predict_proba, predict_values
+from workers.runners import hf_predict
 
 if TYPE_CHECKING:
     from db.models import Job
@@ -49,6 +50,9 @@ class Follower:
 def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     version = ctx.version(spec.model, spec.version)
     config, digest, number = version.config, version.artifact_digest, version.number
+    if version.family == "hf":  # a transformers directory: texts in, task results out
+        return hf_predict.run(spec, ctx, digest=digest, task=version.task or "", number=number)
+    hf_predict.refuse_text_inputs(spec)
     followers = _claim_followers(spec, ctx, wait=True)
     with _failing_with_it(ctx, followers):
         model, device = model_cache.load_version(ctx, digest, config)
