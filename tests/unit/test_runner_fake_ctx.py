@@ -74,7 +74,9 @@ def ctx(tmp_path: Path) -> Iterator[FakeContext]:
     runtime = SimpleNamespace(
         settings=settings, store=store, device_for=lambda _: torch.device("cpu")
     )
-    version = SimpleNamespace(number=3, config=cfg, artifact_digest=stored.digest, family="zoo", task=None)
+    version = SimpleNamespace(
+        number=3, config=cfg, artifact_digest=stored.digest, family="zoo", task=None
+    )
     queued = [
         SimpleNamespace(id="good", spec={"model": "m", "inputs": [[1, 2, 3, 4]]}),
         SimpleNamespace(id="bad", spec={"model": "m", "inputs": [[1, 2]]}),
