@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Protocol
 
 from celery import Celery
 from kombu import Queue
@@ -69,6 +70,38 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_memory_per_child=settings.worker_max_memory_per_child_kb,
     )
     return app
+
+
+class QueuedAttempt(Protocol):
+    """What a run message is made of; a job row (db.models.Job) is one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+
+
+class Sender(Protocol):
+    """Sends the run message of a queued attempt, delivered after `countdown` seconds.
+
+    The one type of every sender: the web's, the workers' re-queue, the scheduler's, the
+    reconciler's, and the recording ones tests pass to create_app and fire_due.
+    """
+
+    def __call__(self, job: QueuedAttempt, countdown: float = 0.0, /) -> None: ...
+
+
+def celery_sender(celery: Celery) -> Sender:
+    """The sender that puts run messages on this Celery app's broker."""
+
+    def send(job: QueuedAttempt, countdown: float = 0.0, /) -> None:
+        send_run(celery, job.id, job.attempt, job.queue, job.priority, countdown)
+
+    return send
 
 
 def send_run(

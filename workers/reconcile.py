@@ -25,15 +25,15 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs
+from db import jobs, submission
 from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
+from kiln.broker import Sender
 from kiln.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[Job], None]
 #: (job id, attempt) of every message waiting in a queue.
 WaitingMessages = Callable[[str], set[tuple[str, int]]]
 
@@ -48,7 +48,10 @@ class Report:
 
 
 def reconcile(
-    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    send: Sender,
+    waiting: WaitingMessages,
 ) -> Report:
     """One sweep: recover stalled running jobs, then resend queued jobs with no message."""
     stalled = _recover_stalled(sessions, settings, send)
@@ -62,7 +65,7 @@ def time_limit_reason(limit_s: float) -> str:
 
 
 def _recover_stalled(
-    sessions: sessionmaker[Session], settings: Settings, send: Send
+    sessions: sessionmaker[Session], settings: Settings, send: Sender
 ) -> dict[str, int]:
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
@@ -71,8 +74,8 @@ def _recover_stalled(
     for job in stalled:
         with session_scope(sessions) as session:
             outcome = _recover_one(session, settings, job)
-        if outcome == "requeued":
-            _send_and_mark(sessions, send, job)
+            if outcome == "requeued":
+                submission.commit_and_send(session, send, job)
         if outcome:
             counts[outcome] += 1
     return counts
@@ -108,7 +111,10 @@ def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
 
 
 def _resend_orphans(
-    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    send: Sender,
+    waiting: WaitingMessages,
 ) -> int:
     # The database is read before the broker: a message sent in between is then seen as
     # present or is younger than the grace period, so a live job is never counted as lost.
@@ -118,14 +124,9 @@ def _resend_orphans(
     for queue in {job.queue for job in candidates}:
         present |= waiting(queue)
     orphans = [job for job in candidates if (job.id, job.attempt) not in present]
+    resent = 0
     for job in orphans:
         log.warning("job=%s attempt=%d event=resent reason=no_live_message", job.id, job.attempt)
-        _send_and_mark(sessions, send, job)
-    return len(orphans)
-
-
-def _send_and_mark(sessions: sessionmaker[Session], send: Send, job: Job) -> None:
-    """Send a message for the job's current queued attempt and record when."""
-    send(job)
-    with session_scope(sessions) as session:
-        jobs.mark_sent(session, job.id, job.attempt)
+        with session_scope(sessions) as session:
+            resent += submission.commit_and_send(session, send, job)
+    return resent

@@ -80,7 +80,9 @@ def test_a_job_that_loses_its_worker_max_attempts_times_fails_with_worker_lost(
             stale = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 60)
             session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
         reports.append(
-            reconcile(sessions, settings, lambda j: sent.append((j.id, j.attempt)), lambda _: set())
+            reconcile(
+                sessions, settings, lambda j, _=0.0: sent.append((j.id, j.attempt)), lambda _: set()
+            )
         )
 
     assert [(r.requeued, r.failed) for r in reports] == [(1, 0), (1, 0), (0, 1)]
