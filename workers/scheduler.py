@@ -4,6 +4,10 @@ tick() is the decision, a pure function of (schedules, now); fire_due() applies 
 database (a compare-and-set per schedule, so two schedulers never fire one slot twice) and
 queues and sends each new job by POST /jobs's rules (db.submission): an owner at the queue
 quota gets no job for that slot, and the slot is skipped with a log line saying why.
+
+On start the scheduler reconciles at once, resending without a grace period any queued job
+whose message was sent before this start and is not in the broker (a restart after the
+whole stack was killed recovers in seconds, not after resend_after_s).
 """
 
 from __future__ import annotations
@@ -113,12 +117,13 @@ def _skip(
 
 
 def run_forever(settings: Settings, interval_s: float | None = None) -> None:
-    """Fire schedules every few seconds and reconcile every `interval_s` (default: a quarter
-    of the heartbeat timeout) until SIGTERM or SIGINT."""
+    """Reconcile at once, then fire schedules every few seconds and reconcile every
+    `interval_s` (default: a quarter of the heartbeat timeout) until SIGTERM or SIGINT."""
     interval = interval_s or max(1.0, settings.heartbeat_timeout_s / 4)
     celery = make_celery(settings)
     send = celery_sender(celery)
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    started_at = utcnow()
     stop = threading.Event()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -127,29 +132,47 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("event=scheduler_started interval_s=%.1f", interval)
+    # The start-up sweep is retried at every tick until it gets through (the broker or
+    # the database may still be starting); later sweeps come every `interval`.
+    started = _reconcile_logged(celery, sessions, settings, started_at)
     last_reconcile = time.monotonic()
     while not stop.wait(min(interval, SCHEDULE_TICK_S)):
         try:
             fire_due(sessions, send, max_queued=settings.max_queued_per_owner)
         except Exception:
             log.exception("event=schedules_failed (will retry)")
-        if time.monotonic() - last_reconcile < interval:
+        if started and time.monotonic() - last_reconcile < interval:
             continue
         last_reconcile = time.monotonic()
-        try:
-            report = reconcile_once(celery, sessions, settings)
-        except Exception:
-            log.exception("event=reconcile_failed (will retry)")
-            continue
-        if report != Report():
-            log.info("event=reconciled %s", report)
+        started = _reconcile_logged(celery, sessions, settings, started_at) or started
 
 
-def reconcile_once(celery: Celery, sessions: sessionmaker[Session], settings: Settings) -> Report:
-    """One reconciling sweep against this broker (the scheduler's loop body; tests call it)."""
+def _reconcile_logged(
+    celery: Celery, sessions: sessionmaker[Session], settings: Settings, started_at: datetime
+) -> bool:
+    """One sweep, its outcome logged; False if it failed (it is retried later)."""
+    try:
+        report = reconcile_once(celery, sessions, settings, started_at)
+    except Exception:
+        log.exception("event=reconcile_failed (will retry)")
+        return False
+    if report != Report():
+        log.info("event=reconciled %s", report)
+    return True
+
+
+def reconcile_once(
+    celery: Celery,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    started_at: datetime | None = None,
+) -> Report:
+    """One reconciling sweep against this broker (the scheduler's loop body; tests call it).
+    `started_at`: the scheduler's start; messages sent before it get no resend grace."""
     return reconcile(
         sessions,
         settings,
         celery_sender(celery),
         lambda queue: waiting_messages(celery, queue),
+        started_at,
     )

@@ -1,11 +1,11 @@
-"""The one send path (db.submission): the quota, and commit, send, sent_at in that order."""
+"""The one send path (db.submission.commit_and_send) and the reconciler's start-up sweep."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db import submission
 from db.base import utcnow
@@ -13,6 +13,7 @@ from db.models import Job
 from kiln.broker import QueuedAttempt
 from kiln.errors import QueueQuotaExceeded
 from kiln.specs import parse_spec
+from workers.reconcile import reconcile, resend_grace
 
 
 def _queued(session, owner="alice"):
@@ -67,3 +68,51 @@ def test_the_queue_quota_counts_only_the_owners_queued_jobs(sessions):
         with pytest.raises(QueueQuotaExceeded, match="you have 2 jobs waiting"):
             submission.check_queue_quota(session, "alice", 2)
         submission.check_queue_quota(session, "bob", 2)  # bob has one: room for more
+
+
+# --- the reconciler's start-up sweep -------------------------------------------------------
+
+
+def _sent_ago(sessions, job_id: str, seconds: float) -> None:
+    with sessions() as session:
+        sent_at = utcnow() - timedelta(seconds=seconds)
+        session.execute(update(Job).where(Job.id == job_id).values(sent_at=sent_at))
+        session.commit()
+
+
+def _sweep(sessions, settings, started_at=None) -> list[tuple[str, int]]:
+    resent: list[tuple[str, int]] = []
+
+    def send(job: QueuedAttempt, countdown: float = 0.0) -> None:
+        resent.append((job.id, job.attempt))
+
+    reconcile(sessions, settings, send, lambda _queue: set(), started_at)
+    return resent
+
+
+def test_a_fresh_scheduler_resends_a_message_sent_before_it_started_at_once(
+    create_job, sessions, settings
+):
+    job = create_job()
+    _sent_ago(sessions, job.id, 5)  # well inside the 30 s grace
+
+    assert _sweep(sessions, settings) == []  # a running scheduler still waits
+    assert _sweep(sessions, settings, started_at=utcnow()) == [(job.id, 0)]
+
+
+def test_a_message_sent_after_the_scheduler_started_keeps_its_grace(create_job, sessions, settings):
+    started_at = utcnow() - timedelta(seconds=10)
+    job = create_job()
+    _sent_ago(sessions, job.id, 2)  # sent 8 s after the start: its own 30 s still run
+
+    assert _sweep(sessions, settings, started_at=started_at) == []
+
+
+def test_the_start_up_rule_never_lengthens_the_grace(settings):
+    now = utcnow()
+    configured = timedelta(seconds=settings.resend_after_s)
+
+    assert resend_grace(settings, None, now) == configured
+    assert resend_grace(settings, now - timedelta(hours=1), now) == configured
+    assert resend_grace(settings, now - timedelta(seconds=3), now) == timedelta(seconds=3)
+    assert resend_grace(settings, now + timedelta(seconds=1), now) == timedelta(0)
