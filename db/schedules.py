@@ -168,6 +168,7 @@ def _advance(
     **values: Any,
 ) -> bool:
     """The compare-and-set from `was_due` to `next_run_at`: True for the one caller that wins."""
+    # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
     won = session.execute(
         update(Schedule)
         .where(

@@ -55,7 +55,8 @@ def make_celery(settings: Settings) -> Celery:
         # write their result to the database; a redelivered copy is dropped by the claim.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=routing.CPU_QUEUE,
-        task_queues=[Queue(routing.CPU_QUEUE), Queue(routing.GPU_QUEUE)],
+        # kombu's Queue.__init__ carries no annotations.
+        task_queues=[Queue(routing.CPU_QUEUE), Queue(routing.GPU_QUEUE)],  # type: ignore[no-untyped-call]
         worker_send_task_events=True,
         task_send_sent_event=True,
         # Hard limit: the pool process is killed past it; the reconciler then fails the job

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +117,7 @@ def _claim_followers(spec: PredictSpec, ctx: RunContext, *, wait: bool) -> list[
 def _claim_some(spec: PredictSpec, ctx: RunContext, budget: int) -> list[Follower]:
     with session_scope(ctx.runtime.sessions) as session:
         leader = session.get(Job, ctx.job_id)
+        assert leader is not None  # the leader's own row: it holds the claim
         worker, device = (leader.worker or "unknown", leader.device or str(ctx.device))
         candidates = session.scalars(
             select(Job)
@@ -252,7 +253,7 @@ def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
             missing = [name for name in feature_names if name not in row]
             if missing:
                 raise JobFailure(f"input row {i} lacks features {missing[:5]}")
-            values = [row[name] for name in feature_names]
+            values: Sequence[float | str] = [row[name] for name in feature_names]
         else:
             if len(row) != width:
                 raise JobFailure(f"input row {i} has {len(row)} values; the model takes {width}")
