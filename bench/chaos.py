@@ -59,7 +59,7 @@ BATCH_ROWS = 4000
 def main() -> int:
     args = _arguments()
     logging.getLogger("workers.reconcile").setLevel(logging.ERROR)  # counted instead
-    logging.getLogger("web.dispatch").setLevel(logging.CRITICAL)  # sends fail while Redis is down
+    logging.getLogger("db.submission").setLevel(logging.CRITICAL)  # sends fail while Redis is down
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-"))
     schema_url, drop_schema = _database(args.database_url)

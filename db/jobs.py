@@ -11,9 +11,9 @@ import binascii
 import functools
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Insert, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Insert, Table, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -68,7 +68,8 @@ def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: An
         update(Job).where(Job.id == job_id, where).values(**values),
         execution_options={"synchronize_session": False},
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _holds(attempt: int) -> ColumnElement[bool]:
@@ -355,7 +356,8 @@ def log_lines(session: Session, job_id: str, lines: list[tuple[str, str]]) -> No
     if lines:
         at = utcnow()
         rows = [{"job_id": job_id, "message": m, "level": lvl, "at": at} for m, lvl in lines]
-        session.execute(insert(JobEvent.__table__), rows)
+        # The table, not the entity: a Core insert, not the ORM's bulk path (see above).
+        session.execute(insert(cast(Table, JobEvent.__table__)), rows)
 
 
 def record_metrics(session: Session, job_id: str, points: list[tuple[str, int, float]]) -> None:
@@ -378,7 +380,7 @@ def _metric_upsert(dialect: str) -> Insert:
     """The statement record_metrics runs, built once per dialect (a running job issues it
     every few hundred ms). A Core insert: the ORM's bulk path would add per-row work."""
     insert_into = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    upsert = insert_into(Metric.__table__)
+    upsert = insert_into(cast(Table, Metric.__table__))
     return upsert.on_conflict_do_update(
         index_elements=["job_id", "name", "step"],
         set_={"value": upsert.excluded.value, "at": upsert.excluded.at},

@@ -15,10 +15,9 @@ from croniter import croniter
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db import jobs, owned
+from db import jobs, owned, submission
 from db.base import utcnow
 from db.models import ApiKey, Job, Schedule
-from kiln import routing
 from kiln.errors import InvalidSpec
 from kiln.specs import parse_spec
 
@@ -116,31 +115,29 @@ def due(session: Session, now: datetime) -> list[Schedule]:
 
 
 def fire(
-    session: Session, schedule: Schedule, was_due: datetime, next_run_at: datetime
+    session: Session,
+    schedule: Schedule,
+    was_due: datetime,
+    next_run_at: datetime,
+    *,
+    max_queued: int,
 ) -> Job | None:
     """Move the schedule from `was_due` to `next_run_at` and create its job, if this caller
-    wins the move; the caller commits, then sends the job (as POST /jobs does)."""
-    now = utcnow()
-    won = session.execute(
-        update(Schedule)
-        .where(
-            Schedule.id == schedule.id,
-            Schedule.enabled.is_(True),
-            Schedule.next_run_at == was_due,
-        )
-        .values(next_run_at=next_run_at, last_run_at=now),
-        execution_options={"synchronize_session": False},
-    ).rowcount  # type: ignore[attr-defined]
-    if won != 1:
+    wins the move; the caller commits, then sends the job (db.submission.commit_and_send).
+
+    The job is queued by the same rules as POST /jobs (db.submission.queue_job): an owner
+    at quota gets QueueQuotaExceeded, and the caller rolls back, then skip()s the slot.
+    """
+    if not _advance(session, schedule, was_due, next_run_at, last_run_at=utcnow()):
         return None
     spec = parse_spec(schedule.kind, schedule.spec)
-    job = jobs.create(
+    job = submission.queue_job(
         session,
-        kind=schedule.kind,
         owner=schedule.owner,
-        spec=spec.model_dump(mode="json"),
-        queue=routing.queue_for(spec),
+        kind=schedule.kind,
+        spec=spec,
         priority=schedule.priority,
+        max_queued=max_queued,
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
     session.execute(
@@ -148,3 +145,32 @@ def fire(
         execution_options={"synchronize_session": False},
     )
     return job
+
+
+def skip(session: Session, schedule: Schedule, was_due: datetime, next_run_at: datetime) -> bool:
+    """Move the schedule past `was_due` without a job (its owner was at the queue quota);
+    True if this caller won the move. last_run_at and last_job_id keep naming the last
+    slot that did create a job."""
+    return _advance(session, schedule, was_due, next_run_at)
+
+
+def _advance(
+    session: Session,
+    schedule: Schedule,
+    was_due: datetime,
+    next_run_at: datetime,
+    **values: Any,
+) -> bool:
+    """The compare-and-set from `was_due` to `next_run_at`: True for the one caller that wins."""
+    # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
+    won = session.execute(
+        update(Schedule)
+        .where(
+            Schedule.id == schedule.id,
+            Schedule.enabled.is_(True),
+            Schedule.next_run_at == was_due,
+        )
+        .values(next_run_at=next_run_at, **values),
+        execution_options={"synchronize_session": False},
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(won == 1)

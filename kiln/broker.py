@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Protocol
 
 from celery import Celery
 from kombu import Queue
@@ -54,7 +55,8 @@ def make_celery(settings: Settings) -> Celery:
         # write their result to the database; a redelivered copy is dropped by the claim.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=routing.CPU_QUEUE,
-        task_queues=[Queue(routing.CPU_QUEUE), Queue(routing.GPU_QUEUE)],
+        # kombu's Queue.__init__ carries no annotations.
+        task_queues=[Queue(routing.CPU_QUEUE), Queue(routing.GPU_QUEUE)],  # type: ignore[no-untyped-call]
         worker_send_task_events=True,
         task_send_sent_event=True,
         # Hard limit: the pool process is killed past it; the reconciler then fails the job
@@ -69,6 +71,38 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_memory_per_child=settings.worker_max_memory_per_child_kb,
     )
     return app
+
+
+class QueuedAttempt(Protocol):
+    """What a run message is made of; a job row (db.models.Job) is one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+
+
+class Sender(Protocol):
+    """Sends the run message of a queued attempt, delivered after `countdown` seconds.
+
+    The one type of every sender: the web's, the workers' re-queue, the scheduler's, the
+    reconciler's, and the recording ones tests pass to create_app and fire_due.
+    """
+
+    def __call__(self, job: QueuedAttempt, countdown: float = 0.0, /) -> None: ...
+
+
+def celery_sender(celery: Celery) -> Sender:
+    """The sender that puts run messages on this Celery app's broker."""
+
+    def send(job: QueuedAttempt, countdown: float = 0.0, /) -> None:
+        send_run(celery, job.id, job.attempt, job.queue, job.priority, countdown)
+
+    return send
 
 
 def send_run(

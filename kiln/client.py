@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import requests
 
@@ -44,7 +45,9 @@ class WaitTimeout(ClientError):
 class ApiError(ClientError):
     """The API answered an error: `status`, its machine-readable `code`, `detail`, `errors`."""
 
-    def __init__(self, status: int, code: str, detail: str, errors: list[dict] | None = None):
+    def __init__(
+        self, status: int, code: str, detail: str, errors: list[dict[str, Any]] | None = None
+    ):
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
         self.errors = errors or []
@@ -277,6 +280,8 @@ class Client:
     # Plumbing
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        # Parsed JSON is Any to mypy; this method and the ones that return a part of its
+        # answer (`type: ignore[no-any-return]`) promise the shapes the API documents.
         return self._request(method, path, **kwargs).json()  # type: ignore[no-any-return]
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -312,5 +317,5 @@ def _filename(disposition: str) -> str | None:
     match = re.search(r"filename\*?=(?:UTF-8'')?\"?([^\";]+)\"?", disposition)
     if not match:
         return None
-    name = Path(requests.utils.unquote(match.group(1))).name
+    name = Path(unquote(match.group(1))).name
     return name or None

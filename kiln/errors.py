@@ -43,6 +43,12 @@ class NoOutput(NotFound):
     code = "no_output"
 
 
+class QueueQuotaExceeded(KilnError):
+    """The owner already has max_queued_per_owner jobs waiting (API jobs and schedules)."""
+
+    status, code = 429, "queue_quota_exceeded"
+
+
 class IllegalTransition(KilnError):
     status, code = 409, "illegal_transition"
 

@@ -107,7 +107,7 @@ def make_app(settings: Settings, sent: Sent) -> Iterator[Callable[..., Flask]]:
     """Factory: make_app(sender=..., **settings overrides); the default sender records to `sent`."""
     apps: list[Flask] = []
 
-    def record(job: Job) -> None:
+    def record(job: Job, countdown: float = 0.0) -> None:
         sent.append((job.id, job.attempt, job.queue))
 
     def make(sender: Any = record, **overrides: Any) -> Flask:

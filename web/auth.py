@@ -47,7 +47,7 @@ def authenticate_request() -> None:
 
 
 def principal() -> Principal:
-    return g.principal  # type: ignore[no-any-return]
+    return g.principal
 
 
 def require_admin(view: Callable[P, R]) -> Callable[P, R]:

@@ -7,21 +7,19 @@ import hashlib
 import math
 import time
 
-from flask import Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
-from kiln.errors import KilnError
+from kiln.errors import QueueQuotaExceeded
 from kiln.settings import Settings
-from web.api import bp as api_bp
 from web.errors import problem
+
+# The queue quota itself is db.submission's rule (schedules obey it too); QueueQuotaExceeded
+# is imported here to answer it, and the UI's forms import it from here.
 
 #: What a client over its queue quota is told to wait: jobs finish on their own time.
 _QUOTA_RETRY_AFTER_S = 30
-
-
-class QueueQuotaExceeded(KilnError):
-    status, code = 429, "queue_quota_exceeded"
 
 
 def storage_uri(settings: Settings) -> str:
@@ -41,7 +39,9 @@ def _caller() -> str:
     return "addr:" + (request.remote_addr or "unknown")
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: Settings, limited: Blueprint) -> None:
+    """Rate-limit the routes of `limited` (the API; passed in, so this module imports no
+    views) and answer both limits as 429."""
     if settings.rate_limit:
         limiter = Limiter(
             _caller,
@@ -53,7 +53,7 @@ def init_app(app: Flask, settings: Settings) -> None:
             swallow_errors=True,
             in_memory_fallback_enabled=True,
         )
-        limiter.limit(settings.rate_limit)(api_bp)
+        limiter.limit(settings.rate_limit)(limited)
         app.extensions["kiln.limiter"] = limiter
 
     @app.errorhandler(RateLimitExceeded)
@@ -75,14 +75,3 @@ def _seconds_to_reset() -> int:
     if current is None:
         return 1
     return max(1, math.ceil(current.reset_at - time.time()))
-
-
-def check_queue_quota(queued: int) -> None:
-    """Raise QueueQuotaExceeded when the caller already has its quota of queued jobs."""
-    settings: Settings = current_app.config["KILN_SETTINGS"]
-    if queued >= settings.max_queued_per_owner:
-        raise QueueQuotaExceeded(
-            f"you have {queued} jobs waiting, the most allowed "
-            f"(max_queued_per_owner={settings.max_queued_per_owner}); "
-            "wait for some to start or cancel some"
-        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from celery import Celery
@@ -29,7 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Row, func, select
 
 from db.base import utcnow
 from db.models import Job
@@ -141,7 +141,7 @@ class JobSystemCollector(Collector):
         return metrics
 
 
-def _job_counts(counts: list[tuple[str, str, int]]) -> list[Metric]:
+def _job_counts(counts: Sequence[Row[str, str, int]]) -> list[Metric]:
     submitted = CounterMetricFamily(
         "kiln_jobs_submitted", "Jobs ever submitted, by kind (from the database).", labels=["kind"]
     )
@@ -163,7 +163,7 @@ def _job_counts(counts: list[tuple[str, str, int]]) -> list[Metric]:
     return [submitted, finished, active]
 
 
-def _queue_ages(queued: list[tuple[str, datetime]], now: datetime) -> Metric:
+def _queue_ages(queued: Sequence[Row[str, datetime]], now: datetime) -> Metric:
     ages = GaugeMetricFamily(
         "kiln_queue_oldest_job_age_seconds",
         "How long the oldest queued job of each queue has waited (queues with waiting jobs).",

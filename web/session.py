@@ -18,7 +18,7 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def engine() -> Engine:
-    return current_app.extensions["kiln.engine"]  # type: ignore[no-any-return]
+    return current_app.extensions["kiln.engine"]
 
 
 def get() -> Session:
@@ -26,7 +26,7 @@ def get() -> Session:
     if "db" not in g:
         factory: sessionmaker[Session] = current_app.extensions["kiln.sessions"]
         g.db = factory()
-    return g.db  # type: ignore[no-any-return]
+    return g.db
 
 
 def _close(exc: BaseException | None) -> None:

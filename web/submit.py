@@ -1,18 +1,19 @@
 """Queue a validated job: the one path POST /api/v1/jobs and the UI's job forms share.
 
-Both must apply the same per-owner quota and the same order of writes (row committed,
-then the broker message, then sent_at), so the reconciler treats their jobs alike.
+The rules and the order of writes are db.submission's, which the scheduler uses too: the
+per-owner quota, then the row committed, the broker message, sent_at.
 """
 
 from __future__ import annotations
 
+from flask import current_app
 from sqlalchemy.orm import Session
 
-from db import jobs
+from db import submission
 from db.models import Job
-from kiln import routing
+from kiln.settings import Settings
 from kiln.specs import Spec
-from web import dispatch, limits
+from web import dispatch
 
 
 def submit(
@@ -30,20 +31,16 @@ def submit(
     A commit that loses a unique-key race (IntegrityError) propagates: the API answers it
     with the job that won.
     """
-    limits.check_queue_quota(jobs.count_queued(db, owner))
-    job = jobs.create(
+    settings: Settings = current_app.config["KILN_SETTINGS"]
+    job = submission.queue_job(
         db,
-        kind=kind,
         owner=owner,
-        spec=spec.model_dump(mode="json"),
-        queue=routing.queue_for(spec),
+        kind=kind,
+        spec=spec,
         priority=priority,
+        max_queued=settings.max_queued_per_owner,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
     )
-    db.commit()
-    # sent_at tells the reconciler the message went out; unsent jobs are resent by it.
-    if dispatch.send_job(job):
-        jobs.mark_sent(db, job.id, job.attempt)
-        db.commit()
+    submission.commit_and_send(db, dispatch.sender(), job)
     return job

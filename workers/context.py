@@ -113,6 +113,7 @@ class RunContext:
     def sync(self) -> None:
         """Write what is pending and read the cancellation flag, in one transaction."""
         progress, self._progress = self._progress, None
+        cancel: bool | None  # None: the claim was lost
         with session_scope(self.runtime.sessions) as session:
             self._write_reports(session)
             if progress is None:

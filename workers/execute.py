@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery.exceptions import Reject
@@ -27,11 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db import jobs
-from db.base import utcnow
+from db import jobs, submission
 from db.engine import session_scope
 from db.models import Job
 from kiln import logs
+from kiln.broker import Sender
 from kiln.errors import InvalidSpec, JobFailure, NotFound
 from kiln.specs import parse_spec
 from kiln.states import JobState
@@ -50,12 +49,9 @@ from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-#: Sends a message for the job's current queued attempt, delivered after `countdown` s.
-Send = Callable[[Job, float], None]
-
 
 def execute_attempt(
-    runtime: Runtime, job_id: str, queued_attempt: int, worker: str, send: Send
+    runtime: Runtime, job_id: str, queued_attempt: int, worker: str, send: Sender
 ) -> None:
     """Run the job if this message still stands for it; a stale or duplicate message is
     dropped by the claim, so a job never runs twice at once."""
@@ -109,7 +105,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
+def _run(ctx: RunContext, kind: str, spec: object, send: Sender) -> None:
     job_id, attempt = ctx.job_id, ctx.attempt
     try:
         result = RUNNERS[kind](spec, ctx)
@@ -138,7 +134,7 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
         log.info("job=%s attempt=%d event=succeeded", job_id, attempt)
 
 
-def _retry_transient(ctx: RunContext, send: Send, exc: Exception) -> None:
+def _retry_transient(ctx: RunContext, send: Sender, exc: Exception) -> None:
     """Re-queue with exponential back-off while attempts remain; then fail with the cause."""
     settings = ctx.runtime.settings
     what = f"{type(exc).__name__}: {exc}"[:500]
@@ -167,7 +163,7 @@ def _retry_transient(ctx: RunContext, send: Send, exc: Exception) -> None:
 
 def _requeue(
     ctx: RunContext,
-    send: Send,
+    send: Sender,
     reason: str,
     *,
     delay_s: float,
@@ -184,11 +180,9 @@ def _requeue(
                 return
             jobs.log(session, ctx.job_id, f"re-queued: {reason}", "warning")
             job = session.get(Job, ctx.job_id)
-        assert job is not None
-        send(job, delay_s)
-        with session_scope(ctx.runtime.sessions) as session:
-            due = utcnow() + timedelta(seconds=delay_s)
-            jobs.mark_sent(session, ctx.job_id, job.attempt, due)
+            assert job is not None
+            if not submission.commit_and_send(session, send, job, delay_s=delay_s):
+                return
     except Exception:
         log.exception("job=%s attempt=%d event=requeue_incomplete", ctx.job_id, ctx.attempt)
         return

@@ -124,7 +124,7 @@ class GpuCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            import pynvml  # type: ignore[import-not-found]
+            import pynvml
 
             pynvml.nvmlInit()
         except Exception:
@@ -132,8 +132,10 @@ class GpuCollector(Collector):
         utilisation = GaugeMetricFamily(
             "kiln_gpu_utilization_ratio", "GPU busy fraction over the last sample.", labels=["gpu"]
         )
-        used = GaugeMetricFamily("kiln_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"])
-        total = GaugeMetricFamily("kiln_gpu_memory_total_bytes", "GPU memory in all.", ["gpu"])
+        used = GaugeMetricFamily("kiln_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily(
+            "kiln_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"]
+        )
         try:
             for index in range(pynvml.nvmlDeviceGetCount()):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)

@@ -9,7 +9,10 @@
   some old messages while losing newer ones, so an empty-queue test would strand the jobs
   behind a resurrected message. Each job row records when its latest message was sent
   (`sent_at`); a queued job whose message is older than `resend_after_s` and whose
-  (id, attempt) is not in the broker's list is resent. Old messages that come back are
+  (id, attempt) is not in the broker's list is resent. A scheduler that has just started
+  gives no such grace to messages sent before it started (`started_at`): after a restart
+  of the whole stack those are the ones Redis may have lost, so its first sweep, at once,
+  resends them within seconds. Old messages that come back are
   harmless: the claim (state and attempt compare-and-set) drops every message but one.
   A Redis set of "ids with live messages" was the alternative; it would itself be lost or
   rolled back with the same restart, so reading the lists is the one source that cannot
@@ -21,19 +24,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs
+from db import jobs, submission
 from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
+from kiln.broker import Sender
 from kiln.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[Job], None]
 #: (job id, attempt) of every message waiting in a queue.
 WaitingMessages = Callable[[str], set[tuple[str, int]]]
 
@@ -48,12 +51,29 @@ class Report:
 
 
 def reconcile(
-    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    send: Sender,
+    waiting: WaitingMessages,
+    started_at: datetime | None = None,
 ) -> Report:
-    """One sweep: recover stalled running jobs, then resend queued jobs with no message."""
+    """One sweep: recover stalled running jobs, then resend queued jobs with no message.
+
+    `started_at`, when the caller (the scheduler) started: a queued job whose message was
+    sent before then and is not in the broker is resent without waiting `resend_after_s`.
+    """
     stalled = _recover_stalled(sessions, settings, send)
-    resent = _resend_orphans(sessions, settings, send, waiting)
+    resent = _resend_orphans(sessions, settings, send, waiting, started_at)
     return Report(resent=resent, **stalled)
+
+
+def resend_grace(settings: Settings, started_at: datetime | None, now: datetime) -> timedelta:
+    """How old a queued job's message must be before a missing one counts as lost: the
+    configured grace, but never past the caller's start (messages sent before it get none)."""
+    grace = timedelta(seconds=settings.resend_after_s)
+    if started_at is None:
+        return grace
+    return max(timedelta(0), min(grace, now - started_at))
 
 
 def time_limit_reason(limit_s: float) -> str:
@@ -62,7 +82,7 @@ def time_limit_reason(limit_s: float) -> str:
 
 
 def _recover_stalled(
-    sessions: sessionmaker[Session], settings: Settings, send: Send
+    sessions: sessionmaker[Session], settings: Settings, send: Sender
 ) -> dict[str, int]:
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
@@ -71,8 +91,8 @@ def _recover_stalled(
     for job in stalled:
         with session_scope(sessions) as session:
             outcome = _recover_one(session, settings, job)
-        if outcome == "requeued":
-            _send_and_mark(sessions, send, job)
+            if outcome == "requeued":
+                submission.commit_and_send(session, send, job)
         if outcome:
             counts[outcome] += 1
     return counts
@@ -108,24 +128,25 @@ def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
 
 
 def _resend_orphans(
-    sessions: sessionmaker[Session], settings: Settings, send: Send, waiting: WaitingMessages
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    send: Sender,
+    waiting: WaitingMessages,
+    started_at: datetime | None,
 ) -> int:
     # The database is read before the broker: a message sent in between is then seen as
     # present or is younger than the grace period, so a live job is never counted as lost.
+    # (With no grace, just after a start, one sent in between may be sent twice: the claim
+    # drops the duplicate.)
     with session_scope(sessions) as session:
-        candidates = jobs.waiting(session, timedelta(seconds=settings.resend_after_s))
+        candidates = jobs.waiting(session, resend_grace(settings, started_at, utcnow()))
     present: set[tuple[str, int]] = set()
     for queue in {job.queue for job in candidates}:
         present |= waiting(queue)
     orphans = [job for job in candidates if (job.id, job.attempt) not in present]
+    resent = 0
     for job in orphans:
         log.warning("job=%s attempt=%d event=resent reason=no_live_message", job.id, job.attempt)
-        _send_and_mark(sessions, send, job)
-    return len(orphans)
-
-
-def _send_and_mark(sessions: sessionmaker[Session], send: Send, job: Job) -> None:
-    """Send a message for the job's current queued attempt and record when."""
-    send(job)
-    with session_scope(sessions) as session:
-        jobs.mark_sent(session, job.id, job.attempt)
+        with session_scope(sessions) as session:
+            resent += submission.commit_and_send(session, send, job)
+    return resent

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from db.models import Job
 from kiln import routing
-from kiln.broker import send_run
+from kiln.broker import celery_sender
 from workers import shutdown
 from workers.execute import execute_attempt
 from workers.runtime import runtime
@@ -15,9 +14,6 @@ from workers.runtime import runtime
 @shared_task(name=routing.RUN_TASK, bind=True)
 def run_job(self: Task, job_id: str, attempt: int) -> None:
     """Run one attempt of a job; everything it does is recorded on the job row."""
-
-    def send(job: Job, countdown: float) -> None:
-        send_run(self.app, job.id, job.attempt, job.queue, job.priority, countdown)
-
+    send = celery_sender(self.app)
     with shutdown.sigterm_stops_the_job():
         execute_attempt(runtime(), job_id, attempt, self.request.hostname or "unknown", send)

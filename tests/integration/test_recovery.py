@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +19,9 @@ from db import jobs
 from db.base import utcnow
 from db.models import Job
 from kiln import routing
-from kiln.broker import queue_length
+from kiln.broker import queue_length, waiting_messages
 from kiln.settings import Settings
+from tests.integration.conftest import REPO_ROOT, clean_env
 from workers.reconcile import Report, reconcile
 
 pytestmark = pytest.mark.integration
@@ -80,7 +84,9 @@ def test_a_job_that_loses_its_worker_max_attempts_times_fails_with_worker_lost(
             stale = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 60)
             session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
         reports.append(
-            reconcile(sessions, settings, lambda j: sent.append((j.id, j.attempt)), lambda _: set())
+            reconcile(
+                sessions, settings, lambda j, _=0.0: sent.append((j.id, j.attempt)), lambda _: set()
+            )
         )
 
     assert [(r.requeued, r.failed) for r in reports] == [(1, 0), (1, 0), (0, 1)]
@@ -116,3 +122,61 @@ def test_a_queued_job_whose_message_was_lost_is_resent_and_runs(
     done = api.wait_for(orphan.id, "succeeded")
     assert (done["attempt"], done["result"]) == (1, {"message": "found again"})
     assert api.job(young.id)["state"] == "queued"
+
+
+#: Starts the scheduler process as `kiln scheduler` does, without its logging set-up.
+SCHEDULER = "from kiln.settings import Settings; from workers.scheduler import run_forever; "
+SCHEDULER += "run_forever(Settings())"
+
+
+def test_a_freshly_started_scheduler_resends_a_message_lost_before_its_start_at_once(
+    celery_app: Celery,
+    create_job: Callable[..., Job],
+    sessions: sessionmaker[Session],
+    live_settings: Settings,
+    tmp_path: Path,
+    wait_until: Callable[..., Any],
+) -> None:
+    # The whole stack was SIGKILLed: the job's message had been sent (sent_at recorded)
+    # but Redis lost it. It was sent ten minutes ago, well inside the grace given below.
+    lost = create_job(spec={"message": "sent before the crash"})
+    with sessions.begin() as session:
+        assert jobs.mark_sent(session, lost.id, 0, utcnow() - timedelta(minutes=10))
+    assert waiting_messages(celery_app, routing.CPU_QUEUE) == set()
+    # An hour's grace and a 15-minute sweep interval: only the start-up sweep can resend it
+    # while this test waits.
+    env = clean_env(
+        data_dir=str(live_settings.data_dir),
+        database_url=live_settings.resolved_database_url,
+        redis_url=live_settings.redis_url,
+        resend_after_s="3600",
+        heartbeat_timeout_s="3600",
+    )
+    with (tmp_path / "scheduler.log").open("wb") as log:
+        scheduler = subprocess.Popen(
+            [sys.executable, "-c", SCHEDULER],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: (lost.id, 0) in waiting_messages(celery_app, routing.CPU_QUEUE),
+            lambda: (
+                "the start-up sweep to resend the job; scheduler log:\n"
+                + (tmp_path / "scheduler.log").read_text(errors="replace")
+            ),
+            every=0.2,
+        )
+    finally:
+        scheduler.send_signal(signal.SIGTERM)
+        scheduler.wait(timeout=60)
+
+    with sessions() as session:
+        row = session.get(Job, lost.id)
+        assert row is not None
+        assert (row.state, row.attempt) == ("queued", 0)
+        assert row.sent_at is not None
+        assert row.sent_at > utcnow() - timedelta(minutes=1)  # the resend is recorded

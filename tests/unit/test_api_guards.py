@@ -61,7 +61,7 @@ def test_the_same_key_with_another_body_answers_422(client, alice, sessions):
 
 
 def test_a_retry_while_the_first_request_is_in_flight_answers_409(make_app, alice, sessions):
-    def broker_down(job: Job) -> None:
+    def broker_down(job: Job, countdown: float = 0.0) -> None:
         raise ConnectionError("broker unreachable")
 
     client = make_app(sender=broker_down).test_client()
@@ -256,7 +256,7 @@ def test_no_key_appears_in_the_logs_of_a_request_cycle(
     user_key = create_key("alice")
     caplog.set_level(logging.DEBUG)
 
-    def broker_down(job: Job) -> None:  # a logged failure path, too
+    def broker_down(job: Job, countdown: float = 0.0) -> None:  # a logged failure path, too
         raise ConnectionError("broker unreachable")
 
     failing = make_app(sender=broker_down).test_client()

@@ -96,7 +96,7 @@ def test_submit_sends_only_after_the_job_row_is_committed(make_app, sessions, al
     # The sender looks through a separate connection: it sees the row only if it is committed.
     seen: list[str | None] = []
 
-    def sender(job):
+    def sender(job, countdown=0.0):
         with sessions() as session:
             seen.append(session.scalar(select(Job.state).where(Job.id == job.id)))
 
@@ -108,7 +108,7 @@ def test_submit_sends_only_after_the_job_row_is_committed(make_app, sessions, al
 
 
 def test_submit_keeps_the_job_queued_when_the_broker_send_fails(make_app, sessions, alice):
-    def broken_sender(job):
+    def broken_sender(job, countdown=0.0):
         raise ConnectionError("broker down")
 
     client = make_app(sender=broken_sender).test_client()

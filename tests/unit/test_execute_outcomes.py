@@ -173,7 +173,10 @@ def _stall(sessions, job_id: str, started_ago_s: float = 600) -> None:
 def _reconcile(sessions, settings: Settings, present=frozenset()) -> tuple[Any, list]:
     resent: list[tuple[str, int]] = []
     report = reconcile(
-        sessions, settings, lambda job: resent.append((job.id, job.attempt)), lambda q: present
+        sessions,
+        settings,
+        lambda job, _=0.0: resent.append((job.id, job.attempt)),
+        lambda q: present,
     )
     return report, resent
 

@@ -8,11 +8,27 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from db import keys, schedules
+from db import jobs, keys, schedules
 from db.models import Job, Schedule
+from kiln.broker import QueuedAttempt
 from workers.scheduler import fire_due, tick
 
 NOON = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+#: A quota no test reaches unless it means to.
+ROOMY = 100
+
+
+def _recorder(sent: list[Job]):
+    """A sender (kiln.broker.Sender) that records the jobs it was given."""
+
+    def send(job: QueuedAttempt, countdown: float = 0.0) -> None:
+        sent.append(job)
+
+    return send
+
+
+def _discard(job: QueuedAttempt, countdown: float = 0.0) -> None:
+    pass
 
 
 @dataclass
@@ -70,8 +86,8 @@ def test_a_missed_window_fires_exactly_once_in_the_database(sessions):
     now = NOON + timedelta(minutes=1)
     sent: list[Job] = []
 
-    first = fire_due(sessions, sent.append, now)
-    again = fire_due(sessions, sent.append, now)
+    first = fire_due(sessions, _recorder(sent), max_queued=ROOMY, now=now)
+    again = fire_due(sessions, _recorder(sent), max_queued=ROOMY, now=now)
 
     assert len(first) == 1
     assert again == []
@@ -94,7 +110,7 @@ def test_nothing_fires_for_an_owner_whose_keys_are_all_revoked(sessions):
             keys.revoke(session, key.id)
         session.commit()
 
-    assert fire_due(sessions, lambda job: None, NOON + timedelta(minutes=1)) == []
+    assert fire_due(sessions, _discard, max_queued=ROOMY, now=NOON + timedelta(minutes=1)) == []
     with sessions() as session:
         assert session.scalars(select(Job)).all() == []
 
@@ -103,13 +119,89 @@ def test_a_second_scheduler_with_a_stale_read_cannot_fire_the_same_slot(sessions
     created = _schedule(sessions, next_run_at=NOON)
     with sessions() as session:
         stale = session.get(Schedule, created.id)
-    fire_due(sessions, lambda job: None, NOON)
+    fire_due(sessions, _discard, max_queued=ROOMY, now=NOON)
 
     with sessions() as session:
-        lost = schedules.fire(session, stale, NOON, NOON + timedelta(hours=1))
+        lost = schedules.fire(session, stale, NOON, NOON + timedelta(hours=1), max_queued=ROOMY)
         session.commit()
 
     assert lost is None
+
+
+def test_a_fired_job_is_sent_after_its_commit_and_its_send_is_recorded(sessions):
+    _schedule(sessions, next_run_at=NOON)
+    seen: list[str | None] = []
+
+    def send(job: QueuedAttempt, countdown: float = 0.0) -> None:
+        # A separate connection sees the row only if the firing committed it before the send.
+        with sessions() as session:
+            seen.append(session.scalar(select(Job.state).where(Job.id == job.id)))
+
+    [job] = fire_due(sessions, send, max_queued=ROOMY, now=NOON + timedelta(minutes=1))
+
+    assert seen == ["queued"]
+    with sessions() as session:
+        assert session.get(Job, job.id).sent_at is not None  # the reconciler will not resend
+
+
+def test_a_broker_refusing_one_send_neither_loses_the_job_nor_stops_other_schedules(sessions):
+    _schedule(sessions, next_run_at=NOON)
+    _schedule(sessions, next_run_at=NOON)
+
+    def broker_down(job: QueuedAttempt, countdown: float = 0.0) -> None:
+        raise ConnectionError("broker unreachable")
+
+    created = fire_due(sessions, broker_down, max_queued=ROOMY, now=NOON + timedelta(minutes=1))
+
+    assert len(created) == 2  # both committed; unsent, so the reconciler sends them
+    with sessions() as session:
+        rows = session.scalars(select(Job)).all()
+    assert [(j.state, j.sent_at) for j in rows] == [("queued", None), ("queued", None)]
+
+
+def test_an_owner_at_the_queue_quota_gets_no_scheduled_job_and_the_slot_is_skipped(
+    sessions, create_job, caplog
+):
+    created = _schedule(sessions, next_run_at=NOON)
+    create_job(owner="alice")
+    create_job(owner="alice")  # alice has 2 queued jobs: at a quota of 2
+    sent: list[Job] = []
+
+    with caplog.at_level("WARNING", logger="workers.scheduler"):
+        fired = fire_due(sessions, _recorder(sent), max_queued=2, now=NOON + timedelta(minutes=1))
+
+    assert (fired, sent) == ([], [])
+    with sessions() as session:
+        assert jobs.count_queued(session, "alice") == 2
+        schedule = session.get(Schedule, created.id)
+    # The slot is passed over (not retried every tick), and the last run still names the
+    # last slot that made a job (none yet).
+    assert schedule.next_run_at == NOON + timedelta(hours=1)
+    assert (schedule.last_run_at, schedule.last_job_id) == (None, None)
+    [record] = [r for r in caplog.records if "event=skipped" in r.getMessage()]
+    assert "reason=queue_quota_exceeded" in record.getMessage()
+    assert "max_queued_per_owner=2" in record.getMessage()
+    assert f"schedule={created.id}" in record.getMessage()
+
+    # Below the quota again, the next slot fires as usual.
+    later = fire_due(sessions, _recorder(sent), max_queued=3, now=NOON + timedelta(hours=1))
+    assert len(later) == 1
+    assert [j.id for j in sent] == [later[0].id]
+
+
+def test_a_quota_skip_by_a_stale_scheduler_does_not_move_a_slot_another_one_fired(sessions):
+    created = _schedule(sessions, next_run_at=NOON)
+    with sessions() as session:
+        stale = session.get(Schedule, created.id)
+    fire_due(sessions, _discard, max_queued=ROOMY, now=NOON)
+
+    with sessions() as session:
+        moved = schedules.skip(session, stale, NOON, NOON + timedelta(hours=5))
+        session.commit()
+        schedule = session.get(Schedule, created.id)
+
+    assert moved is False
+    assert schedule.next_run_at == NOON + timedelta(hours=1)
 
 
 # --- API ------------------------------------------------------------------------------------

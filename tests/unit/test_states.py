@@ -208,7 +208,7 @@ def test_a_lost_job_whose_cancel_was_requested_is_cancelled_not_requeued(
     _write(sessions, lambda s: _backdate_heartbeat(s, job.id))
     sent: list[Job] = []
 
-    report = reconcile(sessions, _settings(tmp_path), sent.append, lambda _queue: 0)
+    report = reconcile(sessions, _settings(tmp_path), lambda j, _=0.0: sent.append(j), lambda _q: 0)
 
     assert (report.cancelled, report.requeued, report.failed, sent) == (1, 0, 0, [])
     row = _row(sessions, job.id)
@@ -350,7 +350,7 @@ class JobLifecycle(RuleBasedStateMachine):
         report = reconcile(
             self.sessions,
             self.config,
-            lambda job: self.sent.append((job.id, job.attempt)),
+            lambda job, _=0.0: self.sent.append((job.id, job.attempt)),
             lambda _queue: 1,
         )
         if want.cancel_requested:

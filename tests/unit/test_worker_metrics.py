@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from kiln.settings import Settings
 from workers import metrics
@@ -75,6 +76,30 @@ def test_without_nvml_there_are_no_gpu_series() -> None:
     except ImportError:
         pass
     assert list(metrics.GpuCollector().collect()) == []
+
+
+def test_each_gpu_series_is_labelled_with_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: a stand-in for NVML's calls (nvidia-ml-py) with two devices.
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=50 + handle),
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=100 + handle, total=1000),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    registry = CollectorRegistry()
+    registry.register(metrics.GpuCollector())
+
+    exposition = generate_latest(registry).decode()
+
+    assert registry.get_sample_value("kiln_gpu_utilization_ratio", {"gpu": "1"}) == 0.51
+    assert registry.get_sample_value("kiln_gpu_memory_used_bytes", {"gpu": "0"}) == 100
+    assert registry.get_sample_value("kiln_gpu_memory_total_bytes", {"gpu": "1"}) == 1000
+    assert 'kiln_gpu_memory_used_bytes{gpu="1"} 101.0' in exposition
+    samples = [line for line in exposition.splitlines() if not line.startswith("#")]
+    assert all("{gpu=" in line for line in samples), samples  # no unlabelled sample
 
 
 def test_a_taken_metrics_port_does_not_stop_the_workers(

@@ -61,6 +61,7 @@ def signed_in(view: Callable[P, R]) -> Callable[P, R]:
     @wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if g.get("principal") is None:
+            # A redirect answers in place of any view's own return type R.
             return redirect(url_for("ui.signin", next=request.full_path.rstrip("?")))  # type: ignore[return-value]
         return view(*args, **kwargs)
 

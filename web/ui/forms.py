@@ -62,7 +62,7 @@ def builtin_datasets() -> tuple[str, ...]:
     """The built-in dataset names the specs accept."""
     # The specs keep this tuple private; a public name, once one exists, wins.
     found = getattr(specs, "BUILTIN_DATASETS", None) or getattr(specs, "_BUILTIN_DATASETS", ())
-    return tuple(found)
+    return tuple(found or ())
 
 
 def fields_for(spec_type: type[BaseModel], prefix: str = "") -> list[FormField]:

@@ -25,6 +25,10 @@ from workers.ml import architectures
 class Network(nn.Module):
     """The zoo network behind a fixed input normalisation (kept as buffers in the weights)."""
 
+    # Registered as buffers below; declared so they read as tensors, not Module attributes.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, width: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.net = net

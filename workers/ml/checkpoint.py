@@ -173,7 +173,8 @@ class _MappedSlot:
         metadata = {
             _META: info,
             "sequence": str(sequence),
-            "crc32": str(zlib.crc32(self.data.numpy())),
+            # An ndarray is a buffer; numpy's stubs do not say so to zlib's signature.
+            "crc32": str(zlib.crc32(self.data.numpy())),  # type: ignore[arg-type]
         }
         entries = f", {self.entries}" if self.entries else ""
         header = f'{{"__metadata__": {json.dumps(metadata)}{entries}}}'.encode()

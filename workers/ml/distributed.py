@@ -16,7 +16,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.process import AuthenticationString
+
+# CPython's own class (the process authkey's type); typeshed does not list it.
+from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,7 @@ def _children_allowed() -> Iterator[None]:
     so the flag is lifted while they start. Its authkey is billiard's type, which only
     billiard can pickle; the ranks get the same key as the standard library's type.
     """
+    # _config is CPython's private per-process dict (typeshed omits it); see above.
     config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
     saved = dict(config)
     config["daemon"] = False

@@ -467,11 +467,11 @@ def evaluate(
             "val_rmse": float((error**2).mean().sqrt()),
         }
     # Counting is done in NumPy: on a few hundred rows its calls cost less than torch's.
-    predicted = out.argmax(dim=1).numpy()
+    predicted_class = out.argmax(dim=1).numpy()
     return {
         "val_loss": float(nn.functional.cross_entropy(out, torch.from_numpy(data.targets))),
-        "val_accuracy": float((predicted == data.targets).mean()),
-        "val_f1": macro_f1(predicted, data.targets),
+        "val_accuracy": float((predicted_class == data.targets).mean()),
+        "val_f1": macro_f1(predicted_class, data.targets),
     }
 
 

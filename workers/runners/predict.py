@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -227,7 +227,7 @@ def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
             missing = [name for name in feature_names if name not in row]
             if missing:
                 raise JobFailure(f"input row {i} lacks features {missing[:5]}")
-            values = [row[name] for name in feature_names]
+            values: Sequence[float | str] = [row[name] for name in feature_names]
         else:
             if len(row) != width:
                 raise JobFailure(f"input row {i} has {len(row)} values; the model takes {width}")

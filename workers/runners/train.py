@@ -286,6 +286,7 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
     else:
         arrow, digest = _uploaded(spec, ctx)
         if spec.arch == "text":
+            # arch == "text" picks TextParams; mypy does not narrow the union by `arch`.
             column = spec.arch_params.text_column  # type: ignore[union-attr]
             texts = data.text_column(arrow, column, spec.target)
             ctx.log(f"embedding {len(texts)} texts with {text.ENCODER}")
