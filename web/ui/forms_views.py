@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import abort, redirect, render_template, request, url_for
+from flask import abort, current_app, redirect, render_template, request, url_for
 from sqlalchemy import select
 from werkzeug import Response
 
@@ -21,7 +21,7 @@ from kiln.specs import KINDS, Spec, parse_spec
 from web import session
 from web.limits import QueueQuotaExceeded
 from web.submit import submit
-from web.ui import auth, bp, forms
+from web.ui import auth, bp, form_layout, forms, model_hints
 
 #: The forms offered first, in this order; any other kind follows alphabetically.
 _FIRST = ("train", "predict", "batch_predict")
@@ -88,11 +88,18 @@ def new_job(kind: str) -> Response | str | tuple[str, int]:
 
 
 def job_fields(kind: str) -> list[forms.FormField]:
-    """The form fields of `kind`'s spec; 404 for a kind that does not exist."""
+    """The form fields of `kind`'s spec that this user is offered; 404 for a kind that
+    does not exist."""
     spec_type = KINDS.get(kind)
     if spec_type is None:
         abort(404, f"there is no job kind {kind!r}")
-    return forms.fields_for(spec_type)
+    return form_layout.offered(kind, forms.fields_for(spec_type), chaos=_chaos_offered())
+
+
+def _chaos_offered() -> bool:
+    """Chaos switches (an echo job's crash) only for an admin, where KILN_CHAOS is on:
+    elsewhere they would only make the job fail."""
+    return bool(auth.current().is_admin and current_app.config["KILN_SETTINGS"].chaos)
 
 
 def initial_values(fields: list[forms.FormField], extra: Iterable[str] = ()) -> dict[str, str]:
@@ -144,17 +151,22 @@ def render_form(
 ) -> str:
     """The job form; with schedule=True it also asks for a name and a cron line."""
     action = url_for("ui.new_schedule" if schedule else "ui.new_job", kind=kind)
+    pickers = _pickers()
     return render_template(
         "job_form.html",
         kind=kind,
-        fields=fields,
+        groups=form_layout.grouped(kind, fields, values, errors),
+        chosen_version=model_hints.resolve(
+            pickers["described"], values.get("model", ""), values.get("version", "")
+        ),
         values=values,
         errors=errors,
         general=general,
         schedule=schedule,
         action=action,
         doc=(KINDS[kind].__doc__ or "").strip(),
-        **_pickers(),
+        builtin_dataset_kinds=form_layout.BUILTIN_DATASET_KINDS,
+        **pickers,
     )
 
 
@@ -165,11 +177,12 @@ def _pickers() -> dict[str, Any]:
     datasets = db.scalars(
         select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
     )
-    models = db.scalars(select(Model).where(Model.owner == owner).order_by(Model.name))
+    models = list(db.scalars(select(Model).where(Model.owner == owner).order_by(Model.name)))
     return {
         "builtin_datasets": forms.builtin_datasets(),
         "datasets": list(datasets),
-        "models": list(models),
+        "models": models,
+        "described": model_hints.describe(models),
     }
 
 
