@@ -31,7 +31,8 @@
       kept = el.scrollTop;
     }
   });
-  // After any swap: the log's own, or the first one that brings the box in at all.
-  document.body.addEventListener("htmx:afterSettle", place);
+  // Right after any swap (not at settle, 20 ms later: the new box would show its top for
+  // a frame): the log's own, or the first one that brings the box in at all.
+  document.body.addEventListener("htmx:afterSwap", place);
   place();
 })();

@@ -151,7 +151,7 @@ def render_form(
 ) -> str:
     """The job form; with schedule=True it also asks for a name and a cron line."""
     action = url_for("ui.new_schedule" if schedule else "ui.new_job", kind=kind)
-    pickers = _pickers()
+    pickers = _pickers(describe_models=any(f.widget == "model" for f in fields))
     return render_template(
         "job_form.html",
         kind=kind,
@@ -170,8 +170,9 @@ def render_form(
     )
 
 
-def _pickers() -> dict[str, Any]:
-    """Choices for the dataset and model inputs: built-ins and the user's own."""
+def _pickers(*, describe_models: bool) -> dict[str, Any]:
+    """Choices for the dataset and model inputs: built-ins and the user's own; with
+    `describe_models`, each model's versions and input schemas too."""
     owner = auth.current().owner
     db = session.get()
     datasets = db.scalars(
@@ -182,7 +183,7 @@ def _pickers() -> dict[str, Any]:
         "builtin_datasets": forms.builtin_datasets(),
         "datasets": list(datasets),
         "models": models,
-        "described": model_hints.describe(models),
+        "described": model_hints.describe(models) if describe_models else {},
     }
 
 
