@@ -5,6 +5,7 @@ picker per kind, and the echo form's chaos switches."""
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable
 
 import pytest
@@ -13,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import registry
-from db.models import Dataset, Job
+from db.models import Dataset, Job, Model, ModelVersion
 from tests.unit.test_ui import _field_block, _sign_in, _submitted, _token
 from web.ui import form_layout, forms_views, model_hints
 
@@ -167,10 +168,24 @@ def test_a_version_the_lists_do_not_hold_is_kept(as_alice: FlaskClient) -> None:
     assert "Pick a model to see the features" in _field_block(page, "inputs")
 
 
-def test_examples_stay_short_for_wide_models() -> None:
+def test_examples_stay_short_for_wide_models_and_name_a_text_column() -> None:
     assert model_hints.example_rows(["a", "b"]) == '[{"a": 0, "b": 0}]'
     wide = [f"pixel_{i}" for i in range(64)]
     assert model_hints.example_rows(wide) == "[[" + ", ".join(["0"] * 64) + "]]"
+    names = [f"embedding_{i}" for i in range(384)]
+    text = Model(name="reviews", aliases={}, versions=[
+        ModelVersion(number=1, arch="text", config={
+            "input": "text", "text_column": "review", "feature_names": names}),
+    ])  # fmt: skip
+    described = model_hints.describe([text])["reviews"]["versions"]["1"]
+    assert described["features"] == "one text column, 'review'"
+    assert json.loads(described["example"]) == [{"review": "a sentence to classify"}]
+    digits = Model(name="digits", aliases={}, versions=[
+        ModelVersion(number=n, arch="mlp", config={"feature_names": wide}) for n in (1, 2)
+    ])  # fmt: skip
+    assert model_hints.describe([digits])["digits"]["versions"]["2"]["features"] == (
+        "64 features: " + ", ".join(wide[:12]) + " and 52 more"
+    )
 
 
 # --- dataset pickers and the echo form ----------------------------------------------------
