@@ -3,9 +3,11 @@
 Every form field is named by its dotted path in the spec ("arch_params.dropout"), so the
 `loc` of a validation error (from kiln.specs.parse_spec) names the field it belongs beside.
 
-A discriminated union of models (TrainSpec.arch_params: one params model per `arch`) shows
-the fields of every member at once, each marked with the members it belongs to; only the
-chosen member's fields are read back, so a plain form without scripts can still offer them.
+A discriminated union of models (TrainSpec.arch_params: one params model per `arch`) gives
+the fields of every member, each marked with the members it belongs to; only the chosen
+member's fields are read back. web.ui.form_layout puts the chosen member's in view and the
+others in a closed group (kiln-form.js moves them as the choice changes), so a plain form
+without scripts still offers them all.
 """
 
 from __future__ import annotations
