@@ -195,9 +195,9 @@ def status(job_id: str) -> None:
     if remote.as_json:
         _print_json(job)
         return
-    click.echo(
-        f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {job['message']}"
-    )
+    message = "" if _repeats_state(job) else job["message"]
+    line = f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {message}"
+    click.echo(line.rstrip())
     if job.get("worker"):
         click.echo(f"worker {job['worker']} device {job['device']} attempt {job['attempt']}")
     if job.get("error"):
@@ -251,10 +251,12 @@ def _wait_for(remote: Remote, job_id: str, *, timeout_s: float | None, poll_s: f
 def status_line(job: dict[str, Any], latest: str = "") -> str:
     """The state, the job's message and its latest metrics, each said once: a finished
     job's message is often its state again ("succeeded")."""
-    message = job.get("message") or ""
-    if message.strip().lower() == job["state"]:
-        message = ""
+    message = "" if _repeats_state(job) else job.get("message") or ""
     return " ".join(filter(None, [job["state"], message, latest]))
+
+
+def _repeats_state(job: dict[str, Any]) -> bool:
+    return str(job.get("message") or "").strip().lower() == job["state"]
 
 
 def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:

@@ -220,6 +220,14 @@ def test_wait_says_the_state_once(api) -> None:
     assert "succeeded succeeded" not in result.stderr + result.stdout
 
 
+def test_status_says_the_state_once(api) -> None:
+    done = {**JOB, "state": "succeeded", "progress": 1.0, "message": "succeeded"}
+    api.get(f"{URL}/api/v1/jobs/{JOB['id']}", json=done)
+    result = invoke("status", JOB["id"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{JOB['id']}  train  succeeded  100%\n"
+
+
 def test_submit_wait_prints_only_the_id_on_stdout(api) -> None:
     api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
     _wait_on(
