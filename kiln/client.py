@@ -22,8 +22,9 @@ from urllib.parse import unquote
 
 import requests
 
+from kiln.states import TERMINAL_STATES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _CHUNK = 1024 * 1024
 
 #: Called with (bytes done, bytes in all or None) as a transfer moves.

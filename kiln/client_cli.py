@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from kiln.states import JobState
 
 
 class ExitCode(IntEnum):
@@ -123,11 +123,14 @@ def submit(
     )
     if remote.as_json and not then_wait:
         _print_json(job)
-    elif not then_wait:
-        click.echo(job["id"])
+    elif not remote.as_json:
+        click.echo(job["id"])  # stdout stays the id alone: `id=$(kiln submit … --wait)`
     click.echo(f"queued {kind} job {job['id']}", err=True)
     if then_wait:
-        ctx.invoke(wait, job_id=job["id"])
+        finished = _wait_for(remote, job["id"], timeout_s=None, poll_s=1.0)
+        # The id is already on stdout; the outcome goes beside the progress, on stderr
+        # (with --json, stdout is the finished job alone: one parseable document).
+        _report(finished, result_to_stdout=remote.as_json)
 
 
 def _read_spec_file(path: Path) -> dict[str, Any]:
@@ -192,9 +195,9 @@ def status(job_id: str) -> None:
     if remote.as_json:
         _print_json(job)
         return
-    click.echo(
-        f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {job['message']}"
-    )
+    message = "" if _repeats_state(job) else job["message"]
+    line = f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {message}"
+    click.echo(line.rstrip())
     if job.get("worker"):
         click.echo(f"worker {job['worker']} device {job['device']} attempt {job['attempt']}")
     if job.get("error"):
@@ -204,7 +207,7 @@ def status(job_id: str) -> None:
 
 
 @click.command(name="jobs")
-@click.option("--state", type=click.Choice(["queued", "running", *TERMINAL]))
+@click.option("--state", type=click.Choice([s.value for s in JobState]))
 @click.option("--kind")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
@@ -228,25 +231,45 @@ def wait(job_id: str, timeout_s: float | None, poll_s: float) -> None:
     """Wait for a job with a progress bar and its latest metrics; exit 0 only if it
     succeeded."""
     remote = _remote()
+    _report(_wait_for(remote, job_id, timeout_s=timeout_s, poll_s=poll_s), result_to_stdout=True)
+
+
+def _wait_for(remote: Remote, job_id: str, *, timeout_s: float | None, poll_s: float) -> Any:
+    """Poll the job to its end with a progress bar on stderr; the finished job."""
     client = remote.client()
     with _progress() as progress:
         bar = progress.add_task(job_id[:12], total=1.0, status="")
 
         def show(job: dict[str, Any]) -> None:
-            latest = _latest_metrics(client.metrics(job_id)) if job["state"] != "queued" else ""
-            line = " ".join(filter(None, [job["state"], job["message"], latest]))
-            progress.update(bar, completed=job["progress"], status=line)
+            running = job["state"] != JobState.QUEUED
+            latest = _latest_metrics(client.metrics(job_id)) if running else ""
+            progress.update(bar, completed=job["progress"], status=status_line(job, latest))
 
-        job = client.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_update=show)
-    if remote.as_json:
+        return client.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_update=show)
+
+
+def status_line(job: dict[str, Any], latest: str = "") -> str:
+    """The state, the job's message and its latest metrics, each said once: a finished
+    job's message is often its state again ("succeeded")."""
+    message = "" if _repeats_state(job) else job.get("message") or ""
+    return " ".join(filter(None, [job["state"], message, latest]))
+
+
+def _repeats_state(job: dict[str, Any]) -> bool:
+    return str(job.get("message") or "").strip().lower() == job["state"]
+
+
+def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:
+    """Print a finished job's state and result or error; exit 1 unless it succeeded."""
+    if _remote().as_json:
         _print_json(job)
     else:
-        click.echo(f"{job['id']} {job['state']}")
+        click.echo(f"{job['id']} {job['state']}", err=not result_to_stdout)
         if job.get("error"):
             click.echo(f"error {job['error']['type']}: {job['error']['message']}", err=True)
         elif job.get("result") is not None:
-            click.echo(json.dumps(job["result"]))
-    if job["state"] != "succeeded":
+            click.echo(json.dumps(job["result"]), err=not result_to_stdout)
+    if job["state"] != JobState.SUCCEEDED:
         raise SystemExit(ExitCode.JOB_NOT_SUCCEEDED)
 
 
@@ -290,9 +313,8 @@ def cancel(job_id: str) -> None:
     if remote.as_json:
         _print_json(job)
     else:
-        click.echo(
-            f"{job['id']} {job['state']}" + (" (stopping)" if job["state"] == "running" else "")
-        )
+        stopping = " (stopping)" if job["state"] == JobState.RUNNING else ""
+        click.echo(f"{job['id']} {job['state']}{stopping}")
 
 
 @click.command(short_help="Download a job's output file.")
@@ -445,15 +467,23 @@ def push_model(
 
 @contextmanager
 def _progress() -> Iterator[Any]:
+    """The wait display: id, bar and percentage keep their width at any terminal width;
+    the status text takes what is left and is cut with an ellipsis, never the bar."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+    from rich.table import Column
 
+    console = Console(stderr=True)
     progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=12)),
+        BarColumn(bar_width=max(10, min(40, console.width // 5))),
+        TaskProgressColumn(table_column=Column(no_wrap=True, min_width=4, justify="right")),
+        TextColumn(
+            "{task.fields[status]}",
+            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+        ),
+        console=console,
+        expand=True,
     )
     with progress:
         yield progress
@@ -461,6 +491,8 @@ def _progress() -> Iterator[Any]:
 
 @contextmanager
 def _transfer_bar(verb: str) -> Iterator[Any]:
+    """A transfer's progress callback; the bar is drawn at the first bytes moved, so a
+    request refused before any (a 404) prints its error alone, with no empty bar."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -477,13 +509,19 @@ def _transfer_bar(verb: str) -> Iterator[Any]:
         TransferSpeedColumn(),
         console=Console(stderr=True),
     )
-    with progress:
-        bar = progress.add_task(verb, total=None)
+    bar = progress.add_task(verb, total=None, start=False)
 
-        def on_progress(done: int, total: int | None) -> None:
-            progress.update(bar, completed=done, total=total)
+    def on_progress(done: int, total: int | None) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(bar)
+        progress.update(bar, completed=done, total=total)
 
+    try:
         yield on_progress
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 COMMANDS = [submit, status, list_jobs, wait, logs, cancel, download, datasets, models]

@@ -17,6 +17,13 @@ from tests.e2e.conftest import Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
+#: True once the log box overflows and is scrolled to its newest line.
+_LOG_AT_TAIL = """() => {
+  const box = document.getElementById('log-lines');
+  return box && box.scrollHeight > box.clientHeight
+    && box.scrollHeight - box.scrollTop - box.clientHeight <= 24;
+}"""
+
 #: Resolves to the job's state and the chart's point count (both from the same metrics
 #: response) once there are two points or the job has ended; the test asserts it still ran.
 _CHART_GREW = """() => {
@@ -90,6 +97,18 @@ def test_train_watch_promote_score_cancel_and_schedule(
     page.goto(f"{server.url}/jobs/new/train")
     expect(page.locator("#f-lr")).to_have_value("0.003")
     _shoot(page, "new-training-form")
+    # Only the chosen architecture's parameters are in view; switching moves them in.
+    hidden, channels = (
+        page.locator('[id="f-arch_params.hidden"]'),
+        page.locator('[id="f-arch_params.channels"]'),
+    )
+    expect(hidden).to_be_visible()
+    expect(channels).to_be_hidden()
+    page.select_option("#f-arch", "cnn")
+    expect(channels).to_be_visible()
+    expect(hidden).to_be_hidden()
+    page.select_option("#f-arch", "mlp")
+    expect(page.locator("#f-lr_schedule")).to_be_hidden()  # under Advanced, closed
     page.fill("#f-model_name", "blobs-mlp")
     page.select_option("#f-dataset", label="blobs (2000 rows)")
     # Long enough that the page, polling every 2 s, sees the job running with points (15
@@ -112,6 +131,8 @@ def test_train_watch_promote_score_cancel_and_schedule(
     expect(page.locator("#charts")).to_have_attribute("data-done", "1")
     expect(page.locator("#job-live")).to_contain_text("Registered blobs-mlp version 1")
     assert page.url == job_url  # it all happened in place
+    # The log box shows its newest lines (one per epoch: far more than it holds).
+    page.wait_for_function(_LOG_AT_TAIL, timeout=10_000)
     _shoot(page, "job-page")
 
     # Resubmit opens the form filled with this job's spec; a shorter run makes version 2.
@@ -136,7 +157,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     # Batch-score the uploaded CSV with the production version, then download the output.
     page.goto(f"{server.url}/jobs/new/batch_predict")
     page.fill("#f-model", "blobs-mlp")
-    page.fill("#f-version", "production")
+    page.select_option("#f-version", "production")
     page.select_option("#f-dataset", label="blobs (2000 rows)")
     page.fill("#f-passthrough", "label")
     page.select_option("#f-output_format", "csv")
@@ -145,6 +166,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     batch_url = page.url
     expect(_badge(page)).to_have_text("succeeded", timeout=120_000)
     expect(page.locator("#job-live")).to_contain_text("Used blobs-mlp version 1")
+    assert page.locator("#charts-card").count() == 0  # a batch job reports no metrics
     with page.expect_download() as downloading:
         page.click("#download-output")
     download = downloading.value

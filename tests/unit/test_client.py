@@ -174,3 +174,97 @@ def test_download_errors_fetches_the_error_file(api, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bad.jsonl").read_bytes() == b'{"row": 7, "reason": "NaN"}\n'
+
+
+def _wait_on(api: responses.RequestsMock, *readings: dict, metrics: dict | None = None) -> None:
+    """The job answers each reading in turn; every metrics call answers `metrics`."""
+    for reading in readings:
+        api.get(f"{URL}/api/v1/jobs/{JOB['id']}", json={**JOB, **reading})
+    series = metrics or {}
+    api.get(f"{URL}/api/v1/jobs/{JOB['id']}/metrics", json={"series": series})
+
+
+LONG_METRICS = {
+    name: [{"step": 3, "value": 0.123456}]
+    for name in ("train_loss", "train_loss_step", "val_accuracy", "val_f1", "val_loss")
+}
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_the_wait_bar_keeps_its_percentage_at_narrow_widths(api, columns: str) -> None:
+    """Long metrics once cut the bar and percentage away below ~200 columns."""
+    _wait_on(
+        api,
+        {"state": "running", "progress": 0.4, "message": "epoch 8/20, ETA 1m 12s"},
+        {"state": "cancelled", "progress": 0.4, "message": "cancelled while running"},
+        metrics=LONG_METRICS,
+    )
+    result = CliRunner().invoke(
+        main,
+        ["wait", JOB["id"], "--interval", "0"],
+        env={"KILN_URL": URL, "KILN_API_KEY": "k", "COLUMNS": columns},
+    )
+    assert result.exit_code == ExitCode.JOB_NOT_SUCCEEDED
+    drawn = [line for line in result.stderr.splitlines() if line.startswith(JOB["id"][:12])]
+    assert drawn, result.stderr
+    assert "40%" in drawn[-1]
+    assert "━" in drawn[-1]  # the bar itself
+    assert all(len(line) <= int(columns) for line in drawn)
+
+
+def test_wait_says_the_state_once(api) -> None:
+    _wait_on(api, {"state": "succeeded", "progress": 1.0, "message": "succeeded", "result": {}})
+    result = invoke("wait", JOB["id"], "--interval", "0")
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.stderr
+    assert "succeeded succeeded" not in result.stderr + result.stdout
+
+
+def test_status_says_the_state_once(api) -> None:
+    done = {**JOB, "state": "succeeded", "progress": 1.0, "message": "succeeded"}
+    api.get(f"{URL}/api/v1/jobs/{JOB['id']}", json=done)
+    result = invoke("status", JOB["id"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{JOB['id']}  train  succeeded  100%\n"
+
+
+def test_submit_wait_prints_only_the_id_on_stdout(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    _wait_on(
+        api,
+        {"state": "running", "progress": 0.5, "message": "running"},
+        {"state": "succeeded", "progress": 1.0, "message": "succeeded", "result": {"n": 1}},
+    )
+    result = invoke("submit", "echo", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == JOB["id"] + "\n"
+    assert f"{JOB['id']} succeeded" in result.stderr
+    assert '{"n": 1}' in result.stderr
+
+
+def test_submit_wait_exits_by_the_jobs_state(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    error = {"type": "JobFailure", "message": "deliberately broken"}
+    _wait_on(api, {"state": "failed", "progress": 0.0, "message": "failed", "error": error})
+    result = invoke("submit", "echo", "--wait")
+    assert result.exit_code == ExitCode.JOB_NOT_SUCCEEDED
+    assert result.stdout == JOB["id"] + "\n"
+    assert "deliberately broken" in result.stderr
+
+
+def test_json_submit_wait_prints_one_document(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    _wait_on(api, {"state": "succeeded", "progress": 1.0, "message": "succeeded", "result": {}})
+    result = invoke("--json", "submit", "echo", "--wait")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["state"] == "succeeded"
+
+
+def test_a_refused_download_draws_no_bar(api, tmp_path: Path) -> None:
+    problem = {"status": 404, "code": "not_found", "detail": "job j has no error file"}
+    api.get(f"{URL}/api/v1/jobs/j/errors", json=problem, status=404)
+    result = invoke("download", "j", "--errors", "-o", str(tmp_path))
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert result.stderr == "error: 404 not_found: job j has no error file\n"
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []

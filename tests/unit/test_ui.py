@@ -269,7 +269,7 @@ def test_only_the_chosen_architectures_params_are_read(
 ) -> None:
     """Every arch's params are on the form; the MLP's defaults must not reach a CNN spec."""
     page = as_alice.get("/jobs/new/train").text
-    assert "Used when arch is cnn." in _field_block(page, "arch_params.channels")
+    assert "Used when architecture is cnn." in _field_block(page, "arch_params.channels")
     form = {
         "csrf_token": _token(as_alice, "/jobs"),
         "model_name": "conv",

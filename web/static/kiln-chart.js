@@ -17,6 +17,16 @@
     return name;
   }
 
+  // Axis labels people read: three significant figures, and very small or large values
+  // (a learning rate of 0.0003) in exponent form, never "0.000300" with six decimals.
+  function tick(value) {
+    var v = Number(value);
+    if (v === 0) return "0";
+    var size = Math.abs(v);
+    if (size < 1e-3 || size >= 1e5) return v.toExponential(1).replace("e-", "e\u2212");
+    return String(Number(v.toPrecision(3)));
+  }
+
   function chartFor(fam) {
     if (charts[fam]) return charts[fam];
     var figure = document.createElement("figure");
@@ -38,7 +48,10 @@
         interaction: { mode: "nearest", intersect: false },
         scales: {
           x: { type: "linear", title: { display: true, text: "epoch" }, ticks: { precision: 0 } },
-          y: fam === "accuracy" ? { suggestedMin: 0, suggestedMax: 1 } : {},
+          y: Object.assign(
+            { ticks: { callback: tick, maxTicksLimit: 6 } },
+            fam === "accuracy" ? { suggestedMin: 0, suggestedMax: 1 } : {}
+          ),
         },
         plugins: { legend: { position: "bottom" } },
       },
@@ -47,7 +60,14 @@
   }
 
   function draw(series) {
-    var names = Object.keys(series).sort();
+    // Loss first, then accuracy, then the rest (the learning rate...) by name.
+    var rank = function (name) {
+      var fam = family(name);
+      return fam === "loss" ? 0 : fam === "accuracy" ? 1 : 2;
+    };
+    var names = Object.keys(series).sort(function (a, b) {
+      return rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0);
+    });
     var empty = document.getElementById("charts-empty");
     if (empty && names.length) empty.remove();
     names.forEach(function (name) {

@@ -3,9 +3,11 @@
 Every form field is named by its dotted path in the spec ("arch_params.dropout"), so the
 `loc` of a validation error (from kiln.specs.parse_spec) names the field it belongs beside.
 
-A discriminated union of models (TrainSpec.arch_params: one params model per `arch`) shows
-the fields of every member at once, each marked with the members it belongs to; only the
-chosen member's fields are read back, so a plain form without scripts can still offer them.
+A discriminated union of models (TrainSpec.arch_params: one params model per `arch`) gives
+the fields of every member, each marked with the members it belongs to; only the chosen
+member's fields are read back. web.ui.form_layout puts the chosen member's in view and the
+others in a closed group (kiln-form.js moves them as the choice changes), so a plain form
+without scripts still offers them all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from werkzeug.datastructures import MultiDict
 
 from kiln import specs
 from kiln.errors import InvalidSpec
+from web.ui.form_layout import label_for
 
 _SCALARS = (int, float, str)
 
@@ -46,7 +49,7 @@ class FormField:
 
     name: str
     label: str
-    #: text | number | select | checkbox | list | json | dataset | model
+    #: text | number | select | checkbox | list | json | dataset | model | version | rows
     widget: str
     default: str = ""
     required: bool = False
@@ -118,15 +121,15 @@ def _union_fields(
     fields: list[FormField] = []
     if not has_sibling:
         fields.append(
-            FormField(name=tag, label=tag.replace("_", " ").replace(".", " · "),
+            FormField(name=tag, label=label_for(tag),
                       widget="select", default=fallback, choices=list(tags.values()))
         )  # fmt: skip
-    leaf = selector.rsplit(".", 1)[-1]
+    word = label_for(selector)
     for name, f in found.items():
         values = tuple(owners[name])
         f.variant = Variant(selector=selector, tag=tag, values=values, fallback=fallback)
         if len(values) < len(members):
-            f.help = " ".join(filter(None, [f.help, f"Used when {leaf} is {_either(values)}."]))
+            f.help = " ".join(filter(None, [f.help, f"Used when {word} is {_either(values)}."]))
         fields.append(f)
     return fields
 
@@ -137,7 +140,7 @@ def _field(path: str, info: FieldInfo, annotation: Any) -> FormField:
     widget, choices, step = _widget(path, annotation)
     return FormField(
         name=path,
-        label=path.replace("_", " ").replace(".", " · "),
+        label=label_for(path),
         widget=widget,
         default="" if required else to_text(widget, default),
         required=required,
@@ -152,12 +155,21 @@ def _typed_choices(annotation: Any) -> dict[str, Any]:
     return {str(a): a for a in get_args(annotation) if not isinstance(a, str)}
 
 
+def _named_widget(leaf: str, annotation: Any) -> str | None:
+    """Fields whose name asks for a richer input than their type: pickers of the user's
+    datasets, models and versions, and predict rows shown with the version's features."""
+    if leaf in ("dataset", "model") and annotation is str:
+        return leaf
+    if leaf == "version" and _is_union(annotation):
+        return "version"  # a number, an alias or "latest": picked per model
+    if leaf == "inputs" and get_origin(annotation) is list:
+        return "rows"
+    return None
+
+
 def _widget(path: str, annotation: Any) -> tuple[str, list[str], str]:
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "dataset" and annotation is str:
-        return "dataset", [], "any"
-    if leaf == "model" and annotation is str:
-        return "model", [], "any"
+    if named := _named_widget(path.rsplit(".", 1)[-1], annotation):
+        return named, [], "any"
     if get_origin(annotation) is Literal:
         return "select", [str(a) for a in get_args(annotation)], "any"
     if annotation is bool:
@@ -200,7 +212,7 @@ def to_text(widget: str, value: Any) -> str:
         return "on" if value else ""
     if widget == "list":
         return ", ".join(str(v) for v in value)
-    if widget == "json":
+    if widget in ("json", "rows"):
         return json.dumps(value, indent=2)
     return str(value)
 
@@ -241,12 +253,14 @@ def spec_from_form(
             continue
         elif f.widget == "list":
             value = [part.strip() for part in text.split(",") if part.strip()]
-        elif f.widget == "json":
+        elif f.widget in ("json", "rows"):
             try:
                 value = json.loads(text)
             except ValueError as exc:
                 errors[f.name] = f"not valid JSON: {exc}"
                 continue
+        elif f.widget == "version" and text.strip().isdecimal():
+            value = int(text)  # a version number, not an alias made of digits
         else:
             value = f.choice_values.get(text.strip(), text.strip())
         _put(raw, f.name.split("."), value)

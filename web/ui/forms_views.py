@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import abort, redirect, render_template, request, url_for
+from flask import abort, current_app, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import datasets as dataset_store
@@ -22,7 +22,7 @@ from kiln.specs import KINDS, Spec, parse_spec
 from web import session
 from web.limits import QueueQuotaExceeded
 from web.submit import submit
-from web.ui import auth, bp, forms
+from web.ui import auth, bp, form_layout, forms, model_hints
 
 #: The forms offered first, in this order; any other kind follows alphabetically.
 _FIRST = ("train", "predict", "batch_predict")
@@ -89,11 +89,18 @@ def new_job(kind: str) -> Response | str | tuple[str, int]:
 
 
 def job_fields(kind: str) -> list[forms.FormField]:
-    """The form fields of `kind`'s spec; 404 for a kind that does not exist."""
+    """The form fields of `kind`'s spec that this user is offered; 404 for a kind that
+    does not exist."""
     spec_type = KINDS.get(kind)
     if spec_type is None:
         abort(404, f"there is no job kind {kind!r}")
-    return forms.fields_for(spec_type)
+    return form_layout.offered(kind, forms.fields_for(spec_type), chaos=_chaos_offered())
+
+
+def _chaos_offered() -> bool:
+    """Chaos switches (an echo job's crash) only for an admin, where KILN_CHAOS is on:
+    elsewhere they would only make the job fail."""
+    return bool(auth.current().is_admin and current_app.config["KILN_SETTINGS"].chaos)
 
 
 def initial_values(fields: list[forms.FormField], extra: Iterable[str] = ()) -> dict[str, str]:
@@ -145,28 +152,36 @@ def render_form(
 ) -> str:
     """The job form; with schedule=True it also asks for a name and a cron line."""
     action = url_for("ui.new_schedule" if schedule else "ui.new_job", kind=kind)
+    pickers = _pickers(describe_models=any(f.widget == "model" for f in fields))
     return render_template(
         "job_form.html",
         kind=kind,
-        fields=fields,
+        groups=form_layout.grouped(kind, fields, values, errors),
+        chosen_version=model_hints.resolve(
+            pickers["described"], values.get("model", ""), values.get("version", "")
+        ),
         values=values,
         errors=errors,
         general=general,
         schedule=schedule,
         action=action,
         doc=(KINDS[kind].__doc__ or "").strip(),
-        **_pickers(),
+        builtin_dataset_kinds=form_layout.BUILTIN_DATASET_KINDS,
+        **pickers,
     )
 
 
-def _pickers() -> dict[str, Any]:
-    """Choices for the dataset and model inputs: built-ins and the user's own."""
+def _pickers(*, describe_models: bool) -> dict[str, Any]:
+    """Choices for the dataset and model inputs: built-ins and the user's own; with
+    `describe_models`, each model's versions and input schemas too."""
     owner = auth.current().owner
     db = session.get()
+    models = registry.listed(db, owner)
     return {
         "builtin_datasets": forms.builtin_datasets(),
         "datasets": dataset_store.listed(db, owner),
-        "models": registry.listed(db, owner),
+        "models": models,
+        "described": model_hints.describe(models) if describe_models else {},
     }
 
 

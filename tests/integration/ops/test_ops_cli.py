@@ -104,7 +104,8 @@ def test_train_wait_logs_and_predict_from_a_spec_file(
     )
     predicted = kiln("submit", "-f", str(spec), "--wait")
     assert predicted.exit_code == ExitCode.OK, predicted.output
-    result = json.loads(predicted.stdout.splitlines()[-1])
+    assert predicted.stdout.split() == [predicted.stdout.strip()]  # the id alone
+    result = json.loads(predicted.stderr.splitlines()[-1])
     assert result["version"] == 1
     assert result["predictions"][0]["label"] in {str(d) for d in range(10)}
 
@@ -153,7 +154,7 @@ def test_uploaded_dataset_trains_a_model(
         "--arch-params.hidden", "[8]", "--wait",
     )  # fmt: skip
     assert trained.exit_code == ExitCode.OK, trained.output
-    assert json.loads(trained.stdout.splitlines()[-1])["model"] == "xor"
+    assert json.loads(trained.stderr.splitlines()[-1])["model"] == "xor"
 
 
 def test_exit_codes_tell_scripts_what_went_wrong(
@@ -217,7 +218,7 @@ def test_download_of_a_job_without_output_is_not_found(
 ) -> None:
     if not server.has_route("GET", "/jobs/<job_id>/output"):
         pytest.skip("this build has no GET /api/v1/jobs/<id>/output route yet")
-    job_id = kiln("submit", "echo", "--wait").stdout.split()[0]
+    job_id = kiln("submit", "echo", "--wait").stdout.strip()
     answer = kiln("download", job_id, "-o", str(tmp_path))
     assert answer.exit_code == ExitCode.NOT_FOUND
     assert list(tmp_path.iterdir()) == []
