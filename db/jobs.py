@@ -449,6 +449,12 @@ def metric_points(session: Session, job_id: str) -> list[Metric]:
     )
 
 
+def has_metrics(session: Session, job_id: str) -> bool:
+    """Whether the job reported any metric point."""
+    query = select(Metric.job_id).where(Metric.job_id == job_id).limit(1)
+    return session.scalar(query) is not None
+
+
 def events(session: Session, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEvent]:
     """The job's log lines after the one with id `after`, oldest first."""
     return list(

@@ -72,15 +72,9 @@ def job(job_id: str) -> str:
         spec_json=json.dumps(found.spec, indent=2),
         **_status(found),
         **_log(found),
-        has_metrics=_has_metrics(found),
+        # Charts for a training job, or for any job that has points to draw.
+        has_metrics=job_store.has_metrics(session.get(), found.id),
     )
-
-
-def _has_metrics(found: Job) -> bool:
-    """Whether the job reported any metric point (only training does): the job page shows
-    its charts for a training job, or for any job that has points to draw."""
-    query = select(Metric.job_id).where(Metric.job_id == found.id).limit(1)
-    return session.get().scalar(query) is not None
 
 
 @bp.get("/jobs/<job_id>/live")
