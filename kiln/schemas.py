@@ -20,13 +20,17 @@ from pydantic import (
 
 from kiln.specs import ARCH_PARAMS
 
+#: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
+#: refused as "finite number" errors, never stored as null).
+_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
 class JobSubmission(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     kind: str = Field(
         description="Job kind: train, predict, batch_predict, optimize, export or echo."
@@ -122,7 +126,7 @@ class ModelList(BaseModel):
 
 
 class AliasRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     version: int = Field(ge=1, description="The version number the alias points at.")
 
@@ -131,7 +135,7 @@ class ModelConfigIn(BaseModel):
     """The JSON config uploaded beside a safetensors file: what Kiln needs to rebuild the
     network (an architecture from the zoo) and to read rows and name its outputs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     arch: str = Field(description="An architecture of Kiln's zoo, e.g. 'mlp'.")
     arch_params: dict[str, Any] = Field(default_factory=dict)
@@ -209,7 +213,7 @@ class DatasetList(BaseModel):
 
 
 class KeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     owner: str = Field(min_length=1, max_length=100)
     role: str = Field(default="user", pattern="^(admin|user)$")
@@ -252,7 +256,7 @@ class Problem(BaseModel):
 class ScheduleRequest(BaseModel):
     """A cron schedule that submits a job from this template."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     name: str = Field(min_length=1, max_length=100)
     cron: str = Field(

@@ -20,8 +20,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from werkzeug.datastructures import MultiDict
 
-from kiln import specs
-from kiln.errors import InvalidSpec
+from kiln import safejson, specs
+from kiln.errors import InvalidSpec, KilnError
 
 _SCALARS = (int, float, str)
 
@@ -243,9 +243,9 @@ def spec_from_form(
             value = [part.strip() for part in text.split(",") if part.strip()]
         elif f.widget == "json":
             try:
-                value = json.loads(text)
-            except ValueError as exc:
-                errors[f.name] = f"not valid JSON: {exc}"
+                value = safejson.loads(text, "this field")
+            except KilnError as exc:
+                errors[f.name] = exc.message
                 continue
         else:
             value = f.choice_values.get(text.strip(), text.strip())
