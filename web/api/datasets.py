@@ -12,7 +12,7 @@ from sqlalchemy import select
 from db import registry
 from db.base import utcnow
 from db.models import Dataset
-from kiln import datasets
+from kiln import dataset_probe, datasets
 from kiln.artifacts import open_store
 from kiln.errors import InUse, InvalidRequest, NotFound, UnsupportedDataset
 from kiln.schemas import DatasetList, DatasetOut
@@ -37,7 +37,7 @@ def upload_dataset() -> Response:
         iter(lambda: upload.stream.read(_CHUNK), b""), max_bytes=settings.max_upload_bytes
     )
     try:
-        info = datasets.inspect(stored.path, fmt)
+        info = dataset_probe.inspect_isolated(stored.path, fmt)  # a crash ends a child, not us
     except UnsupportedDataset:
         # The store shares equal files: keep one that an earlier row already refers to.
         if not registry.digest_in_use(session.get(), stored.digest):
