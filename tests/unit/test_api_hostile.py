@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 
 import numpy as np
@@ -199,3 +200,54 @@ def test_a_submitted_job_has_no_retry_after(client, alice):
     response = client.post("/api/v1/jobs", json={"kind": "echo"}, headers=alice)
     assert response.status_code == 202
     assert "Retry-After" not in response.headers
+
+
+# --- the UI's forms --------------------------------------------------------------------------
+
+_CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@pytest.fixture
+def as_alice(client, create_key):
+    token = _CSRF.search(client.get("/signin").text).group(1)
+    response = client.post("/signin", data={"api_key": create_key("alice"), "csrf_token": token})
+    assert response.status_code == 302
+    return client
+
+
+def _form(client, path: str, **fields: str):
+    token = _CSRF.search(client.get("/jobs").text).group(1)
+    return client.post(path, data={"csrf_token": token, **fields})
+
+
+@pytest.mark.parametrize(
+    ("inputs", "says"),
+    [
+        (deep_array(100_000), "deeper than 32 levels"),
+        ("[[1, NaN]]", "must be a finite number"),
+        ('[{"a": 1, "a": 2}]', "appears twice"),
+    ],
+)
+def test_the_predict_forms_json_field_refuses_hostile_json_beside_it(as_alice, sent, inputs, says):
+    response = _form(as_alice, "/jobs/new/predict", model="m", inputs=inputs)
+    assert response.status_code == 422
+    assert says in response.text
+    assert sent == []
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-Infinity"])
+def test_the_training_forms_number_fields_refuse_non_finite_text(as_alice, sent, text):
+    response = _form(as_alice, "/jobs/new/train", model_name="m", lr=text)
+    assert response.status_code == 422
+    assert "finite number" in response.text
+    assert sent == []
+
+
+def test_a_ui_dataset_upload_of_a_bomb_shows_the_reason(as_alice):
+    bomb = b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
+    token = _CSRF.search(as_alice.get("/datasets").text).group(1)
+    response = as_alice.post(
+        "/datasets", data={"csrf_token": token, "file": (io.BytesIO(bomb), "b.jsonl")}
+    )
+    assert response.status_code == 422
+    assert "deeper than 32 levels" in response.text
