@@ -181,7 +181,8 @@ def _check_line_depth(line: bytes, number: int) -> None:
     if line.count(b"[") + line.count(b"{") <= safejson.MAX_DEPTH:
         return
     try:
-        safejson.check_depth(line.decode("utf-8", "replace"), what=f"line {number}")
+        text = line.decode("utf-8", "replace")
+        safejson.check_depth(text, what=f"line {number}", strings=False)
     except safejson.InvalidJson as exc:
         raise UnsupportedDataset(f"the file is not valid JSONL: {exc.message}") from None
 

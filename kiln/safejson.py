@@ -9,7 +9,8 @@ mean different things to different readers:
 
 - nesting deeper than MAX_DEPTH                        → 400 json_too_deep
 - text that is not UTF-8, not JSON, a key twice in one
-  object, or a lone UTF-16 surrogate ("\\ud800")        → 400 invalid_request
+  object, a lone UTF-16 surrogate ("\\ud800") or a NUL
+  ("\\u0000", which no database text column holds)     → 400 invalid_request
 - NaN, Infinity, -Infinity, a float out of range (1e400)
   or an integer longer than MAX_INT_DIGITS digits       → 422 invalid_number, naming where
 """
@@ -61,9 +62,12 @@ class _Refused:
         self.text, self.reason = text, reason
 
 
-def check_depth(text: str, limit: int = MAX_DEPTH, what: str = "the JSON") -> None:
+def check_depth(
+    text: str, limit: int = MAX_DEPTH, what: str = "the JSON", *, strings: bool = True
+) -> None:
     """JsonTooDeep when arrays and objects nest deeper than `limit` (strings do not count);
-    also InvalidJson for a string holding a lone surrogate. Linear, never recursive."""
+    with `strings`, also InvalidJson for a string holding a lone surrogate or a NUL.
+    Linear, never recursive."""
     depth = 0
     for match in _TOKEN.finditer(text):
         token = match.group()
@@ -76,23 +80,26 @@ def check_depth(text: str, limit: int = MAX_DEPTH, what: str = "the JSON") -> No
                     [{"loc": [], "msg": f"nested deeper than {limit} levels"}],
                 )
         elif token[0] == '"':
-            if "\\u" in token:
-                _check_surrogates(token, match.start(), what)
+            if strings and "\\u" in token:
+                _check_escapes(token, match.start(), what)
         else:
             depth -= 1
 
 
-def _check_surrogates(token: str, at: int, what: str) -> None:
+def _check_escapes(token: str, at: int, what: str) -> None:
     # One string at a time: json decodes the escapes exactly, without recursion.
     try:
-        json.loads(token).encode("utf-8")
+        decoded = json.loads(token)
+        decoded.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidJson(
             f"{what} has a string with a lone UTF-16 surrogate escape (at character {at}); "
             "strings must be valid Unicode"
         ) from None
     except ValueError:
-        pass  # not a valid string: the parser says where
+        return  # not a valid string: the parser says where
+    if "\x00" in decoded:  # no database text column can hold it
+        raise InvalidJson(f"{what} has a string with a NUL character, \\u0000 (at character {at})")
 
 
 def loads(data: str | bytes, what: str = "the JSON", loc: tuple[str, ...] = ()) -> Any:

@@ -154,6 +154,33 @@ def test_malformed_bodies_answer_400_saying_why(client, alice, sent, text, says)
     assert sent == []
 
 
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c, h: c.get("/api/v1/jobs/a%00b", headers=h),
+        lambda c, h: c.get("/api/v1/models/a%00b", headers=h),
+        lambda c, h: c.get("/api/v1/jobs?kind=echo%00", headers=h),
+        lambda c, h: c.post(
+            "/api/v1/jobs", json={"kind": "echo"}, headers={**h, "Idempotency-Key": "a\x00"}
+        ),
+        lambda c, h: c.post(
+            "/api/v1/datasets",
+            data={"name": "x\x00y", "file": (io.BytesIO(b"a,b\n1,2\n"), "d.csv")},
+            headers=h,
+        ),
+        lambda c, h: c.post(
+            "/api/v1/datasets", data={"file": (io.BytesIO(b"a,b\n1,2\n"), "d\x00.csv")}, headers=h
+        ),
+        lambda c, h: post_json(
+            c, h, "/api/v1/schedules", '{"name": "a\\u0000", "cron": "0 2 * * *", "kind": "echo"}'
+        ),
+    ],
+    ids=["path", "model-path", "query", "header", "form-field", "file-name", "json"],
+)
+def test_a_nul_character_anywhere_is_a_400_not_a_database_error(client, alice, send):
+    assert "NUL" in assert_problem(send(client, alice), 400, "invalid_request")["detail"]
+
+
 def test_a_body_of_another_content_type_names_the_type_it_needs(client, alice):
     response = client.post(
         "/api/v1/jobs", data='{"kind": "echo"}', content_type="text/plain", headers=alice

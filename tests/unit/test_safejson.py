@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from kiln import safejson
 from kiln.safejson import MAX_DEPTH, InvalidJson, InvalidNumber, JsonTooDeep
 
-#: Valid JSON values without non-finite numbers or lone surrogates.
-_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+#: Valid JSON values without non-finite numbers, lone surrogates or NUL characters.
+_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20)
 _scalars = (
     st.none()
     | st.booleans()
@@ -152,3 +152,11 @@ def test_text_that_is_not_utf8_json_is_refused(data):
 def test_finite_floats_keep_their_value():
     assert math.isclose(safejson.loads("0.1"), 0.1)
     assert safejson.loads("-0.0") == 0.0
+
+
+def test_a_nul_character_in_a_string_is_refused():
+    with pytest.raises(InvalidJson, match="NUL"):
+        safejson.loads('{"name": "a\\u0000b"}')
+    with pytest.raises(InvalidJson, match="NUL"):
+        safejson.loads('{"a\\u0000": 1}')
+    assert safejson.loads('["a\\\\u0000b"]') == ["a\\u0000b"]  # an escaped backslash
