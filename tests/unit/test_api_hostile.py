@@ -278,3 +278,32 @@ def test_a_ui_dataset_upload_of_a_bomb_shows_the_reason(as_alice):
     )
     assert response.status_code == 422
     assert "deeper than 32 levels" in response.text
+
+
+def test_a_form_with_too_many_parts_answers_as_kilns_413(client, alice):
+    fields = {f"f{i}": "x" for i in range(1_100)}  # Werkzeug parses at most 1,000 parts
+    fields["file"] = (io.BytesIO(b"a,b\n1,2\n"), "d.csv")
+    body = assert_problem(
+        client.post("/api/v1/datasets", data=fields, headers=alice), 413, "payload_too_large"
+    )
+    assert "number of parts" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        lambda: {"json": {"file": "d.csv"}},
+        lambda: {"data": {"file": "not a file part"}},
+        lambda: {"data": {"file": (io.BytesIO(b""), "")}},
+    ],
+    ids=["json-body", "text-field", "no-file-name"],
+)
+def test_a_dataset_upload_without_a_file_part_answers_400(client, alice, kwargs):
+    response = client.post("/api/v1/datasets", headers=alice, **kwargs())
+    body = assert_problem(response, 400, "invalid_request")
+    assert "multipart/form-data field 'file'" in body["detail"]
+
+
+def test_a_model_upload_with_an_empty_weights_part_is_an_invalid_model_file(client, alice):
+    response = upload_model(client, alice, b"", json.dumps(CONFIG))
+    assert_problem(response, 422, "invalid_model_file")
