@@ -160,3 +160,15 @@ def test_a_nul_character_in_a_string_is_refused():
     with pytest.raises(InvalidJson, match="NUL"):
         safejson.loads('{"a\\u0000": 1}')
     assert safejson.loads('["a\\\\u0000b"]') == ["a\\u0000b"]  # an escaped backslash
+
+
+@given(_values, st.sampled_from([0, 2, 4]))
+def test_the_vectorised_depth_is_the_documents_depth(value, indent):
+    text = json.dumps(value, indent=indent or None, ensure_ascii=bool(indent % 4))
+    assert safejson._max_depth(text) == _depth(value)
+
+
+def test_the_depth_scan_carries_its_state_across_chunks(monkeypatch):
+    monkeypatch.setattr(safejson, "_SCAN_CHUNK", 3)
+    text = json.dumps({"a": ["[[", {"b": [[1], '\\"]]'], "c": "{{{"}]})
+    assert safejson._max_depth(text) == 5
