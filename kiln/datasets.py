@@ -37,10 +37,11 @@ FORMATS = ("csv", "parquet", "jsonl", "npz")
 OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
 _SUFFIXES = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "jsonl": "jsonl"}
 _SUFFIXES |= {"ndjson": "jsonl", "npz": "npz"}
-#: The most bytes an NPZ's arrays may hold uncompressed, and the most columns they flatten
-#: to (a model reads at most 100,000 features).
+#: The most bytes an NPZ's arrays may hold uncompressed.
 MAX_NPZ_BYTES = 8 * 1024**3
-MAX_NPZ_COLUMNS = 100_000
+#: The most columns a dataset may have (a model reads at most 100,000 features); an NPZ's
+#: arrays are checked before their column names are made.
+MAX_COLUMNS = 100_000
 #: Arrow readers parse this many bytes at a time.
 _BLOCK_BYTES = 1 << 20
 #: Anything a malformed file can make a parser raise; all of it means "not this format".
@@ -89,6 +90,8 @@ def inspect(path: Path, fmt: str) -> DatasetInfo:
         schema = batch.schema
     if schema is None or not schema.names or rows == 0:
         raise UnsupportedDataset("the file has no rows")
+    if len(schema) > MAX_COLUMNS:
+        raise UnsupportedDataset(f"the file has {len(schema)} columns; at most {MAX_COLUMNS}")
     columns = [{"name": f.name, "dtype": str(f.type)} for f in schema]
     return DatasetInfo(format=fmt, rows=rows, columns=columns)
 
@@ -206,9 +209,9 @@ def _npz(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:
     if len(rows) != 1:
         raise UnsupportedDataset("every array in the NPZ file must have the same first dimension")
     width = sum(max(1, a.width) for a in arrays)
-    if width > MAX_NPZ_COLUMNS:
+    if width > MAX_COLUMNS:
         raise UnsupportedDataset(
-            f"the NPZ arrays flatten to {width} columns; at most {MAX_NPZ_COLUMNS} are read"
+            f"the NPZ arrays flatten to {width} columns; at most {MAX_COLUMNS} are read"
         )
     names = [name for a in arrays for name in a.column_names]
     if len(set(names)) != len(names):

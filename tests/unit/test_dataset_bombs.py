@@ -116,7 +116,7 @@ def test_an_npz_that_inflates_past_the_bound_is_refused_from_its_directory(tmp_p
 
 def test_an_npz_flattening_to_too_many_columns_is_refused_before_naming_them(tmp_path):
     path = tmp_path / "wide.npz"
-    _npz(path, x=np.zeros((1, datasets.MAX_NPZ_COLUMNS + 1), np.uint8))
+    _npz(path, x=np.zeros((1, datasets.MAX_COLUMNS + 1), np.uint8))
     with pytest.raises(UnsupportedDataset, match="columns; at most"):
         datasets.inspect(path, "npz")
 
@@ -162,3 +162,11 @@ def test_the_probe_answers_as_inspect_does(tmp_path):
     path.write_text("a,label\n")
     with pytest.raises(UnsupportedDataset, match="no rows"):
         dataset_probe.inspect_isolated(path, "csv")
+
+
+def test_a_csv_with_more_columns_than_a_model_reads_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_COLUMNS", 50)
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(f"c{i}" for i in range(51)) + "\n" + ",".join(["1"] * 51) + "\n")
+    with pytest.raises(UnsupportedDataset, match="51 columns; at most 50"):
+        datasets.inspect(path, "csv")
