@@ -47,7 +47,7 @@ def inspect_isolated(
             command,
             capture_output=True,
             timeout=timeout_s,
-            env=os.environ | _ENV,
+            env=_child_env(),
             stdin=subprocess.DEVNULL,
             check=False,
         )
@@ -69,6 +69,13 @@ def inspect_isolated(
     # The child failed before reading the file (an import error): the server's fault.
     tail = done.stderr.decode("utf-8", "replace")[-2000:]
     raise RuntimeError(f"the dataset probe failed with exit status {code}: {tail}")
+
+
+def _child_env() -> dict[str, str]:
+    # The child imports this very kiln, installed or not (a checkout run in place).
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return os.environ | _ENV | {"PYTHONPATH": path}
 
 
 def _command(path: Path, fmt: str, memory_bytes: int, timeout_s: float) -> list[str]:
