@@ -151,7 +151,9 @@ def test_a_probe_past_its_time_is_killed_and_the_file_refused(tmp_path, monkeypa
 def test_a_file_needing_more_memory_than_the_probe_has_is_refused(tmp_path):
     path = tmp_path / "big.npz"
     _npz(path, x=np.zeros((4096, 4096), np.float64))  # 128 MiB of rows to convert
-    with pytest.raises(UnsupportedDataset, match="could not be read"):
+    assert dataset_probe.inspect_isolated(path, "npz").rows == 4096  # a valid file
+    # Which allocation fails first varies (numpy's, Arrow's, zlib's): all are a 422.
+    with pytest.raises(UnsupportedDataset):
         dataset_probe.inspect_isolated(path, "npz", memory_bytes=256 * 1024**2)
 
 
