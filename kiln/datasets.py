@@ -172,7 +172,7 @@ def _check_jsonl_depth(path: Path) -> None:
         while block := handle.read(_BLOCK_BYTES):
             lines = (carry + block).split(b"\n")
             carry = lines.pop()
-            if len(carry) > 2 * _BLOCK_BYTES:  # pyarrow refuses such a line too, later
+            if len(carry) > _BLOCK_BYTES:  # pyarrow would refuse it too, straddling blocks
                 raise UnsupportedDataset(f"line {number + 1} is longer than {_BLOCK_BYTES} bytes")
             for line in lines:
                 number += 1
