@@ -13,6 +13,7 @@ so nothing in an upload is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 import zlib
@@ -28,6 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from kiln import safejson
 from kiln.errors import UnsupportedDataset
 
 FORMATS = ("csv", "parquet", "jsonl", "npz")
@@ -35,6 +37,11 @@ FORMATS = ("csv", "parquet", "jsonl", "npz")
 OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
 _SUFFIXES = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "jsonl": "jsonl"}
 _SUFFIXES |= {"ndjson": "jsonl", "npz": "npz"}
+#: The most bytes an NPZ's arrays may hold uncompressed.
+MAX_NPZ_BYTES = 8 * 1024**3
+#: The most columns a dataset may have (a model reads at most 100,000 features); an NPZ's
+#: arrays are checked before their column names are made.
+MAX_COLUMNS = 100_000
 #: Arrow readers parse this many bytes at a time.
 _BLOCK_BYTES = 1 << 20
 #: Anything a malformed file can make a parser raise; all of it means "not this format".
@@ -83,6 +90,8 @@ def inspect(path: Path, fmt: str) -> DatasetInfo:
         schema = batch.schema
     if schema is None or not schema.names or rows == 0:
         raise UnsupportedDataset("the file has no rows")
+    if len(schema) > MAX_COLUMNS:
+        raise UnsupportedDataset(f"the file has {len(schema)} columns; at most {MAX_COLUMNS}")
     columns = [{"name": f.name, "dtype": str(f.type)} for f in schema]
     return DatasetInfo(format=fmt, rows=rows, columns=columns)
 
@@ -147,9 +156,38 @@ def _parquet(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:
 
 
 def _jsonl(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:
+    _check_jsonl_depth(path)
     reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=_BLOCK_BYTES))
     stack.callback(reader.close)
     yield from reader
+
+
+def _check_jsonl_depth(path: Path) -> None:
+    """Refuse a line nested deeper than safejson.MAX_DEPTH before pyarrow reads any of it:
+    its JSON reader recurses, and crashes the process (SIGSEGV) past ~20,000 levels. A line
+    with no more brackets than the limit cannot be deeper; others get the exact scan."""
+    carry = b""
+    number = 0
+    with path.open("rb") as handle:
+        while block := handle.read(_BLOCK_BYTES):
+            lines = (carry + block).split(b"\n")
+            carry = lines.pop()
+            if len(carry) > _BLOCK_BYTES:  # pyarrow would refuse it too, straddling blocks
+                raise UnsupportedDataset(f"line {number + 1} is longer than {_BLOCK_BYTES} bytes")
+            for line in lines:
+                number += 1
+                _check_line_depth(line, number)
+    _check_line_depth(carry, number + 1)
+
+
+def _check_line_depth(line: bytes, number: int) -> None:
+    if line.count(b"[") + line.count(b"{") <= safejson.MAX_DEPTH:
+        return
+    try:
+        text = line.decode("utf-8", "replace")
+        safejson.check_depth(text, what=f"line {number}", strings=False)
+    except safejson.InvalidJson as exc:
+        raise UnsupportedDataset(f"the file is not valid JSONL: {exc.message}") from None
 
 
 def _npz(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:
@@ -157,12 +195,24 @@ def _npz(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:
     members = [m for m in archive.namelist() if m.endswith(".npy")]
     if not members:
         raise UnsupportedDataset("the NPZ file holds no arrays")
+    # A zip's members may inflate a thousandfold (a zip bomb): bound what the directory
+    # declares; zipfile never returns more than a member's declared size.
+    inflated = sum(archive.getinfo(m).file_size for m in members)
+    if inflated > MAX_NPZ_BYTES:
+        raise UnsupportedDataset(
+            f"the NPZ arrays hold {inflated} bytes uncompressed; at most {MAX_NPZ_BYTES} are read"
+        )
     arrays = [
         _NpyStream(m.removesuffix(".npy"), stack.enter_context(archive.open(m))) for m in members
     ]
     rows = {a.shape[0] for a in arrays}
     if len(rows) != 1:
         raise UnsupportedDataset("every array in the NPZ file must have the same first dimension")
+    width = sum(max(1, a.width) for a in arrays)
+    if width > MAX_COLUMNS:
+        raise UnsupportedDataset(
+            f"the NPZ arrays flatten to {width} columns; at most {MAX_COLUMNS} are read"
+        )
     names = [name for a in arrays for name in a.column_names]
     if len(set(names)) != len(names):
         raise UnsupportedDataset(f"the NPZ arrays flatten to duplicate column names: {names}")
@@ -192,7 +242,7 @@ class _NpyStream:
         if fortran and len(shape) > 1:
             raise UnsupportedDataset(f"array {name!r} is Fortran-ordered; save it C-ordered")
         self.name, self.handle, self.dtype, self.shape = name, handle, dtype, shape
-        self.width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 0
+        self.width = math.prod(shape[1:]) if len(shape) > 1 else 0  # exact: no int64 wrap
         self.row_bytes = dtype.itemsize * max(1, self.width)
 
     @property

@@ -9,12 +9,12 @@ refused by their first bytes with a message that says so, whatever the file is c
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
 
+from kiln import safejson
 from kiln.errors import InvalidModelFile, UnsafeModelFile
 
 #: The safetensors library's own limit on the header.
@@ -70,9 +70,11 @@ def read_header(
 def parse_header(raw: bytes, dtypes: Mapping[str, int] = FLOAT_DTYPES) -> Header:
     """Check the JSON header: float tensors whose byte ranges tile the data exactly."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidModelFile("not a safetensors file: its header is not JSON") from None
+        header = safejson.loads(raw, "the safetensors header")
+    except (safejson.InvalidJson, safejson.InvalidNumber) as exc:
+        raise InvalidModelFile(
+            f"not a safetensors file: its header is not JSON Kiln reads ({exc.message})"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidModelFile("not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

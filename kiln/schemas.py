@@ -20,13 +20,17 @@ from pydantic import (
 
 from kiln.specs import ARCH_PARAMS
 
+#: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
+#: refused as "finite number" errors, never stored as null).
+_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
 class JobSubmission(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     kind: str = Field(
         description="Job kind: train, predict, batch_predict, optimize, export or echo."
@@ -126,7 +130,7 @@ class ModelList(BaseModel):
 
 
 class AliasRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     version: int = Field(ge=1, description="The version number the alias points at.")
 
@@ -135,7 +139,7 @@ class ModelConfigIn(BaseModel):
     """The JSON config uploaded beside a safetensors file: what Kiln needs to rebuild the
     network (an architecture from the zoo) and to read rows and name its outputs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     arch: str = Field(description="An architecture of Kiln's zoo, e.g. 'mlp'.")
     arch_params: dict[str, Any] = Field(default_factory=dict)
@@ -213,7 +217,7 @@ class DatasetList(BaseModel):
 
 
 class KeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     owner: str = Field(min_length=1, max_length=100)
     role: str = Field(default="user", pattern="^(admin|user)$")
@@ -256,7 +260,7 @@ class Problem(BaseModel):
 class ScheduleRequest(BaseModel):
     """A cron schedule that submits a job from this template."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     name: str = Field(min_length=1, max_length=100)
     cron: str = Field(

@@ -40,16 +40,22 @@ def check_model_name(name: str) -> str:
     return name
 
 
+#: Every spec and params model: unknown fields are errors (a typo never silently does nothing)
+#: and a float must be finite: NaN or inf (as a Python float or a form's "nan" text) is
+#: refused as "must be a finite number", never checked against a bound or stored as null.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class Spec(BaseModel):
     """Common base: unknown fields are errors, so a typo never silently does nothing."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     device: DeviceClass = "auto"
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
 
 Width = Annotated[int, Field(ge=1, le=8192)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from kiln.settings import Settings
-from web import dispatch, errors, headers, limits, metrics, session, ui
+from web import dispatch, errors, headers, limits, metrics, request_guard, session, ui
 from web.api import bp as api_bp
 from web.health import bp as health_bp
 
@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, sender: dispatch.Sender | None 
     session.init_app(app, settings)
     dispatch.init_app(app, settings, sender)
     errors.init_app(app)
+    request_guard.init_app(app)
     metrics.init_app(app)
     app.register_blueprint(health_bp)
     app.register_blueprint(api_bp)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, Response, json
+from flask import Flask, Response, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, PayloadTooLarge
 from kiln.schemas import Problem
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        if status == 413:  # Werkzeug's own body limit: the same answer as Kiln's limits
+            return problem(413, PayloadTooLarge.code, _too_large_detail(app))
         code = (exc.name or "error").lower().replace(" ", "_")
         response = problem(status, code, exc.description or exc.name)
         if status == 405 and exc.get_response().allow:
@@ -60,3 +62,11 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return problem(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+def _too_large_detail(app: Flask) -> str:
+    limit = app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and (request.content_length or 0) > limit:
+        return f"the request body is larger than {limit} bytes"
+    # Werkzeug also refuses a form with too many parts or an oversized non-file field.
+    return "the request body is too large: a form field or the number of parts is over the limit"

@@ -14,7 +14,7 @@ from werkzeug.datastructures import FileStorage
 from db import datasets as dataset_store
 from db import registry
 from db.models import Dataset, Job, Model
-from kiln import datasets
+from kiln import dataset_probe, datasets
 from kiln.artifacts import ArtifactStore, open_store
 from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
 from kiln.settings import Settings
@@ -40,7 +40,7 @@ def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: st
         iter(lambda: upload.stream.read(_CHUNK), b""), max_bytes=settings.max_upload_bytes
     )
     try:
-        info = datasets.inspect(stored.path, fmt)
+        info = dataset_probe.inspect_isolated(stored.path, fmt)  # a crash ends a child, not us
     except UnsupportedDataset:
         # The store shares equal files: keep one that an earlier row already refers to.
         if not registry.digest_in_use(db, stored.digest):

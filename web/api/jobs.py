@@ -24,7 +24,7 @@ from kiln.specs import parse_spec
 from kiln.states import JobState
 from web import session, storage
 from web.api import bp
-from web.api.body import answer, parse
+from web.api.body import answer, json_body, parse
 from web.auth import principal
 from web.submit import submit
 
@@ -84,7 +84,7 @@ def _idempotency_key() -> str | None:
 
 def _fingerprint() -> str:
     """sha256 of the body as canonical JSON: key order and whitespace do not matter."""
-    canonical = json.dumps(request.get_json(silent=True), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(json_body(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

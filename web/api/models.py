@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Response, current_app, request, send_file
 from pydantic import ValidationError
 
 from db import registry
 from db.models import Model, ModelVersion
-from kiln import modelfile
+from kiln import modelfile, safejson
 from kiln.artifacts import ArtifactStore, open_store
 from kiln.errors import (
     ExportMissing,
@@ -23,7 +21,7 @@ from kiln.settings import Settings
 from kiln.specs import check_model_name
 from web import session, storage
 from web.api import bp, hf_upload
-from web.api.body import answer, parse
+from web.api.body import MAX_JSON_BODY_BYTES, answer, parse
 from web.auth import principal
 from web.errors import validation_details
 
@@ -146,13 +144,12 @@ def _send(digest: str, filename: str) -> Response:
 def _upload_config() -> ModelConfigIn:
     """The config, from form field 'config' (JSON text) or a file part of that name."""
     part = request.files.get("config")
-    raw = part.read() if part is not None else request.form.get("config")
+    raw = part.read(MAX_JSON_BODY_BYTES + 1) if part is not None else request.form.get("config")
     if not raw:
         raise InvalidRequest("send the model config as multipart/form-data field 'config'")
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("config is not valid JSON") from None
+    if len(raw) > MAX_JSON_BODY_BYTES:
+        raise PayloadTooLarge(f"config may be at most {MAX_JSON_BODY_BYTES} bytes")
+    parsed = safejson.loads(raw, "config", ("config",))
     try:
         return ModelConfigIn.model_validate(parsed)
     except ValidationError as exc:

@@ -22,8 +22,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from werkzeug.datastructures import MultiDict
 
-from kiln import specs
-from kiln.errors import InvalidSpec
+from kiln import safejson, specs
+from kiln.errors import InvalidSpec, KilnError
 from web.ui.form_layout import label_for
 
 _SCALARS = (int, float, str)
@@ -255,9 +255,9 @@ def spec_from_form(
             value = [part.strip() for part in text.split(",") if part.strip()]
         elif f.widget in ("json", "rows"):
             try:
-                value = json.loads(text)
-            except ValueError as exc:
-                errors[f.name] = f"not valid JSON: {exc}"
+                value = safejson.loads(text, "this field")
+            except KilnError as exc:
+                errors[f.name] = exc.message
                 continue
         elif f.widget == "version" and text.strip().isdecimal():
             value = int(text)  # a version number, not an alias made of digits
