@@ -50,8 +50,8 @@ class RetryableOOM(TransientError):
 class JobTimeout(Exception):
     """Raised inside a runner once its attempt ran past the job time limit (the soft limit)."""
 
-    def __init__(self, limit_s: float) -> None:
-        super().__init__(time_limit_reason(limit_s))
+    def __init__(self, limit_s: float, reason: str | None = None) -> None:
+        super().__init__(reason or time_limit_reason(limit_s))
 
 
 #: Set in a worker's pool process when it got SIGTERM (workers.shutdown installs the
@@ -72,6 +72,8 @@ class RunContext:
     oom_retries: int = 0
     #: time.monotonic() past which the soft time limit raises JobTimeout; None: no limit.
     deadline: float | None = None
+    #: What the job's failure says past the deadline (the lane's wording); None: the usual.
+    deadline_reason: str | None = None
     _next_sync: float = field(default=0.0, repr=False)
     _progress: tuple[float, str] | None = field(default=None, repr=False)
     _lines: list[tuple[str, str]] = field(default_factory=list, repr=False)
@@ -153,7 +155,7 @@ class RunContext:
             raise WorkerShutdown(self.job_id)
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
-            raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0)
+            raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0, self.deadline_reason)
         if now >= self._next_sync:
             self.sync()
         if self._cancel_requested:

@@ -34,6 +34,7 @@ from db.models import Job
 from kiln import logs
 from kiln.errors import InvalidSpec, JobFailure, NotFound
 from kiln.specs import parse_spec
+from workers import lanes
 from workers.context import (
     SHUTDOWN,
     ClaimLost,
@@ -71,7 +72,7 @@ def execute_attempt(
             # so skip parsing and the UPDATE; this is the common path under dynamic batching.
             log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
             return
-        kind, owner, oom_retries = job.kind, job.owner, job.oom_retries
+        kind, owner, oom_retries, queue = job.kind, job.owner, job.oom_retries, job.queue
         try:
             spec = parse_spec(kind, job.spec)
             device = runtime.device_for(spec.device)
@@ -83,7 +84,7 @@ def execute_attempt(
         log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
         return
     log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
-    limit = runtime.settings.job_time_limit_s
+    limit = lanes.attempt_time_limit(runtime.settings, queue)
     ctx = RunContext(
         job_id=job_id,
         attempt=attempt,
@@ -92,7 +93,8 @@ def execute_attempt(
         runtime=runtime,
         worker=worker,
         oom_retries=oom_retries,
-        deadline=time.monotonic() + limit if limit else None,
+        deadline=time.monotonic() + limit.seconds if limit else None,
+        deadline_reason=limit.reason if limit else None,
     )
     tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
     with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
@@ -120,7 +122,9 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
         log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
     except WorkerShutdown:
         _requeue(ctx, send, "its worker shut down (SIGTERM)", delay_s=0.0, graceful=True)
-    except (JobTimeout, SoftTimeLimitExceeded):
+    except JobTimeout as exc:
+        _fail(ctx, "TimeLimitExceeded", str(exc))
+    except SoftTimeLimitExceeded:
         limit = ctx.runtime.settings.job_time_limit_s or 0.0
         _fail(ctx, "TimeLimitExceeded", str(JobTimeout(limit)))
     except (JobFailure, NotFound) as exc:  # NotFound: the spec names a missing model, say
