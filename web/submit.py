@@ -24,6 +24,7 @@ def submit(
     priority: int,
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
+    preemptible: bool = True,
 ) -> Job:
     """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
 
@@ -40,6 +41,7 @@ def submit(
         priority=priority,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
+        preemptible=preemptible,
     )
     db.commit()
     # sent_at tells the reconciler the message went out; unsent jobs are resent by it.

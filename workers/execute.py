@@ -6,6 +6,7 @@ How an attempt ends, and what it costs the job:
 - TransientError / RetryableOOM / a database or Redis disconnect → re-queued with
   exponential back-off while attempts remain (the attempt counts), then failed;
 - WorkerShutdown (SIGTERM) → re-queued at once, the attempt refunded (shutdown_attempts);
+- JobPreempted (a waiting job of higher priority) → the same, counted in `preemptions`;
 - JobTimeout (soft limit) or Celery's SoftTimeLimitExceeded → failed with the limit;
 - the process dies (SIGKILL, OOM killer, Celery's hard time limit) → nothing is written
   here; the heartbeat stops and the reconciler re-queues or fails the job.
@@ -39,6 +40,7 @@ from workers.context import (
     SHUTDOWN,
     ClaimLost,
     JobCancelled,
+    JobPreempted,
     JobTimeout,
     RetryableOOM,
     RunContext,
@@ -120,13 +122,18 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Send) -> None:
         log.info("job=%s attempt=%d event=cancelled", job_id, attempt)
     except ClaimLost:
         log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
+    except JobPreempted as exc:
+        reason = f"preempted by job {exc.waiting_job_id} (higher priority); resumes later"
+        log.info("job=%s attempt=%d event=preempted for=%s", job_id, attempt, exc.waiting_job_id)
+        _requeue(ctx, send, reason, delay_s=0.0, preempted=True)
     except WorkerShutdown:
         _requeue(ctx, send, "its worker shut down (SIGTERM)", delay_s=0.0, graceful=True)
-    except JobTimeout as exc:
-        _fail(ctx, "TimeLimitExceeded", str(exc))
-    except SoftTimeLimitExceeded:
+    except (JobTimeout, SoftTimeLimitExceeded) as exc:
+        # Celery's soft limit carries no message: it is always the general limit's.
         limit = ctx.runtime.settings.job_time_limit_s or 0.0
-        _fail(ctx, "TimeLimitExceeded", str(JobTimeout(limit)))
+        _fail(
+            ctx, "TimeLimitExceeded", str(exc if isinstance(exc, JobTimeout) else JobTimeout(limit))
+        )
     except (JobFailure, NotFound) as exc:  # NotFound: the spec names a missing model, say
         _fail(ctx, "JobFailure", str(exc))
     except Exception as exc:
@@ -176,13 +183,20 @@ def _requeue(
     delay_s: float,
     graceful: bool = False,
     oom: bool = False,
+    preempted: bool = False,
 ) -> None:
     """Put the attempt back in the queue and send its message; if sending fails the job
     stays queued in the database and the reconciler sends it."""
     try:
         with ctx.transaction() as session:
             if not jobs.requeue(
-                session, ctx.job_id, ctx.attempt, reason, graceful=graceful, oom=oom
+                session,
+                ctx.job_id,
+                ctx.attempt,
+                reason,
+                graceful=graceful,
+                oom=oom,
+                preempted=preempted,
             ):
                 return
             jobs.log(session, ctx.job_id, f"re-queued: {reason}", "warning")

@@ -1,4 +1,5 @@
-"""The scheduler process: fires due cron schedules and reconciles the database and the broker.
+"""The scheduler process: fires due cron schedules, decides preemptions (workers/preempt.py)
+and reconciles the database and the broker.
 
 tick() is the decision, a pure function of (schedules, now); fire_due() applies it to the
 database (a compare-and-set per schedule, so two schedulers never fire one slot twice) and
@@ -28,6 +29,7 @@ from db.models import Job
 from kiln.broker import make_celery, send_run, waiting_messages
 from kiln.errors import KilnError
 from kiln.settings import Settings
+from workers import preempt
 from workers.reconcile import Report, reconcile
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,10 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
             fire_due(sessions, send)
         except Exception:
             log.exception("event=schedules_failed (will retry)")
+        try:
+            preempt.sweep(sessions, settings)  # decided here only: one process, the db records it
+        except Exception:
+            log.exception("event=preemption_failed (will retry)")
         if time.monotonic() - last_reconcile < interval:
             continue
         last_reconcile = time.monotonic()
