@@ -27,6 +27,7 @@ LANES: tuple[Lane, ...] = (BULK, INTERACTIVE)
 _INTERACTIVE_PREFIX = "interactive."
 INTERACTIVE_CPU_QUEUE = _INTERACTIVE_PREFIX + CPU_QUEUE
 INTERACTIVE_GPU_QUEUE = _INTERACTIVE_PREFIX + GPU_QUEUE
+INTERACTIVE_QUEUES = (INTERACTIVE_CPU_QUEUE, INTERACTIVE_GPU_QUEUE)
 #: The queues of one worker serving both CPU lanes, interactive first (tests and benches
 #: that run a single worker; the launcher gives each lane its own).
 CPU_QUEUES_BOTH_LANES = (INTERACTIVE_CPU_QUEUE, CPU_QUEUE)
