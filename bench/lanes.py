@@ -86,6 +86,7 @@ def run(kiln: Kiln, args: argparse.Namespace) -> None:
         time.sleep(0.2)
     with kiln.sessions() as session:
         started = session.get(Job, high).started_at  # type: ignore[union-attr]
+    assert started is not None
     delay = (started - sent).total_seconds()
     kiln.wait([high, low], timeout_s=3600)
     preemptions = row(kiln, low).preemptions

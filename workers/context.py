@@ -122,6 +122,7 @@ class RunContext:
     def sync(self) -> None:
         """Write what is pending and read the cancellation flag, in one transaction."""
         progress, self._progress = self._progress, None
+        flags: jobs.StopFlags | None
         with session_scope(self.runtime.sessions) as session:
             self._write_reports(session)
             if progress is None:
