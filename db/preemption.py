@@ -82,6 +82,8 @@ def release_stale(session: Session) -> int:
     """Clear requests that no longer stand: the victim is no longer running (it finished
     before its next step), or the job it makes way for no longer waits (another worker
     freed up): the victim then carries on, and the waiting job's name is free again."""
+    if session.scalar(select(Job.id).where(Job.preempt_for.is_not(None)).limit(1)) is None:
+        return 0  # the common case, read only: no write lock taken every tick (SQLite)
     target = aliased(Job)
     still_waits = exists().where(target.id == Job.preempt_for, target.state == JobState.QUEUED)
     result = session.execute(

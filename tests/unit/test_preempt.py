@@ -280,3 +280,20 @@ def test_a_submission_opts_out_beside_its_priority(client, alice) -> None:
 
     assert (job["preemptible"], job["preemptions"], job["priority"]) == (False, 0, 2)
     assert default.get_json()["preemptible"] is True
+
+
+def test_a_victim_that_finished_first_frees_the_waiting_job_for_another(
+    sessions, create_job, fast
+) -> None:
+    first = create_job(state="running", priority=1).id
+    waiting = _waiting(sessions, create_job, priority=8)
+    assert preempt.sweep(sessions, fast) == [Preemption(first, waiting)]
+    with sessions() as session:  # it succeeded before its next step
+        assert jobs.succeed(session, first, 1, {})
+        session.commit()
+    second = create_job(state="running", priority=2).id
+
+    made = preempt.sweep(sessions, fast)
+
+    assert _row(sessions, first).preempt_for is None
+    assert made == [Preemption(second, waiting)]
