@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import pyarrow.csv as pacsv
 import pytest
+from modelkit import add_dataset, feature_table, never_resent, register_model
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +24,7 @@ from kiln.artifacts import ArtifactStore
 from kiln.settings import Settings
 from workers import execute, preempt
 from workers.preempt import Preemption, choose, why_waiting
+from workers.runners import batch
 from workers.runtime import Runtime
 
 T0 = datetime(2026, 12, 3, 12, 0)
@@ -297,3 +300,44 @@ def test_a_victim_that_finished_first_frees_the_waiting_job_for_another(
 
     assert _row(sessions, first).preempt_for is None
     assert made == [Preemption(second, waiting)]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_preempted_batch_job_keeps_its_committed_chunks_and_resumes_after_them(
+    settings, sessions, create_job, tmp_path, monkeypatch
+) -> None:
+    runtime = Runtime(
+        settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir)
+    )
+    register_model(sessions, runtime.store, tmp_path)
+    pacsv.write_csv(feature_table(60), tmp_path / "in.csv")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.csv", "csv")
+    with sessions() as session:
+        spec = {"model": "m", "dataset": dataset, "chunk_rows": 10}
+        job_id = jobs.create(
+            session, kind="batch_predict", owner="alice", spec=spec, queue="cpu"
+        ).id
+        session.commit()
+    waiting = create_job(priority=9).id
+    monkeypatch.setattr("workers.context._THROTTLE_S", 0.0)
+    scored: list[int] = []
+    real_score = batch._score
+
+    def score_and_get_preempted(model, features, batch_size, device):
+        scored.append(len(features))
+        if len(scored) == 2:
+            with sessions() as session:
+                assert rows.ask_to_stop(session, job_id, waiting, 3)
+                session.commit()
+        return real_score(model, features, batch_size, device)
+
+    monkeypatch.setattr(batch, "_score", score_and_get_preempted)
+    execute.execute_attempt(runtime, job_id, 0, "w1", never_resent)
+    stopped = _row(sessions, job_id)
+    execute.execute_attempt(runtime, job_id, 1, "w1", never_resent)
+    done = _row(sessions, job_id)
+
+    assert (stopped.state, stopped.preemptions, stopped.charged_attempts) == ("queued", 1, 0)
+    assert done.state == "succeeded", done.error_message
+    assert len(scored) == 2 + 4  # chunks 1-2 committed before it stopped; 3-6 after
+    assert done.result["rows"] == 60
