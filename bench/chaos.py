@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 from db import keys, migrate
 from db.engine import make_engine, make_sessionmaker
 from db.models import Job, ModelVersion
-from kiln import datasets
+from kiln import datasets, routing
 from kiln.artifacts import open_store
 from kiln.broker import make_celery
 from kiln.settings import Settings
@@ -355,7 +355,7 @@ class _Worker:
         for field, value in self.settings.model_dump().items():
             if value is not None:
                 env[f"KILN_{field.upper()}"] = str(value)
-        argv = WorkerProcess(name=self.name, queues=("cpu",), env={}).argv()
+        argv = WorkerProcess(name=self.name, queues=routing.CPU_QUEUES_BOTH_LANES, env={}).argv()
         return subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -301,7 +301,7 @@ def bench_kiln(args: argparse.Namespace, work_dir: Path) -> KilnRun:
         "CUDA_VISIBLE_DEVICES": "",  # a CPU worker, as the launcher starts one
     }
     run, poll_s = KilnRun(), args.poll_ms / 1000
-    argv = celery_worker_argv("workers.main", "cpu", "bench-cpu")
+    argv = celery_worker_argv("workers.main", "interactive.cpu,cpu", "bench-cpu")  # both lanes
     with (
         process_group("kiln-worker", argv, env, work_dir),
         kiln_api(args, settings, key, env) as call,

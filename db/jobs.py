@@ -37,6 +37,7 @@ def create(
     priority: int = 0,
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
+    preemptible: bool = True,
 ) -> Job:
     """Insert a queued job; the caller commits, then sends its id to the broker."""
     job = Job(
@@ -45,6 +46,7 @@ def create(
         spec=spec,
         queue=queue,
         priority=priority,
+        preemptible=preemptible,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         state=JobState.QUEUED,
@@ -163,24 +165,48 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     return _cas(session, job_id, _holds(attempt), heartbeat_at=utcnow())
 
 
-def report_progress(
+class StopFlags(NamedTuple):
+    """What a running attempt is asked to do at its next step."""
+
+    #: The user asked to cancel.
+    cancel: bool
+    #: The scheduler asked it to make way for this waiting job (preemption), or None.
+    preempt_for: str | None
+
+
+def report(
     session: Session, job_id: str, attempt: int, progress: float, message: str
-) -> bool | None:
+) -> StopFlags | None:
     """Store progress (clamped to 0..1) and the status line, doubling as a heartbeat, in one
-    statement that also reads the cancel flag: whether the user asked to cancel, or None if
-    the attempt no longer holds the job."""
+    statement that also reads the stop flags; None if the attempt no longer holds the job."""
     clamped = min(max(progress, 0.0), 1.0)
-    return session.scalar(
+    row = session.execute(
         update(Job)
         .where(Job.id == job_id, _holds(attempt))
         .values(progress=clamped, message=message, heartbeat_at=utcnow())
-        .returning(Job.cancel_requested),
+        .returning(Job.cancel_requested, Job.preempt_for),
         execution_options={"synchronize_session": False},
-    )
+    ).one_or_none()
+    return StopFlags(bool(row[0]), row[1]) if row is not None else None
+
+
+def report_progress(
+    session: Session, job_id: str, attempt: int, progress: float, message: str
+) -> bool | None:
+    """report(), answering only whether the user asked to cancel (None: claim lost)."""
+    flags = report(session, job_id, attempt, progress, message)
+    return flags.cancel if flags is not None else None
+
+
+def stop_flags(session: Session, job_id: str) -> StopFlags:
+    row = session.execute(
+        select(Job.cancel_requested, Job.preempt_for).where(Job.id == job_id)
+    ).one_or_none()
+    return StopFlags(bool(row[0]), row[1]) if row is not None else StopFlags(False, None)
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return stop_flags(session, job_id).cancel
 
 
 def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
@@ -267,18 +293,24 @@ def requeue(
     *,
     graceful: bool = False,
     oom: bool = False,
+    preempted: bool = False,
 ) -> bool:
-    """Put a running attempt back in the queue (its worker was lost or shut down, or it hit
-    a transient error).
+    """Put a running attempt back in the queue (its worker was lost or shut down, it was
+    preempted, or it hit a transient error).
 
     `graceful` (a worker shutting down on SIGTERM) refunds the attempt: shutdown_attempts
     grows with it, so max_attempts never counts it. `oom` counts a RetryableOOM, so the next
-    attempt's runner can shrink its batch. A job whose cancellation was requested is never
-    re-queued: no claim would take it, so it would wait forever; the caller cancels it.
+    attempt's runner can shrink its batch. `preempted` (it stopped for a job of higher
+    priority) is graceful too, counts in `preemptions` and clears `preempt_for`. A job
+    whose cancellation was requested is never re-queued: no claim would take it, so it
+    would wait forever; the caller cancels it.
     """
     values: dict[str, Any] = {}
-    if graceful:
+    if graceful or preempted:
         values["shutdown_attempts"] = Job.shutdown_attempts + 1
+    if preempted:
+        values["preemptions"] = Job.preemptions + 1
+        values["preempt_for"] = None
     if oom:
         values["oom_retries"] = Job.oom_retries + 1
     return _cas(

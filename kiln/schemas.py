@@ -37,6 +37,11 @@ class JobSubmission(BaseModel):
     )
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
     priority: int = Field(default=0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+    preemptible: bool = Field(
+        default=True,
+        description="Whether a bulk job may be stopped (and later resumed where it stopped) "
+        "for a waiting job of higher priority; false opts out.",
+    )
 
 
 class JobError(BaseModel):
@@ -52,6 +57,8 @@ class JobOut(Out):
     spec: dict[str, Any]
     priority: int
     queue: str
+    preemptible: bool
+    preemptions: int
     progress: float
     message: str
     attempt: int

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiln import routing
+
 
 class Settings(BaseSettings):
     """Kiln's configuration, read from the environment; defaults need no server."""
@@ -31,6 +33,19 @@ class Settings(BaseSettings):
     gpus: str = "auto"
     #: CPU worker processes; by default one, and none when GPU workers exist.
     cpu_workers: int | None = Field(default=None, ge=0)
+    #: Worker processes per device and lane, "bulk=1,interactive=1" (kiln.routing): e.g.
+    #: "bulk=1,interactive=2" for more predict capacity, "interactive=0" on a training host.
+    lanes: str = "bulk=1,interactive=1"
+    #: torch intra-op threads of each interactive worker; bulk workers share the rest of
+    #: the host's cores (workers.launch), so two torch processes never oversubscribe it.
+    interactive_threads: int = Field(default=1, ge=1)
+    #: Wall-clock limit of one attempt in the interactive lane (predict, echo): past it the
+    #: job fails and is told to use batch_predict. Bulk jobs have job_time_limit_s only.
+    interactive_time_limit_s: float = Field(default=300.0, gt=0)
+    #: Preemption: a bulk job waiting this long with no free worker may preempt a running
+    #: job of lower priority; a job preempted max_preemptions times is no longer preempted.
+    preempt_after_s: float = Field(default=5.0, ge=0)
+    max_preemptions: int = Field(default=3, ge=0)
     #: Largest upload accepted, in bytes.
     max_upload_bytes: int = 512 * 1024 * 1024
     #: A running job whose heartbeat is older than this is presumed lost.
@@ -84,6 +99,17 @@ class Settings(BaseSettings):
     #: Signs the browser UI's session cookie; empty means one generated once and kept in
     #: data_dir/secret_key (mode 0600), so every web process and restart shares it.
     secret_key: str = Field(default="", repr=False)
+
+    @field_validator("lanes")
+    @classmethod
+    def _check_lanes(cls, setting: str) -> str:
+        routing.parse_lanes(setting)  # ValueError: pydantic reports it as KILN_LANES's error
+        return setting
+
+    @property
+    def lane_sizes(self) -> dict[routing.Lane, int]:
+        """KILN_LANES parsed: worker processes per device for each lane."""
+        return routing.parse_lanes(self.lanes)
 
     @field_validator("database_url")
     @classmethod

@@ -4,7 +4,7 @@ and the workers (parsing the stored spec). Adding a kind adds one spec here."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -50,6 +50,9 @@ class Spec(BaseModel):
     """Common base: unknown fields are errors, so a typo never silently does nothing."""
 
     model_config = _STRICT
+
+    #: A kind whose jobs are short by nature runs in the interactive lane (kiln.routing).
+    short: ClassVar[bool] = False
 
     device: DeviceClass = "auto"
 
@@ -228,6 +231,8 @@ VersionRef = Annotated[
 class PredictSpec(Spec):
     """Score a few rows with a registered model version."""
 
+    short: ClassVar[bool] = True
+
     model: str
     version: VersionRef = "latest"
     #: Rows of numbers for zoo versions; strings (or {column: text} rows) for hf versions.
@@ -296,6 +301,8 @@ class BatchPredictSpec(Spec):
 
 class EchoSpec(Spec):
     """Does no ML: returns its message after an optional sleep. For smoke tests and benchmarks."""
+
+    short: ClassVar[bool] = True
 
     message: str = Field(default="", max_length=10_000)
     sleep_s: float = Field(default=0.0, ge=0, le=3600)

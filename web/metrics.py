@@ -179,7 +179,8 @@ def _broker_depths(celery: Celery, queues_in_use: list[str]) -> list[Metric]:
         "kiln_queue_depth", "Messages waiting in each broker queue.", labels=["queue"]
     )
     up = GaugeMetricFamily("kiln_broker_up", "1 when the broker answered the last reading.")
-    names = sorted({routing.CPU_QUEUE, routing.GPU_QUEUE, *queues_in_use})
+    shared = (routing.CPU_QUEUE, routing.GPU_QUEUE, *routing.INTERACTIVE_QUEUES)
+    names = sorted({*shared, *queues_in_use})
     try:
         with celery.connection_for_read() as connection:
             # Fail fast when Redis is down: a scrape must not hang on reconnect attempts.

@@ -25,6 +25,7 @@ def submit(
     priority: int,
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
+    preemptible: bool = True,
 ) -> Job:
     """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
 
@@ -41,6 +42,7 @@ def submit(
         max_queued=settings.max_queued_per_owner,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
+        preemptible=preemptible,
     )
     submission.commit_and_send(db, dispatch.sender(), job)
     return job

@@ -40,6 +40,16 @@ class WorkerShutdown(Exception):
     checkpoint, then raises this (ctx.raise_if_cancelled() raises it too)."""
 
 
+class JobPreempted(WorkerShutdown):
+    """Raised inside a runner asked to make way for a waiting job of higher priority: like
+    WorkerShutdown (a checkpointing runner saves its step, the job is re-queued without
+    spending an attempt) but counted as a preemption (workers/preempt.py)."""
+
+    def __init__(self, job_id: str, waiting_job_id: str) -> None:
+        super().__init__(job_id)
+        self.waiting_job_id = waiting_job_id
+
+
 class TransientError(Exception):
     """Raise from a runner for an infrastructure hiccup (a service briefly unreachable):
     the attempt is re-queued with back-off while attempts remain. Never for bad input."""
@@ -53,8 +63,8 @@ class RetryableOOM(TransientError):
 class JobTimeout(Exception):
     """Raised inside a runner once its attempt ran past the job time limit (the soft limit)."""
 
-    def __init__(self, limit_s: float) -> None:
-        super().__init__(time_limit_reason(limit_s))
+    def __init__(self, limit_s: float, reason: str | None = None) -> None:
+        super().__init__(reason or time_limit_reason(limit_s))
 
 
 T = TypeVar("T")
@@ -77,11 +87,15 @@ class RunContext:
     oom_retries: int = 0
     #: time.monotonic() past which the soft time limit raises JobTimeout; None: no limit.
     deadline: float | None = None
+    #: What the job's failure says past the deadline (the lane's wording); None: the usual.
+    deadline_reason: str | None = None
     _next_sync: float = field(default=0.0, repr=False)
     _progress: tuple[float, str] | None = field(default=None, repr=False)
     _lines: list[tuple[str, str]] = field(default_factory=list, repr=False)
     _points: list[tuple[str, int, float]] = field(default_factory=list, repr=False)
     _cancel_requested: bool = field(default=False, repr=False)
+    #: The waiting job this attempt was asked to make way for (preemption), if any.
+    _preempt_for: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # The claim has just written the job's progress and found no cancel request.
@@ -113,19 +127,17 @@ class RunContext:
     def sync(self) -> None:
         """Write what is pending and read the cancellation flag, in one transaction."""
         progress, self._progress = self._progress, None
-        cancel: bool | None  # None: the claim was lost
+        flags: jobs.StopFlags | None
         with session_scope(self.runtime.sessions) as session:
             self._write_reports(session)
             if progress is None:
-                cancel = jobs.is_cancel_requested(session, self.job_id)
+                flags = jobs.stop_flags(session, self.job_id)
             else:
-                cancel = jobs.report_progress(
-                    session, self.job_id, self.attempt, progress[0], progress[1]
-                )
+                flags = jobs.report(session, self.job_id, self.attempt, *progress)
         self._next_sync = time.monotonic() + _THROTTLE_S
-        if cancel is None:
+        if flags is None:
             raise ClaimLost(self.job_id)
-        self._cancel_requested = cancel
+        self._cancel_requested, self._preempt_for = flags
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -147,23 +159,27 @@ class RunContext:
         return max(1, requested >> self.oom_retries)
 
     def should_stop(self) -> bool:
-        """True once the worker is shutting down (SIGTERM): checkpoint now, then raise
-        WorkerShutdown (returning would record success); the job is re-queued without
-        spending an attempt and the next attempt resumes from the checkpoint."""
-        return SHUTDOWN.is_set()
+        """True once the worker is shutting down (SIGTERM) or the job was preempted:
+        checkpoint now, then call raise_if_cancelled() (returning would record success);
+        the job is re-queued without spending an attempt and the next attempt resumes from
+        the checkpoint."""
+        return SHUTDOWN.is_set() or self._preempt_for is not None
 
     def raise_if_cancelled(self) -> None:
         """Call between steps: raises WorkerShutdown when the worker is stopping, JobTimeout
-        past the time limit, and JobCancelled once the user asked to cancel."""
+        past the time limit, JobCancelled once the user asked to cancel, and JobPreempted
+        once the scheduler asked the job to make way for one of higher priority."""
         if SHUTDOWN.is_set():
             raise WorkerShutdown(self.job_id)
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
-            raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0)
+            raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0, self.deadline_reason)
         if now >= self._next_sync:
             self.sync()
         if self._cancel_requested:
             raise JobCancelled(self.job_id)
+        if self._preempt_for is not None:
+            raise JobPreempted(self.job_id, self._preempt_for)
 
     @property
     def scratch_dir(self) -> Path:

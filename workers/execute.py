@@ -6,6 +6,7 @@ How an attempt ends, and what it costs the job:
 - TransientError / RetryableOOM / a database or Redis disconnect → re-queued with
   exponential back-off while attempts remain (the attempt counts), then failed;
 - WorkerShutdown (SIGTERM) → re-queued at once, the attempt refunded (shutdown_attempts);
+- JobPreempted (a waiting job of higher priority) → the same, counted in `preemptions`;
 - JobTimeout (soft limit) or Celery's SoftTimeLimitExceeded → failed with the limit;
 - the process dies (SIGKILL, OOM killer, Celery's hard time limit) → nothing is written
   here; the heartbeat stops and the reconciler re-queues or fails the job.
@@ -34,10 +35,12 @@ from kiln.broker import Sender
 from kiln.errors import InvalidSpec, JobFailure, NotFound
 from kiln.specs import parse_spec
 from kiln.states import JobState
+from workers import lanes
 from workers.context import (
     SHUTDOWN,
     ClaimLost,
     JobCancelled,
+    JobPreempted,
     JobTimeout,
     RetryableOOM,
     RunContext,
@@ -68,7 +71,7 @@ def execute_attempt(
             # so skip parsing and the UPDATE; this is the common path under dynamic batching.
             log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
             return
-        kind, owner, oom_retries = job.kind, job.owner, job.oom_retries
+        kind, owner, oom_retries, queue = job.kind, job.owner, job.oom_retries, job.queue
         try:
             spec = parse_spec(kind, job.spec)
             device = runtime.device_for(spec.device)
@@ -79,7 +82,7 @@ def execute_attempt(
     if attempt is None:
         log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
         return
-    limit = runtime.settings.job_time_limit_s
+    limit = lanes.attempt_time_limit(runtime.settings, queue)
     ctx = RunContext(
         job_id=job_id,
         attempt=attempt,
@@ -88,7 +91,8 @@ def execute_attempt(
         runtime=runtime,
         worker=worker,
         oom_retries=oom_retries,
-        deadline=time.monotonic() + limit if limit else None,
+        deadline=time.monotonic() + limit.seconds if limit else None,
+        deadline_reason=limit.reason if limit else None,
     )
     tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
     with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
@@ -115,11 +119,18 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Sender) -> None:
         log.info("job=%s attempt=%d event=cancelled", job_id, attempt)
     except ClaimLost:
         log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
+    except JobPreempted as exc:
+        reason = f"preempted by job {exc.waiting_job_id} (higher priority); resumes later"
+        log.info("job=%s attempt=%d event=preempted for=%s", job_id, attempt, exc.waiting_job_id)
+        _requeue(ctx, send, reason, delay_s=0.0, preempted=True)
     except WorkerShutdown:
         _requeue(ctx, send, "its worker shut down (SIGTERM)", delay_s=0.0, graceful=True)
-    except (JobTimeout, SoftTimeLimitExceeded):
+    except (JobTimeout, SoftTimeLimitExceeded) as exc:
+        # Celery's soft limit carries no message: it is always the general limit's.
         limit = ctx.runtime.settings.job_time_limit_s or 0.0
-        _fail(ctx, "TimeLimitExceeded", str(JobTimeout(limit)))
+        _fail(
+            ctx, "TimeLimitExceeded", str(exc if isinstance(exc, JobTimeout) else JobTimeout(limit))
+        )
     except (JobFailure, NotFound) as exc:  # NotFound: the spec names a missing model, say
         _fail(ctx, "JobFailure", str(exc))
     except Exception as exc:
@@ -169,13 +180,20 @@ def _requeue(
     delay_s: float,
     graceful: bool = False,
     oom: bool = False,
+    preempted: bool = False,
 ) -> None:
     """Put the attempt back in the queue and send its message; if sending fails the job
     stays queued in the database and the reconciler sends it."""
     try:
         with ctx.transaction() as session:
             if not jobs.requeue(
-                session, ctx.job_id, ctx.attempt, reason, graceful=graceful, oom=oom
+                session,
+                ctx.job_id,
+                ctx.attempt,
+                reason,
+                graceful=graceful,
+                oom=oom,
+                preempted=preempted,
             ):
                 return
             jobs.log(session, ctx.job_id, f"re-queued: {reason}", "warning")

@@ -1,4 +1,4 @@
-"""The worker launcher: one Celery worker process per GPU, pinned before torch loads.
+"""The worker launcher: Celery worker processes per GPU and lane, pinned before torch loads.
 
 plan() decides (pure, testable without a GPU); run() starts the processes, restarts one
 that dies, and stops them all on SIGTERM or SIGINT.
@@ -42,32 +42,72 @@ class WorkerProcess:
         ]  # fmt: skip
 
 
-def plan(gpu_ids: Sequence[str], cpu_workers: int | None) -> list[WorkerProcess]:
-    """One worker per GPU (its own queue, the shared gpu queue, then cpu work when idle),
-    plus `cpu_workers` CPU workers (default: one when there is no GPU, else none).
+def plan(
+    gpu_ids: Sequence[str],
+    cpu_workers: int | None,
+    lanes: Mapping[routing.Lane, int] | None = None,
+    *,
+    cpu_count: int | None = None,
+    interactive_threads: int = 1,
+) -> list[WorkerProcess]:
+    """Per GPU, `lanes[bulk]` bulk workers and `lanes[interactive]` interactive workers,
+    all pinned to it (kiln.routing.lane_queues says what each serves); then the same for
+    each of `cpu_workers` CPU devices (default: one when there is no GPU, else none).
 
-    An entry "0+1" reserves GPUs 0 and 1 for one worker: it sees both, and besides the
-    single-GPU queues it serves the queues of jobs that need 2 (or fewer, above 1) GPUs
-    at once (`gpus: N` training with DistributedDataParallel), largest first.
+    An entry "0+1" reserves GPUs 0 and 1 for its workers: they see both, and its bulk
+    workers also serve the queues of jobs that need 2 (or fewer, above 1) GPUs at once.
+
+    torch's intra-op threads are set for each process (OMP_NUM_THREADS, read when torch
+    loads): `interactive_threads` per interactive worker, and the host's other cores
+    shared among the bulk workers, so two torch processes never oversubscribe the CPU.
     """
-    workers = []
-    for entry in gpu_ids:
-        group = entry.split("+")
-        multi = tuple(routing.multi_gpu_queue(n) for n in range(len(group), 1, -1))
-        workers.append(
-            WorkerProcess(
-                name=f"gpu{'-'.join(group)}",
-                queues=(routing.gpu_queue(entry), *multi, routing.GPU_QUEUE, routing.CPU_QUEUE),
-                env={"CUDA_VISIBLE_DEVICES": ",".join(group)},
-            )
-        )
+    sizes = dict(lanes) if lanes is not None else {routing.BULK: 1, routing.INTERACTIVE: 1}
     count = cpu_workers if cpu_workers is not None else (0 if gpu_ids else 1)
-    # A CPU worker sees no GPU, so nothing it runs can grab one by accident.
-    workers += [
-        WorkerProcess(name=f"cpu{n}", queues=(routing.CPU_QUEUE,), env={"CUDA_VISIBLE_DEVICES": ""})
-        for n in range(count)
+    devices: list[tuple[str, str | None, str]] = [
+        (f"gpu{'-'.join(entry.split('+'))}", entry, ",".join(entry.split("+"))) for entry in gpu_ids
     ]
+    # A CPU worker sees no GPU, so nothing it runs can grab one by accident.
+    devices += [(f"cpu{n}", None, "") for n in range(count)]
+    threads = _thread_budget(
+        len(devices) * sizes.get(routing.BULK, 0),
+        len(devices) * sizes.get(routing.INTERACTIVE, 0),
+        cpu_count or os.cpu_count() or 1,
+        interactive_threads,
+    )
+    workers = []
+    for name, entry, visible in devices:
+        for lane in routing.LANES:
+            for n in range(sizes.get(lane, 0)):
+                workers.append(
+                    WorkerProcess(
+                        name=_worker_name(name, lane, n),
+                        queues=routing.lane_queues(lane, entry),
+                        env={
+                            "CUDA_VISIBLE_DEVICES": visible,
+                            "OMP_NUM_THREADS": str(threads[lane]),
+                            "MKL_NUM_THREADS": str(threads[lane]),
+                        },
+                    )
+                )
     return workers
+
+
+def _worker_name(device: str, lane: routing.Lane, n: int) -> str:
+    """gpu0 for a device's first bulk worker (the name it had before lanes), gpu0-b1 for
+    a second, gpu0-i0 for its first interactive worker."""
+    if lane == routing.BULK:
+        return device if n == 0 else f"{device}-b{n}"
+    return f"{device}-i{n}"
+
+
+def _thread_budget(
+    bulk: int, interactive: int, cores: int, interactive_threads: int
+) -> dict[routing.Lane, int]:
+    """Threads per worker of each lane: what interactive workers ask for, and the cores
+    they leave shared among the bulk workers (at least one each)."""
+    left = cores - interactive * interactive_threads
+    per_bulk = max(1, left // bulk) if bulk else 1
+    return {routing.BULK: per_bulk, routing.INTERACTIVE: interactive_threads}
 
 
 def visible_gpus(setting: str, environ: Mapping[str, str]) -> list[str]:
@@ -96,7 +136,12 @@ def _nvidia_smi_gpus() -> list[str]:
 
 def run(settings: Settings) -> int:
     """Start the planned workers and supervise them until signalled; returns an exit code."""
-    workers = plan(visible_gpus(settings.gpus, os.environ), settings.cpu_workers)
+    workers = plan(
+        visible_gpus(settings.gpus, os.environ),
+        settings.cpu_workers,
+        settings.lane_sizes,
+        interactive_threads=settings.interactive_threads,
+    )
     if not workers:
         log.error("event=no_workers reason='no GPU is visible and KILN_CPU_WORKERS is 0'")
         return 2

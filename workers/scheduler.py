@@ -1,4 +1,5 @@
-"""The scheduler process: fires due cron schedules and reconciles the database and the broker.
+"""The scheduler process: fires due cron schedules, decides preemptions (workers/preempt.py)
+and reconciles the database and the broker.
 
 tick() is the decision, a pure function of (schedules, now); fire_due() applies it to the
 database (a compare-and-set per schedule, so two schedulers never fire one slot twice) and
@@ -33,6 +34,7 @@ from db.models import Job, Schedule
 from kiln.broker import Sender, celery_sender, make_celery, waiting_messages
 from kiln.errors import KilnError, QueueQuotaExceeded
 from kiln.settings import Settings
+from workers import preempt
 from workers.reconcile import Report, reconcile
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,10 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
             fire_due(sessions, send, max_queued=settings.max_queued_per_owner)
         except Exception:
             log.exception("event=schedules_failed (will retry)")
+        try:
+            preempt.sweep(sessions, settings)  # decided here only: one process, the db records it
+        except Exception:
+            log.exception("event=preemption_failed (will retry)")
         if started and time.monotonic() - last_reconcile < interval:
             continue
         last_reconcile = time.monotonic()

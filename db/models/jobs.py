@@ -17,6 +17,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.expression import true as sa_true
 
 from db.base import Base, UTCDateTime, new_id, utcnow
 from kiln.states import JobState
@@ -48,6 +49,9 @@ class Job(Base):
             f"state != '{JobState.FAILED.value}' OR error_type IS NOT NULL", name="failed_has_error"
         ),
         UniqueConstraint("owner", "idempotency_key"),
+        # A waiting job is named by at most one victim: two deciders never preempt twice
+        # for it (workers/preempt.py).
+        UniqueConstraint("preempt_for", name="uq_jobs_preempt_for"),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
     )
@@ -68,6 +72,15 @@ class Job(Base):
     shutdown_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: Attempts ended by a RetryableOOM; runners shrink their batch by this many halvings.
     oom_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The scheduler may stop this running job for a waiting one of higher priority
+    #: (preemption); false opts out.
+    preemptible: Mapped[bool] = mapped_column(default=True, server_default=sa_true())
+    #: Times this job went back to the queue for a job of higher priority (not charged as
+    #: attempts); past KILN_MAX_PREEMPTIONS it is no longer preempted.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Set on a running job asked to stop for the waiting job it names; cleared when it
+    #: re-queues, or when that job no longer waits.
+    preempt_for: Mapped[str | None] = mapped_column(String(32))
     #: When the latest message for the current attempt was sent (or will be delivered, for a
     #: delayed retry); None while the first send has not happened. The reconciler resends a
     #: queued job whose message is older than a grace period and absent from the broker.

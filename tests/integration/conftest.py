@@ -164,8 +164,9 @@ def clean_env(**kiln: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
-    """Factory: start_worker() -> a ready CPU worker (w1, w2, ...) on the test's settings.
+def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Factory: start_worker(lane=None) -> a ready CPU worker (w1, w2, ...) on the test's
+    settings, serving both CPU lanes, or only `lane`'s queue as the launcher plans it.
 
     The command line is the launcher's own (workers.launch), so concurrency 1 and prefetch 1
     are what production runs. Each worker gets a session (process group) of its own.
@@ -179,10 +180,10 @@ def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[[
         heartbeat_timeout_s=str(live_settings.heartbeat_timeout_s),
     )
 
-    def start() -> Worker:
+    def start(lane: routing.Lane | None = None) -> Worker:
         spec = WorkerProcess(
             name=f"w{next(numbers)}",
-            queues=(routing.CPU_QUEUE,),
+            queues=routing.lane_queues(lane, None) if lane else routing.CPU_QUEUES_BOTH_LANES,
             env={"CUDA_VISIBLE_DEVICES": ""},  # CPU only, as the launcher's CPU workers
         )
         log_path = tmp_path / f"{spec.name}.log"
@@ -209,7 +210,7 @@ def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[[
 
 @pytest.fixture
 def worker(start_worker: Callable[[], Worker]) -> Worker:
-    """One ready worker serving the cpu queue."""
+    """One ready worker serving both CPU lanes' queues."""
     return start_worker()
 
 

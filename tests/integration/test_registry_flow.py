@@ -57,7 +57,7 @@ def worker(settings: Settings, broker: str) -> Iterator[subprocess.Popen[bytes]]
     }
     argv = [
         sys.executable, "-m", "celery", "-A", "workers.main", "worker",
-        "--queues", "cpu", "--pool", "solo", "--concurrency", "1",
+        "--queues", "interactive.cpu,cpu", "--pool", "solo", "--concurrency", "1",
         "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
         "--without-mingle", "--without-gossip", "--loglevel", "WARNING",
     ]  # fmt: skip

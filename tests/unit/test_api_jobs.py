@@ -79,10 +79,13 @@ def test_submit_stores_the_spec_with_its_defaults_filled_in(client, alice):
 def test_submit_sends_the_job_once(client, alice, sent):
     response = client.post("/api/v1/jobs", json={"kind": "echo"}, headers=alice)
 
-    assert sent == [(response.get_json()["id"], 0, "cpu")]
+    assert sent == [(response.get_json()["id"], 0, "interactive.cpu")]
 
 
-@pytest.mark.parametrize(("device", "queue"), [("auto", "cpu"), ("cpu", "cpu"), ("gpu", "gpu")])
+@pytest.mark.parametrize(
+    ("device", "queue"),
+    [("auto", "interactive.cpu"), ("cpu", "interactive.cpu"), ("gpu", "interactive.gpu")],
+)
 def test_submit_routes_the_job_to_the_queue_of_its_device(client, alice, sent, device, queue):
     response = client.post(
         "/api/v1/jobs", json={"kind": "echo", "spec": {"device": device}}, headers=alice

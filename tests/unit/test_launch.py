@@ -18,21 +18,23 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+#: The bulk lane alone: one worker per device, as before lanes (tests/unit/test_lanes.py
+#: covers the interactive workers beside them).
+BULK_ONLY = {"bulk": 1, "interactive": 0}
+
+
 def test_one_worker_per_gpu_pinned_to_it_serving_its_queue_then_gpu_then_cpu() -> None:
-    workers = plan(["0", "1"], cpu_workers=None)
+    workers = plan(["0", "1"], cpu_workers=None, lanes=BULK_ONLY)
 
     assert [w.name for w in workers] == ["gpu0", "gpu1"]
-    assert [dict(w.env) for w in workers] == [
-        {"CUDA_VISIBLE_DEVICES": "0"},
-        {"CUDA_VISIBLE_DEVICES": "1"},
-    ]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1"]
     assert [w.queues for w in workers] == [("gpu.0", "gpu", "cpu"), ("gpu.1", "gpu", "cpu")]
 
 
 def test_a_gpu_group_is_one_worker_that_sees_them_all_and_serves_multi_gpu_jobs() -> None:
-    big, small = plan(["0+1+2", "3"], cpu_workers=None)
+    big, small = plan(["0+1+2", "3"], cpu_workers=None, lanes=BULK_ONLY)
 
-    assert (big.name, dict(big.env)) == ("gpu0-1-2", {"CUDA_VISIBLE_DEVICES": "0,1,2"})
+    assert (big.name, big.env["CUDA_VISIBLE_DEVICES"]) == ("gpu0-1-2", "0,1,2")
     assert big.queues == ("gpu.0+1+2", "gpu.x3", "gpu.x2", "gpu", "cpu")
     assert small.queues == ("gpu.3", "gpu", "cpu")
 
@@ -42,7 +44,7 @@ def test_a_gpu_group_is_one_worker_that_sees_them_all_and_serves_multi_gpu_jobs(
     ("train", {"device": "gpu", "gpus": 2}, "gpu.x2"),
     ("train", {"device": "cpu", "gpus": 2}, "cpu"),
     ("train", {"gpus": 4}, "cpu"),
-    ("echo", {"device": "gpu"}, "gpu"),
+    ("echo", {"device": "gpu"}, "interactive.gpu"),
 ])  # fmt: skip
 def test_jobs_needing_several_gpus_go_where_a_worker_holds_that_many(
     kind: str, spec: dict[str, object], queue: str
@@ -52,11 +54,11 @@ def test_jobs_needing_several_gpus_go_where_a_worker_holds_that_many(
 
 
 def test_without_gpus_one_cpu_worker_that_sees_no_gpu() -> None:
-    (worker,) = plan([], cpu_workers=None)
+    (worker,) = plan([], cpu_workers=None, lanes=BULK_ONLY)
 
     assert worker.name == "cpu0"
     assert worker.queues == ("cpu",)
-    assert dict(worker.env) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert worker.env["CUDA_VISIBLE_DEVICES"] == ""
 
 
 @pytest.mark.parametrize(("gpus", "cpu_workers", "names"), [
@@ -67,7 +69,7 @@ def test_without_gpus_one_cpu_worker_that_sees_no_gpu() -> None:
 def test_cpu_workers_setting_adds_cpu_workers_beside_gpu_workers(
     gpus: list[str], cpu_workers: int, names: list[str]
 ) -> None:
-    assert [w.name for w in plan(gpus, cpu_workers)] == names
+    assert [w.name for w in plan(gpus, cpu_workers, BULK_ONLY)] == names
 
 
 @pytest.mark.parametrize(
@@ -124,7 +126,8 @@ def test_operators_cuda_visible_devices_is_respected(
     gpus = visible_gpus("auto", {"CUDA_VISIBLE_DEVICES": cuda_visible_devices})
 
     assert gpus == expected
-    pinned = [w.env["CUDA_VISIBLE_DEVICES"] for w in plan(gpus, None) if w.queues[0] != "cpu"]
+    planned = plan(gpus, None, BULK_ONLY)
+    pinned = [w.env["CUDA_VISIBLE_DEVICES"] for w in planned if w.queues[0] != "cpu"]
     assert pinned == expected
 
 

@@ -60,6 +60,7 @@ def submit_job() -> Response:
             kind=submission.kind,
             spec=spec,
             priority=submission.priority,
+            preemptible=submission.preemptible,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from ops_support import LiveServer, Worker, free_port, make_key, worker_env
 
+from kiln import routing
 from kiln.client import Client
 from kiln.settings import Settings
 from workers.launch import WorkerProcess
@@ -85,7 +86,9 @@ def start_host(
         KILN_ARTIFACTS_ENDPOINT_URL=shared.artifacts_endpoint_url,
         **AWS_ENV,
     )
-    return start_worker(WorkerProcess(name=name, queues=("cpu",), env={}).argv(), env)
+    return start_worker(
+        WorkerProcess(name=name, queues=routing.CPU_QUEUES_BOTH_LANES, env={}).argv(), env
+    )
 
 
 def test_a_model_trained_on_one_host_predicts_on_another(

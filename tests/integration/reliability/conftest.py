@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.engine import make_engine, make_sessionmaker
 from db.models import Job
+from kiln import routing
 from kiln.broker import make_celery, send_run
 from kiln.settings import Settings
 from tests.conftest import postgres_schema
@@ -143,7 +144,7 @@ class Worker:
     """A real `celery worker` (prefork, concurrency 1) in its own process group."""
 
     def __init__(self, name: str, settings: Settings, log_path: Path) -> None:
-        argv = WorkerProcess(name=name, queues=("cpu",), env={}).argv()
+        argv = WorkerProcess(name=name, queues=routing.CPU_QUEUES_BOTH_LANES, env={}).argv()
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
             argv,
