@@ -45,6 +45,7 @@ def queue_job(
     max_queued: int,
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
+    preemptible: bool = True,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
     but not committed; commit_and_send() then makes it real."""
@@ -58,6 +59,7 @@ def queue_job(
         priority=priority,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
+        preemptible=preemptible,
     )
 
 
