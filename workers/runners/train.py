@@ -41,6 +41,10 @@ class Prepared:
 
 
 def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
+    if spec.arch == "hf":  # fine-tuning a transformers model: its own data and saving
+        from workers.runners import finetune  # imports transformers: only for these jobs
+
+        return finetune.run(spec, ctx)
     prepared = _prepare(spec, ctx)
     train_rows, val_rows = data.split(prepared.table, spec.val_fraction, spec.seed)
     config = dict(prepared.config)
@@ -64,16 +68,22 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
         f"training {spec.arch} ({prepared.table.task}) on {len(train_rows.targets)} rows, "
         f"validating on {len(val_rows.targets)}, device {ctx.device}, {spec.gpus} process(es)"
     )
-    if resume is not None:
-        at = resume.info["position"]
-        ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
-        # Points the lost attempt had reported but not written come back from the checkpoint.
-        for number, metrics in enumerate(saved_history(resume), start=1):
-            ctx.metrics(_points(number, metrics))
+    report_resume(ctx, resume)
     result = _fit(
         spec, ctx, model, config, train_rows, val_rows, loop, checkpoint, resume, resume_path, key
     )
     return _register(spec, ctx, model, config, result, prepared.dataset_digest, checkpoint)
+
+
+def report_resume(ctx: RunContext, resume: ckpt.Checkpoint | None) -> None:
+    """Say where a resumed run starts, and write the metric points the lost attempt had
+    reported but not written (they come back from the checkpoint's history)."""
+    if resume is None:
+        return
+    at = resume.info["position"]
+    ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
+    for number, metrics in enumerate(saved_history(resume), start=1):
+        ctx.metrics(_points(number, metrics))
 
 
 def _fit(
