@@ -18,7 +18,7 @@ from sqlalchemy import select
 from db import migrate
 from db.models import Job, JobEvent, Metric
 from kiln.artifacts import ArtifactStore
-from kiln.errors import InvalidSpec
+from kiln.errors import InvalidSpec, JobFailure
 from kiln.families import HfParams
 from kiln.specs import HfTrainParams, TrainSpec, parse_spec
 from workers import context, model_cache
@@ -365,3 +365,9 @@ def test_only_text_classification_and_embedding_versions_are_fine_tuned(
     job = run_job("train", spec | {"dataset": upload(reviews()), "target": "sentiment"})
     assert job.state == "failed"
     assert "starts from an hf text-classification or embedding version" in job.error_message
+
+
+def test_lora_target_modules_the_model_lacks_fail_with_a_reason(directories):
+    params = HfTrainParams(base_model="m", lora_target_modules=["no_such_layer"])
+    with pytest.raises(JobFailure, match="cannot add LoRA adapters"):
+        finetune.load_classifier(directories["embedding"], "embedding", ["a", "b"], params)

@@ -90,7 +90,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
         resume,
         config_key=key,
     )
-    return _register(spec, ctx, model, base, result, dataset_digest, checkpoint) | {
+    return _register(spec, ctx, model, base, directory, result, dataset_digest) | {
         "method": params.method,
         "trainable_parameters": trainable,
     }
@@ -101,14 +101,13 @@ def _register(
     ctx: RunContext,
     model: nn.Module,
     base: ModelVersion,
+    base_dir: Path,
     result: FitResult,
     dataset_digest: str,
-    checkpoint: Path,
 ) -> dict[str, Any]:
     params = spec.arch_params
     assert isinstance(params, HfTrainParams)
     ctx.progress(1.0, "saving the model")
-    base_dir = ctx.runtime.settings.data_dir / "hf-models" / base.artifact_digest
     saved = finetune.save_directory(finetune.merged(model), base_dir, ctx.scratch_dir / "model")
     checked = finetune.checked_directory(saved, _NO_LIMIT)
     stored = ctx.runtime.store.put_chunks(hfdir.tar_chunks(checked))
@@ -126,7 +125,7 @@ def _register(
         family="hf",
         task=TASK,
     )
-    ckpt.remove(checkpoint)
+    ckpt.remove(ctx.scratch_dir / ckpt.FILENAME)  # the version is registered: done with it
     shutil.rmtree(saved, ignore_errors=True)
     resumed = result.resumed_from
     return {
