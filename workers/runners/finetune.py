@@ -53,7 +53,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     directory = hf.materialise(
         ctx.runtime.store, base.artifact_digest, settings.data_dir / "hf-models"
     )
-    arrow, dataset_digest = train._uploaded(spec, ctx)
+    arrow, dataset_digest = train.uploaded_table(spec, ctx)
     texts = data.text_column(arrow, params.text_column, spec.target)
     tokenizer = finetune.load_tokenizer(directory)
     length = finetune.max_length(directory, tokenizer, params.max_length)
@@ -66,10 +66,10 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     model, built = finetune.load_classifier(directory, base.task, table.label_names, params)
     network = finetune.TokenClassifier(model).to(ctx.device)
     trainable, total = finetune.trainable_parameters(network)
-    loop = train._loop_config(spec, data.CLASSIFICATION, 0.0, 1.0)
+    loop = train.loop_config(spec, data.CLASSIFICATION, 0.0, 1.0)
     key = _checkpoint_key(spec, base.artifact_digest, table.label_names, rows.shape[-1])
     checkpoint = ctx.scratch_dir / ckpt.FILENAME
-    resume, _ = train._load_resume(spec, ctx, checkpoint, key)
+    resume, _ = train.load_resume(spec, ctx, checkpoint, key)
     ctx.log(
         f"fine-tuning {params.base_model} version {base.number} ({base.task}) with {built}: "
         f"{trainable:,} of {total:,} parameters train ({params.method}); "
@@ -85,7 +85,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
         val_rows,
         loop,
         ctx.device,
-        train._hooks(spec, ctx),
+        train.job_hooks(spec, ctx),
         checkpoint,
         resume,
         config_key=key,

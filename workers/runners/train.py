@@ -60,10 +60,10 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     mean, std = data.normalisation(train_rows.features)
     model.mean.copy_(torch.tensor(mean))
     model.std.copy_(torch.tensor(std))
-    loop = _loop_config(spec, prepared.table.task, target_mean, target_std)
+    loop = loop_config(spec, prepared.table.task, target_mean, target_std)
     key = _checkpoint_key(config, spec)
     checkpoint = ctx.scratch_dir / ckpt.FILENAME
-    resume, resume_path = _load_resume(spec, ctx, checkpoint, key)
+    resume, resume_path = load_resume(spec, ctx, checkpoint, key)
     ctx.log(
         f"training {spec.arch} ({prepared.table.task}) on {len(train_rows.targets)} rows, "
         f"validating on {len(val_rows.targets)}, device {ctx.device}, {spec.gpus} process(es)"
@@ -100,7 +100,7 @@ def _fit(
     key: str,
 ) -> FitResult:
     """Train in this process, or in spec.gpus DistributedDataParallel processes."""
-    hooks = _hooks(spec, ctx)
+    hooks = job_hooks(spec, ctx)
     if spec.gpus == 1:
         model.to(ctx.device)
         return fit(model, train_rows, val_rows, loop, ctx.device, hooks, checkpoint, resume,
@@ -175,7 +175,7 @@ def _checkpoint_key(config: dict[str, Any], spec: TrainSpec) -> str:
     return hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()
 
 
-def _loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
+def loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
     return LoopConfig(
         epochs=spec.epochs,
         batch_size=spec.batch_size,
@@ -202,7 +202,7 @@ def _points(epoch: int, metrics: dict[str, float]) -> list[tuple[str, int, float
     return [(name, epoch, value) for name, value in metrics.items()]
 
 
-def _hooks(spec: TrainSpec, ctx: RunContext) -> Hooks:
+def job_hooks(spec: TrainSpec, ctx: RunContext) -> Hooks:
     """Report to the job: cancellation and progress with ETA per step, metrics per epoch."""
     started = time.monotonic()
     first: list[float] = []
@@ -237,7 +237,7 @@ def _eta(started: float, first: float, done: float) -> str:
     return f", about {left:.0f}s left"
 
 
-def _load_resume(
+def load_resume(
     spec: TrainSpec, ctx: RunContext, own: Path, key: str
 ) -> tuple[ckpt.Checkpoint | None, Path | None]:
     """The checkpoint to start from (and its path), checked to fit this run."""
@@ -294,7 +294,7 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
         if spec.task != "auto" and spec.task != table.task:
             raise JobFailure(f"{spec.dataset} is a {table.task} dataset, not {spec.task}")
     else:
-        arrow, digest = _uploaded(spec, ctx)
+        arrow, digest = uploaded_table(spec, ctx)
         if spec.arch == "text":
             column = spec.arch_params.text_column  # type: ignore[union-attr]
             texts = data.text_column(arrow, column, spec.target)
@@ -318,7 +318,7 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
     return Prepared(table, digest, config)
 
 
-def _uploaded(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
+def uploaded_table(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
     found = ctx.dataset(spec.dataset)
     fmt, digest = found.format, found.digest
     return datasets.read_table(ctx.runtime.store.path(digest), fmt), digest
