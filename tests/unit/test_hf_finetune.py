@@ -371,3 +371,54 @@ def test_lora_target_modules_the_model_lacks_fail_with_a_reason(directories):
     params = HfTrainParams(base_model="m", lora_target_modules=["no_such_layer"])
     with pytest.raises(JobFailure, match="cannot add LoRA adapters"):
         finetune.load_classifier(directories["embedding"], "embedding", ["a", "b"], params)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kept"),
+    [
+        (["negative", "positive"], True),  # the base's own labels: its head goes on training
+        (["neg", "pos"], False),  # as many labels, other names: a new head
+        (["a", "b", "c"], False),  # another number of labels: a new head of that size
+    ],
+)
+def test_a_classifier_base_keeps_its_head_only_for_its_own_labels(directories, labels, kept):
+    from transformers import AutoModelForSequenceClassification
+
+    directory = directories["text-classification"]
+    base = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+    params = HfTrainParams(base_model="m", method="full")
+    seed(0, torch.device("cpu"))
+    model, built = finetune.load_classifier(directory, "text-classification", labels, params)
+
+    assert model.config.id2label == dict(enumerate(labels))
+    assert model.classifier.out_features == len(labels)
+    assert ("the base's classification head" in built) is kept
+    same = model.classifier.weight.shape == base.classifier.weight.shape and torch.equal(
+        model.classifier.weight, base.classifier.weight
+    )
+    assert same is kept
+    # The encoder under the head is the base's either way.
+    torch.testing.assert_close(
+        model.bert.encoder.layer[0].attention.self.query.weight,
+        base.bert.encoder.layer[0].attention.self.query.weight,
+    )
+
+
+def test_early_stopping_restores_the_best_epochs_adapters(register, upload, run_job, sessions):
+    register("embedding", "encoder")
+    spec = {
+        "model_name": "stopped",
+        "arch": "hf",
+        "arch_params": {"base_model": "encoder"},
+        "dataset": upload(reviews()),
+        "target": "sentiment",
+        "epochs": 6,
+        "lr": 1e-9,  # the validation accuracy cannot move: the second epoch is no better
+        "early_stopping_patience": 1,
+    }
+    job = run_job("train", spec)
+
+    assert job.state == "succeeded", job.error_message
+    assert (job.result["stopped_early"], job.result["epochs_run"]) == (True, 2)
+    assert any(m.startswith("early stopping after epoch 2") for m in _log(sessions, job.id))
+    assert _series(sessions, job.id)["val_accuracy"] == [1, 2]

@@ -122,8 +122,7 @@ def load_classifier(
         built = "the base's classification head (the same labels)"
     else:
         if base_labels is not None:  # same count, other labels: the head must start afresh
-            for module in _head(model).modules():
-                model._init_weights(module)
+            _reinitialise(_head(model), getattr(model.config, "initializer_range", 0.02))
         built = f"a new classification head for {len(labels)} labels"
     if params.method == "lora":
         model = _with_lora(model, params)
@@ -149,6 +148,19 @@ def _head(model: nn.Module) -> nn.Module:
         f"cannot find the classification head of {type(model).__name__} "
         f"(looked for {', '.join(_HEADS)})"
     )
+
+
+def _reinitialise(head: nn.Module, std: float) -> None:
+    """Draw the head's weights anew as transformers initialises a missing head: normal
+    Linear weights of the config's initializer_range, zero biases. (The model's own
+    `_init_weights` skips modules that were loaded from the checkpoint.)"""
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif module is not head and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
 
 def _with_lora(model: nn.Module, params: HfTrainParams) -> nn.Module:
