@@ -84,14 +84,15 @@ def max_length(directory: Path, tokenizer: Any, asked: int | None) -> int:
 
 
 def encode(tokenizer: Any, texts: list[str], length: int) -> tuple[np.ndarray, int]:
-    """Rows of [ids, mask] (int64, shape [texts, 2, longest]) and how many texts were cut."""
+    """Rows of [ids, mask] (shape [texts, 2, longest]) and how many texts were cut. int32:
+    the whole set sits on the training device, and no vocabulary needs more."""
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
     cut = sum(len(ids) > length for ids in full)
     encoded = tokenizer(
         texts, truncation=True, max_length=length, padding="longest", return_tensors="np"
     )
     rows = np.stack([encoded["input_ids"], encoded["attention_mask"]], axis=1)
-    return rows.astype(np.int64), cut
+    return rows.astype(np.int32), cut
 
 
 def load_classifier(
