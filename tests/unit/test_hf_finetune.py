@@ -422,3 +422,49 @@ def test_early_stopping_restores_the_best_epochs_adapters(register, upload, run_
     assert (job.result["stopped_early"], job.result["epochs_run"]) == (True, 2)
     assert any(m.startswith("early stopping after epoch 2") for m in _log(sessions, job.id))
     assert _series(sessions, job.id)["val_accuracy"] == [1, 2]
+
+
+def test_a_cancelled_fine_tune_is_resumed_by_a_new_job_with_resume_from(
+    register, upload, run_job, api, sessions, monkeypatch
+):
+    import dataclasses
+
+    from workers.runners import train
+
+    register("embedding", "encoder")
+    spec = {
+        "model_name": "again",
+        "arch": "hf",
+        "arch_params": {"base_model": "encoder"},
+        "dataset": upload(reviews()),
+        "target": "sentiment",
+        "epochs": 3,
+    }
+    make_hooks = train.job_hooks
+
+    def hooks_that_cancel(spec: Any, ctx: context.RunContext) -> Any:
+        hooks = make_hooks(spec, ctx)
+
+        def epoch_then_cancel(number: int, metrics: dict[str, float]) -> None:
+            hooks.epoch(number, metrics)
+            if number == 1:
+                api("post", f"/jobs/{ctx.job_id}/cancel", 202)
+
+        return dataclasses.replace(hooks, epoch=epoch_then_cancel)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(context, "_THROTTLE_S", 0.0)
+        patch.setattr(train, "job_hooks", hooks_that_cancel)
+        first = run_job("train", spec)
+    assert first.state == "cancelled"
+
+    second = run_job("train", spec | {"resume_from": first.id})
+    assert second.state == "succeeded", second.error_message
+    assert second.result["resumed_from_epoch"] == 2
+    assert "resuming from checkpoint at epoch 2 step 0" in _log(sessions, second.id)
+    assert _series(sessions, second.id)["val_loss"] == [1, 2, 3]
+    # A different adapter rank is another model: its checkpoint cannot be resumed.
+    other = spec | {"arch_params": {"base_model": "encoder", "lora_r": 2}}
+    refused = run_job("train", other | {"resume_from": first.id, "model_name": "other"})
+    assert refused.state == "failed"
+    assert "trained with another model" in refused.error_message
