@@ -109,7 +109,7 @@ class HfTrainParams(_Params):
         "merged into the base weights when saved.",
     )
     lora_r: int = Field(default=8, ge=1, le=1024, description="lora: the adapters' rank.")
-    lora_alpha: float = Field(default=16.0, gt=0, le=4096, description="lora: scaling (alpha/r).")
+    lora_alpha: int = Field(default=16, ge=1, le=4096, description="lora: scaling (alpha/r).")
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
         default=None,

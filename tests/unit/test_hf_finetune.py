@@ -262,7 +262,7 @@ def test_lora_trains_only_adapter_parameters_and_merging_changes_no_prediction(
     assert cut == 0
     targets = np.array([int(label == "positive") for label in labels], dtype=np.int64)
     table = data.Table(rows, targets, [], ["negative", "positive"])
-    params = HfTrainParams(base_model="sentiment", lora_r=4, lora_alpha=8.0)
+    params = HfTrainParams(base_model="sentiment", lora_r=4, lora_alpha=8)
     seed(0, torch.device("cpu"))
     model, _ = finetune.load_classifier(directory, "text-classification", table.label_names, params)
     network = finetune.TokenClassifier(model)

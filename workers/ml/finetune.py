@@ -11,12 +11,12 @@ classifier and predict needs nothing new.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from kiln import hfdir
 from kiln.errors import JobFailure
 from kiln.specs import HfTrainParams
 from workers.ml import hf  # sets the hub offline before transformers is imported
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Rows per forward pass when evaluating (the loop's own evaluation batches are sized for
 #: small zoo networks, far too many texts for one transformer pass).
@@ -160,8 +163,10 @@ def _reinitialise(head: nn.Module, std: float) -> None:
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif module is not head and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        elif module is not head:
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):  # a LayerNorm in a larger head
+                reset()
 
 
 def _with_lora(model: nn.Module, params: HfTrainParams) -> nn.Module:
@@ -191,14 +196,13 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
-def merged(model: nn.Module) -> nn.Module:
+def merged(model: nn.Module) -> PreTrainedModel:
     """A plain transformers model: LoRA adapters merged into the base weights (in place)."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
+    merge = getattr(model, "merge_and_unload", None)
+    return cast("PreTrainedModel", merge() if callable(merge) else model)
 
 
-def save_directory(model: nn.Module, base: Path, target: Path) -> Path:
+def save_directory(model: PreTrainedModel, base: Path, target: Path) -> Path:
     """`model` saved as safetensors beside the base's tokenizer files, in `target` (made
     anew: a partial one from a lost attempt goes first)."""
     shutil.rmtree(target, ignore_errors=True)
@@ -215,8 +219,12 @@ def checked_directory(directory: Path, max_bytes: int) -> hfdir.Checked:
     """The saved directory through the web's own checks: what it would accept from a user,
     and the same tar and summary an upload gets."""
     entries = [
-        hfdir.Entry(path.name, path.stat().st_size, functools.partial(path.open, "rb"))
+        hfdir.Entry(path.name, path.stat().st_size, _opener(path))
         for path in sorted(directory.iterdir())
         if path.is_file()
     ]
     return hfdir.check(entries, max_bytes)
+
+
+def _opener(path: Path) -> Callable[[], IO[bytes]]:
+    return lambda: path.open("rb")
