@@ -100,10 +100,60 @@ class TextParams(_Params):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+class HfTrainParams(_Params):
+    """Fine-tune a registered `hf` version (a text-classification model, or an embedding
+    model given a new classification head) on a text column; the result is a new hf
+    text-classification version (docs/training.md)."""
+
+    arch: Literal["hf"] = "hf"
+    base_model: str = Field(min_length=1, max_length=100, description="The base hf model.")
+    base_version: int | str = Field(
+        default="latest",
+        description="The base's version: a number, an alias such as 'production', or 'latest'.",
+    )
+    text_column: str = Field(default="text", min_length=1, max_length=200)
+    method: Literal["full", "lora"] = Field(
+        default="lora",
+        description="full: train every weight; lora: train low-rank adapters (and the head), "
+        "merged into the base weights when saved.",
+    )
+    lora_r: int = Field(default=8, ge=1, le=1024, description="lora: the adapters' rank.")
+    lora_alpha: int = Field(default=16, ge=1, le=4096, description="lora: scaling (alpha/r).")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="lora: names of the Linear modules to adapt; default: peft's choice for "
+        "the model type (the attention's query and value for BERT).",
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=2,
+        le=65_536,
+        description="Tokens per text at most (longer texts are cut); default: the model's context.",
+    )
+
+    @field_validator("base_model")
+    @classmethod
+    def _valid_base(cls, name: str) -> str:
+        return check_model_name(name)
+
+    @field_validator("base_version")
+    @classmethod
+    def _valid_base_version(cls, ref: int | str) -> int | str:
+        return _valid_version_ref(ref)
+
+
 ArchParams = Annotated[
-    MLPParams | CNNParams | LogRegParams | TextParams, Field(discriminator="arch")
+    MLPParams | CNNParams | LogRegParams | TextParams | HfTrainParams, Field(discriminator="arch")
 ]
-ArchName = Literal["mlp", "cnn", "logreg", "text"]
+ArchName = Literal["mlp", "cnn", "logreg", "text", "hf"]
+#: Defaults of the loop that suit fine-tuning a pretrained transformer, applied to an `hf`
+#: train spec for the fields it does not set (the zoo's 3e-3 and 20 epochs would wreck one).
+HF_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"lr": 2e-5, "epochs": 3, "batch_size": 16},
+    "lora": {"lr": 5e-4, "epochs": 3, "batch_size": 16},
+}
 
 #: Each zoo architecture's params model: what a trained or uploaded config must carry.
 ARCH_PARAMS: dict[str, type[BaseModel]] = {
@@ -185,6 +235,21 @@ class TrainSpec(Spec):
             params["arch"] = arch
             raw = {**raw, "arch_params": params}
         return raw
+
+    @model_validator(mode="after")
+    def _hf_fine_tuning(self) -> TrainSpec:
+        if not isinstance(self.arch_params, HfTrainParams):
+            return self
+        if self.dataset.startswith("builtin:"):
+            raise ValueError("arch hf trains on an uploaded dataset with a text column")
+        if self.task == "regression":
+            raise ValueError("arch hf fine-tunes classifiers: task must be auto or classification")
+        if self.gpus != 1:
+            raise ValueError("arch hf trains in one process: gpus must be 1")
+        for name, value in HF_TRAIN_DEFAULTS[self.arch_params.method].items():
+            if name not in self.model_fields_set:
+                setattr(self, name, value)
+        return self
 
     @field_validator("model_name")
     @classmethod

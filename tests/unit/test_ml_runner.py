@@ -87,7 +87,7 @@ def _cancel_after_epoch(
 ) -> None:
     """Ask to cancel the running job once `epoch` has reported; checks are not throttled."""
     monkeypatch.setattr(context, "_THROTTLE_S", 0.0)
-    make_hooks = train._hooks
+    make_hooks = train.job_hooks
 
     def hooks_that_cancel(spec: Any, ctx: context.RunContext) -> Hooks:
         hooks = make_hooks(spec, ctx)
@@ -100,7 +100,7 @@ def _cancel_after_epoch(
 
         return dataclasses.replace(hooks, epoch=epoch_then_cancel)
 
-    monkeypatch.setattr(train, "_hooks", hooks_that_cancel)
+    monkeypatch.setattr(train, "job_hooks", hooks_that_cancel)
 
 
 def test_train_job_stores_series_and_registers_one_version(

@@ -108,10 +108,10 @@ def load(directory: Path, task: str, device: torch.device) -> HfModel:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "text-generation":
         tokenizer.padding_side = "left"  # the continuation follows the prompt directly
-    return HfModel(model, tokenizer, task, _context(model.config, tokenizer))
+    return HfModel(model, tokenizer, task, context_length(model.config, tokenizer))
 
 
-def _context(config: Any, tokenizer: Any) -> int:
+def context_length(config: Any, tokenizer: Any) -> int:
     positions = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
     )

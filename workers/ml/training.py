@@ -126,7 +126,9 @@ class FitResult:
 
 
 def make_optimizer(config: LoopConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params, decay = model.parameters(), config.weight_decay
+    # Frozen parameters (a LoRA run's base weights) are left out: no moments kept for them.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = config.weight_decay
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=decay)
     if config.optimizer == "adamw":
@@ -201,7 +203,7 @@ class Trainer:
         self.position = Position()
         #: The model's tensors as a checkpoint saves them: training and restore() update
         #: them in place, so they are looked up once rather than on every save.
-        self.model_state = model.state_dict()
+        self.model_state = trained_state(model)
         self.best_state: dict[str, torch.Tensor] | None = None
         #: Each finished epoch's metrics, kept in checkpoints so a resumed job can restore
         #: series points its lost attempt had not yet written. Saved as one float64 table
@@ -285,7 +287,7 @@ class Trainer:
         return ckpt.Checkpoint(tensors=tensors, info=info)
 
     def restore(self, saved: ckpt.Checkpoint) -> None:
-        self.model.load_state_dict(saved.tensors["model"])
+        load_trained_state(self.model, saved.tensors["model"])
         self.optimizer.load_state_dict(
             ckpt.optimizer_state(saved.tensors.get("optim", {}), saved.info["optim"])
         )
@@ -304,6 +306,29 @@ class Trainer:
         self.history = saved_history(saved)
         if self.history:
             self.history_table = _table(self.history, max(self.config.epochs, len(self.history)))
+
+
+def _frozen(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors training changes, as checkpoints save them: the whole state_dict but the
+    frozen parameters (a LoRA run's base weights, which come back from the base version)."""
+    state, frozen = model.state_dict(), _frozen(model)
+    return {k: v for k, v in state.items() if k not in frozen} if frozen else state
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what trained_state saved: every tensor but the frozen parameters, exactly."""
+    frozen = _frozen(model)
+    result = model.load_state_dict(state, strict=not frozen)
+    missing = set(result.missing_keys) - frozen
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the saved state does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
 
 
 def _table(history: list[dict[str, float]], rows: int) -> torch.Tensor:
@@ -369,7 +394,7 @@ def fit(
             writer.close()
     final = history[-1]  # epochs >= 1: a run, or the checkpoint it resumed from, has one
     if config.patience is not None and trainer.best_state is not None:
-        model.load_state_dict(trainer.best_state)
+        load_trained_state(model, trainer.best_state)
         final = history[position.best_epoch - 1]
     # The epoch's validation pass already evaluated these very weights: no second pass.
     metrics = {name: value for name, value in final.items() if name.startswith("val_")}

@@ -41,6 +41,10 @@ class Prepared:
 
 
 def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
+    if spec.arch == "hf":  # fine-tuning a transformers model: its own data and saving
+        from workers.runners import finetune  # imports transformers: only for these jobs
+
+        return finetune.run(spec, ctx)
     prepared = _prepare(spec, ctx)
     train_rows, val_rows = data.split(prepared.table, spec.val_fraction, spec.seed)
     config = dict(prepared.config)
@@ -56,24 +60,30 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
     mean, std = data.normalisation(train_rows.features)
     model.mean.copy_(torch.tensor(mean))
     model.std.copy_(torch.tensor(std))
-    loop = _loop_config(spec, prepared.table.task, target_mean, target_std)
+    loop = loop_config(spec, prepared.table.task, target_mean, target_std)
     key = _checkpoint_key(config, spec)
     checkpoint = ctx.scratch_dir / ckpt.FILENAME
-    resume, resume_path = _load_resume(spec, ctx, checkpoint, key)
+    resume, resume_path = load_resume(spec, ctx, checkpoint, key)
     ctx.log(
         f"training {spec.arch} ({prepared.table.task}) on {len(train_rows.targets)} rows, "
         f"validating on {len(val_rows.targets)}, device {ctx.device}, {spec.gpus} process(es)"
     )
-    if resume is not None:
-        at = resume.info["position"]
-        ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
-        # Points the lost attempt had reported but not written come back from the checkpoint.
-        for number, metrics in enumerate(saved_history(resume), start=1):
-            ctx.metrics(_points(number, metrics))
+    report_resume(ctx, resume)
     result = _fit(
         spec, ctx, model, config, train_rows, val_rows, loop, checkpoint, resume, resume_path, key
     )
     return _register(spec, ctx, model, config, result, prepared.dataset_digest, checkpoint)
+
+
+def report_resume(ctx: RunContext, resume: ckpt.Checkpoint | None) -> None:
+    """Say where a resumed run starts, and write the metric points the lost attempt had
+    reported but not written (they come back from the checkpoint's history)."""
+    if resume is None:
+        return
+    at = resume.info["position"]
+    ctx.log(f"resuming from checkpoint at epoch {at['epoch']} step {at['step']}")
+    for number, metrics in enumerate(saved_history(resume), start=1):
+        ctx.metrics(_points(number, metrics))
 
 
 def _fit(
@@ -90,7 +100,7 @@ def _fit(
     key: str,
 ) -> FitResult:
     """Train in this process, or in spec.gpus DistributedDataParallel processes."""
-    hooks = _hooks(spec, ctx)
+    hooks = job_hooks(spec, ctx)
     if spec.gpus == 1:
         model.to(ctx.device)
         return fit(model, train_rows, val_rows, loop, ctx.device, hooks, checkpoint, resume,
@@ -165,7 +175,7 @@ def _checkpoint_key(config: dict[str, Any], spec: TrainSpec) -> str:
     return hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()
 
 
-def _loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
+def loop_config(spec: TrainSpec, task: str, target_mean: float, target_std: float) -> LoopConfig:
     return LoopConfig(
         epochs=spec.epochs,
         batch_size=spec.batch_size,
@@ -192,7 +202,7 @@ def _points(epoch: int, metrics: dict[str, float]) -> list[tuple[str, int, float
     return [(name, epoch, value) for name, value in metrics.items()]
 
 
-def _hooks(spec: TrainSpec, ctx: RunContext) -> Hooks:
+def job_hooks(spec: TrainSpec, ctx: RunContext) -> Hooks:
     """Report to the job: cancellation and progress with ETA per step, metrics per epoch."""
     started = time.monotonic()
     first: list[float] = []
@@ -227,7 +237,7 @@ def _eta(started: float, first: float, done: float) -> str:
     return f", about {left:.0f}s left"
 
 
-def _load_resume(
+def load_resume(
     spec: TrainSpec, ctx: RunContext, own: Path, key: str
 ) -> tuple[ckpt.Checkpoint | None, Path | None]:
     """The checkpoint to start from (and its path), checked to fit this run."""
@@ -284,7 +294,7 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
         if spec.task != "auto" and spec.task != table.task:
             raise JobFailure(f"{spec.dataset} is a {table.task} dataset, not {spec.task}")
     else:
-        arrow, digest = _uploaded(spec, ctx)
+        arrow, digest = uploaded_table(spec, ctx)
         if spec.arch == "text":
             # arch == "text" picks TextParams; mypy does not narrow the union by `arch`.
             column = spec.arch_params.text_column  # type: ignore[union-attr]
@@ -309,7 +319,7 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
     return Prepared(table, digest, config)
 
 
-def _uploaded(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
+def uploaded_table(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:
     found = ctx.dataset(spec.dataset)
     fmt, digest = found.format, found.digest
     return datasets.read_table(ctx.runtime.store.path(digest), fmt), digest
