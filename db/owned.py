@@ -24,7 +24,7 @@ def get_owned(session: Session, table: type[Owned], row_id: str, owner: str | No
     return row
 
 
-def visible(table: type[Owned], owner: str | None, *order_by: Any) -> Select[tuple[Owned]]:
+def visible(table: type[Owned], owner: str | None, *order_by: Any) -> Select[Owned]:
     """SELECT the rows of `table` that `owner` may see, in `order_by` order."""
     query = select(table).order_by(*order_by)
     return query if owner is None else query.where(table.owner == owner)

@@ -75,7 +75,7 @@ def ask_to_stop(session: Session, victim_id: str, waiting_id: str, max_preemptio
     except IntegrityError:
         session.rollback()
         return False
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def release_stale(session: Session) -> int:
@@ -107,4 +107,4 @@ def explain_wait(session: Session, job_id: str, message: str) -> bool:
         .values(message=message),
         execution_options={"synchronize_session": False},
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]

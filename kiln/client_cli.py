@@ -256,7 +256,7 @@ def status_line(job: dict[str, Any], latest: str = "") -> str:
 
 
 def _repeats_state(job: dict[str, Any]) -> bool:
-    return str(job.get("message") or "").strip().lower() == job["state"]
+    return str(job.get("message") or "").strip().lower() == str(job["state"])
 
 
 def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from kiln.datasets import DatasetInfo, inspect
 from kiln.errors import UnsupportedDataset
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
     return _answer({"format": info.format, "rows": info.rows, "columns": info.columns}, 0)
 
 
-def _answer(body: dict, status: int) -> int:
+def _answer(body: dict[str, Any], status: int) -> int:
     sys.stdout.write(json.dumps(body))
     sys.stdout.flush()
     return status

@@ -102,7 +102,7 @@ def _check_tensor(
     if not isinstance(entry, dict):
         raise InvalidModelFile(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in dtypes:
+    if not isinstance(dtype, str) or dtype not in dtypes:
         raise InvalidModelFile(
             f"tensor {name!r} has dtype {dtype!r}; weights must be one of {', '.join(dtypes)}"
         )

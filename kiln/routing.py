@@ -115,7 +115,7 @@ def parse_lanes(setting: str) -> dict[Lane, int]:
             raise ValueError(f"{part!r} is not <lane>=<count>; lanes are {', '.join(LANES)}")
         if not count.isdigit() or int(count) > 64:
             raise ValueError(f"{name}={count!r}: the count must be a whole number 0 to 64")
-        sizes[name] = int(count)  # type: ignore[index]  # name is a Lane: checked above
+        sizes[name] = int(count)
     if not any(sizes.values()):
         raise ValueError("every lane has 0 workers: nothing would run")
     return sizes

@@ -51,7 +51,7 @@ def _prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return libc.prctl  # type: ignore[no-any-return]
+    return libc.prctl
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
@@ -74,7 +74,11 @@ def child_setup(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A Popen preexec_fn: the child gets `sig` when the calling process (and thread) dies."""
     _prctl()  # load libc here, in the parent
     parent = os.getpid()
-    return functools.partial(die_with_parent, sig, parent)
+
+    def setup() -> None:
+        die_with_parent(sig, parent)
+
+    return setup
 
 
 class Supervisor:

@@ -18,7 +18,7 @@ from kiln.settings import Settings
 from kiln.supervise import die_with_parent
 
 
-class KilnLogger(glogging.Logger):
+class KilnLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships no types
     """gunicorn's logger, writing through the root logger's Kiln handler."""
 
     def setup(self, cfg: Any) -> None:

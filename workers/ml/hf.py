@@ -56,7 +56,9 @@ class HfModel(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, task: str, context: int) -> None:
         super().__init__()
-        self.model = model
+        # Any: transformers' models are typed loosely, and nn.Module's __getattr__ would
+        # type every attribute read through it as a Tensor or a Module.
+        self.model: Any = model
         self.tokenizer = tokenizer
         self.task = task
         #: Tokens an input may have, special tokens included.

@@ -25,7 +25,8 @@ def from_columns(
         column = batch.column(names[j])
         what = "a missing value" if column[int(row)].as_py() is None else f"{by_feature[j, row]}"
         reasons[int(row)] = f"column {names[j]!r} has {what}; the model needs finite numbers"
-    return (by_feature if ok.all() else by_feature[:, ok]).T, ok, reasons
+    # all(axis=0) of a 2-D array is an array; numpy's stubs allow a scalar too.
+    return (by_feature if ok.all() else by_feature[:, ok]).T, ok, reasons  # type: ignore[return-value]
 
 
 def from_vectors(column: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def _score_pass(
     """One forward pass over the rows of `own` (the leader's spec, or none) and of the
     followers; records each follower's ending and returns the results of `own`."""
     with _failing_with_it(ctx, followers):
-        inputs = [_features_or_error(s.inputs, config, device) for s in [*own, *_specs(followers)]]
+        inputs = [_features_or_error(s, config, device) for s in [*own, *_specs(followers)]]
         good = [m for m in inputs if isinstance(m, np.ndarray)]
         predictions = _predict(model, np.concatenate(good), device, config) if good else []
     results = _split(inputs, predictions, model_name, number)
@@ -141,10 +141,12 @@ def _compatible(job: Job, spec: PredictSpec, ctx: RunContext) -> PredictSpec | N
 
 
 def _features_or_error(
-    rows: list[Row], config: dict[str, Any], device: torch.device
+    spec: PredictSpec, config: dict[str, Any], device: torch.device
 ) -> np.ndarray | JobFailure:
     """One job's rows as the model's input matrix, or why they cannot be scored."""
     try:
+        hf_predict.refuse_text_inputs(spec)  # a follower may have sent plain strings
+        rows = cast(list[Row], spec.inputs)  # so: no plain strings
         if config.get("input") == "text":
             return text.embed(to_texts(rows, config["text_column"]), device)
         return to_matrix(rows, config["feature_names"])
