@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
+#: pydantic's messages reworded where a user deserves plainer words, by error type.
+_PLAINER = {"finite_number": "must be a finite number"}
+
+
+def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A pydantic error as the `errors` list of a problem body: where, and what is wrong."""
+    return [
+        {"loc": [*prefix, *map(str, e["loc"])], "msg": _PLAINER.get(e["type"], e["msg"])}
+        for e in exc.errors()
+    ]
+
 
 class KilnError(Exception):
     """Base of every error Kiln reports to a user."""

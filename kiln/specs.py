@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from kiln.errors import InvalidSpec
+from kiln.errors import InvalidSpec, validation_details
 from kiln.families import HfParams
 
 DeviceClass = Literal["auto", "cpu", "gpu"]
@@ -404,6 +404,6 @@ def parse_spec(kind: str, raw: Any) -> Spec:
     try:
         return spec_type.model_validate(raw)
     except ValidationError as exc:
-        details = [{"loc": ["spec", *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
+        details = validation_details(exc, ("spec",))
         first = details[0]
         raise InvalidSpec(f"{'.'.join(first['loc'])}: {first['msg']}", details) from exc

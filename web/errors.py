@@ -9,7 +9,7 @@ from flask import Flask, Response, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from kiln.errors import KilnError, PayloadTooLarge
+from kiln.errors import KilnError, PayloadTooLarge, validation_details
 from kiln.schemas import Problem
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ def _title(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
-
-
-def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict]:
-    return [{"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
 
 
 def init_app(app: Flask) -> None:

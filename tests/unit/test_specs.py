@@ -94,3 +94,12 @@ def test_a_version_is_a_number_latest_or_an_alias() -> None:
         assert parse_spec("predict", {"model": "m", "version": ref, "inputs": [[1.0]]})
     with pytest.raises(InvalidSpec, match="version"):
         parse_spec("batch_predict", {"model": "m", "version": "no spaces", "dataset": "d"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_number_is_refused_in_plain_words(value: float) -> None:
+    # A spec from a form or from Python, not JSON: safejson never saw it.
+    with pytest.raises(InvalidSpec) as refused:
+        parse_spec("train", {"model_name": "m", "lr": value})
+    assert refused.value.details == [{"loc": ["spec", "lr"], "msg": "must be a finite number"}]
+    assert refused.value.message == "spec.lr: must be a finite number"

@@ -15,6 +15,7 @@ from kiln.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    validation_details,
 )
 from kiln.schemas import AliasRequest, ModelConfigIn, ModelList, ModelOut, ModelVersionOut
 from kiln.settings import Settings
@@ -23,7 +24,6 @@ from web import session, storage
 from web.api import bp, hf_upload
 from web.api.body import MAX_JSON_BODY_BYTES, answer, parse
 from web.auth import principal
-from web.errors import validation_details
 
 
 @bp.get("/models")

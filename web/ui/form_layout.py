@@ -118,7 +118,9 @@ def grouped(
     """The form's fields in the groups it shows, in order; empty groups are left out,
     except the chosen member's (it says when the member has no fields of its own) and
     Advanced (the template adds the job's priority there)."""
-    layout = LAYOUTS.get(kind) or Layout(first=tuple(f.name for f in fields if f.required))
+    # Required fields first; a member's own required fields stay in the member's group.
+    required = tuple(f.name for f in fields if f.required and f.variant is None)
+    layout = LAYOUTS.get(kind) or Layout(first=required)
     by_name = {f.name: f for f in fields}
     plain = [f for f in fields if f.variant is None]
     variants = [f for f in fields if f.variant is not None]
