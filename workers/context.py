@@ -207,6 +207,7 @@ class RunContext:
         artifact_size: int,
         dataset_digest: str | None,
         lineage: dict[str, Any],
+        family: str = "zoo",
     ) -> int:
         """Register the version this job made as the next of the owner's model `name` (a
         job registers at most one), with the reports still pending; returns its number."""
@@ -223,6 +224,7 @@ class RunContext:
                 artifact_size=artifact_size,
                 dataset_digest=dataset_digest,
                 lineage=lineage,
+                family=family,
             )
             return version.number
 
