@@ -4,7 +4,7 @@ and the workers (parsing the stored spec). Adding a kind adds one spec here."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -12,10 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from kiln import plugins
 from kiln.errors import InvalidSpec
 from kiln.families import HfParams
 
@@ -91,18 +93,49 @@ class TextParams(_Params):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-ArchParams = Annotated[
-    MLPParams | CNNParams | LogRegParams | TextParams, Field(discriminator="arch")
-]
-ArchName = Literal["mlp", "cnn", "logreg", "text"]
+def _plugin_params(found: plugins.Installed) -> type[BaseModel]:
+    """A plugin's params model as a member of the arch union: its own fields, the `arch`
+    tag, and for text plugins the column to embed; unknown fields are errors, as for the zoo."""
+    plugin = found.plugin
+    fields: dict[str, Any] = {"arch": (Literal[plugin.name], plugin.name)}
+    if plugin.input == "text":
+        fields["text_column"] = (str, Field(default="text", min_length=1, max_length=200))
+    doc = plugin.description or plugin.params.__doc__ or ""
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "Plugin_" + plugin.name.replace("-", "_"),
+        __base__=(plugin.params, _Params),
+        __doc__=f"Plugin {plugin.name} ({found.distribution} {found.version}, "
+        f"{plugin.input} input). {doc}".strip(),
+        **fields,
+    )
 
-#: Each zoo architecture's params model: what a trained or uploaded config must carry.
+
+#: Each architecture's params model: the zoo's, then the installed plugins' (discovered once,
+#: when this module is imported). What a trained or uploaded config must carry.
 ARCH_PARAMS: dict[str, type[BaseModel]] = {
     "mlp": MLPParams,
     "cnn": CNNParams,
     "logreg": LogRegParams,
     "text": TextParams,
+    **{name: _plugin_params(found) for name, found in plugins.installed().items()},
 }
+# The union and the arch names grow with the installed plugins, so the forms and the OpenAPI
+# document show them like the zoo's architectures.
+ArchParams = Annotated[
+    Union[tuple(ARCH_PARAMS.values())],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="arch"),
+]
+ArchName = Literal[tuple(ARCH_PARAMS)]  # type: ignore[valid-type]
+
+
+def _known_arch(arch: Any) -> Any:
+    """An unknown arch (a plugin this deployment lacks, say) names what is installed."""
+    if isinstance(arch, str) and arch not in ARCH_PARAMS:
+        zoo = ", ".join(plugins.ZOO_ARCHS)
+        raise ValueError(
+            f"unknown arch {arch!r}: Kiln's own are {zoo}; {plugins.describe_installed()}"
+        )
+    return arch
 
 
 class TrainSpec(Spec):
@@ -176,6 +209,11 @@ class TrainSpec(Spec):
             params["arch"] = arch
             raw = {**raw, "arch_params": params}
         return raw
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _installed_arch(cls, arch: Any) -> Any:
+        return _known_arch(arch)
 
     @field_validator("model_name")
     @classmethod
