@@ -15,6 +15,7 @@ from typing import Any
 from flask import Response, current_app, request
 
 from db import registry
+from db.models import ModelVersion
 from kiln import hfdir, plugins
 from kiln.artifacts import open_store
 from kiln.errors import InvalidRequest
@@ -57,6 +58,14 @@ def stored_config(config: dict[str, Any], family: str) -> dict[str, Any]:
 
 
 def upload_hf_version(name: str) -> Response:
+    version = register_directory(name)
+    location = f"/api/v1/models/{name}/versions/{version.number}"
+    return answer(ModelVersionOut.model_validate(version), 201, {"Location": location})
+
+
+def register_directory(name: str) -> ModelVersion:
+    """Check and register the directory this request carries (form fields `task` and
+    `files`), as the signed-in principal: the API's upload, and the models page's form."""
     try:
         check_model_name(name)
     except ValueError as exc:
@@ -94,8 +103,7 @@ def upload_hf_version(name: str) -> Response:
         task=task,
     )
     db.commit()
-    location = f"/api/v1/models/{name}/versions/{version.number}"
-    return answer(ModelVersionOut.model_validate(version), 201, {"Location": location})
+    return version
 
 
 def _entries(limit: int, cleanup: contextlib.ExitStack) -> list[hfdir.Entry]:

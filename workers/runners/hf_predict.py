@@ -7,6 +7,7 @@ artifact's digest and the device).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from kiln.errors import JobFailure
@@ -28,8 +29,25 @@ def run(
         ctx.progress(done / total, f"{done}/{total} inputs")
         ctx.raise_if_cancelled()  # a long generation job stops at its next batch
 
+    started = time.monotonic()
     predictions = hf.run(bundle, texts, spec.hf or HfParams(), after_batch)
-    return {"model": spec.model, "version": number, "task": task, "predictions": predictions}
+    elapsed = time.monotonic() - started
+    return {
+        "model": spec.model,
+        "version": number,
+        "task": task,
+        "predictions": predictions,
+        **token_rate(predictions, elapsed),
+    }
+
+
+def token_rate(predictions: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+    """The job's token counts and throughput (the job page shows tokens_per_s): input
+    tokens after truncation, plus generated tokens for text-generation."""
+    tokens = sum(int(p.get("tokens", 0)) for p in predictions)
+    generated = sum(int(p.get("generated_tokens", 0)) for p in predictions)
+    rate = (tokens + generated) / elapsed if elapsed > 0 else 0.0
+    return {"tokens": tokens, "generated_tokens": generated, "tokens_per_s": round(rate, 1)}
 
 
 def load_version(ctx: RunContext, digest: str, task: str) -> hf.HfModel:
