@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from kiln import plugins
 from kiln.errors import InvalidSpec, JobFailure
-from kiln.specs import ARCH_PARAMS, TrainSpec, parse_spec
+from kiln.specs import ARCH_PARAMS, TrainSpec, _plugin_params, parse_spec
 from tests.unit.test_ui import _sign_in
 from workers.ml import architectures, bundle
 
@@ -34,6 +35,10 @@ class _Params(BaseModel):
 def _plugin(**changes: object) -> plugins.ModelPlugin:
     fields = {"name": "tiny", "params": _Params, "input": "tabular", "builder": "pkg.mod:build"}
     return plugins.ModelPlugin(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+#: A declaration an entry point can name (the tests below load it by its dotted path).
+_GOOD = _plugin()
 
 
 def test_the_installed_plugin_is_discovered_with_its_distribution() -> None:
@@ -160,3 +165,28 @@ def test_plugin_weights_upload_as_a_plugin_version(
     )
     assert refused.status_code == 400
     assert "zoo architecture, not plugin" in refused.get_json()["detail"]
+
+
+def test_a_text_plugins_params_gain_the_column_kiln_embeds() -> None:
+    found = plugins.Installed(_plugin(input="text"), "kiln-plugin-tiny", "1.0")
+    params = _plugin_params(found)
+    checked = params.model_validate({"arch": "tiny", "text_column": "body"})
+    assert checked.model_dump() == {"arch": "tiny", "width": 4, "text_column": "body"}
+    assert "kiln-plugin-tiny 1.0, text input" in (params.__doc__ or "")
+
+
+def test_broken_or_clashing_entry_points_are_skipped(monkeypatch, caplog) -> None:
+    points = [
+        metadata.EntryPoint(
+            "tiny", "tests.unit.test_model_plugins:_GOOD", plugins.ENTRY_POINT_GROUP
+        ),
+        metadata.EntryPoint(
+            "again", "tests.unit.test_model_plugins:_GOOD", plugins.ENTRY_POINT_GROUP
+        ),
+        metadata.EntryPoint("gone", "no_such_module:PLUGIN", plugins.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: points)
+    found = plugins.installed.__wrapped__()
+    assert list(found) == ["tiny"]
+    assert "name 'tiny' is taken" in caplog.text
+    assert "no_such_module" in caplog.text
