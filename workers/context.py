@@ -208,6 +208,7 @@ class RunContext:
         dataset_digest: str | None,
         lineage: dict[str, Any],
         family: str = "zoo",
+        task: str | None = None,
     ) -> int:
         """Register the version this job made as the next of the owner's model `name` (a
         job registers at most one), with the reports still pending; returns its number."""
@@ -225,6 +226,7 @@ class RunContext:
                 dataset_digest=dataset_digest,
                 lineage=lineage,
                 family=family,
+                task=task,
             )
             return version.number
 

@@ -265,13 +265,12 @@ def test_a_part_named_outside_the_directory_is_refused(client, alice, tiny_bert,
     assert stored_files(settings) == []
 
 
-def test_the_version_records_its_tokenizer_and_context_for_the_model_page(
-    client, alice, tiny_bert
-):
+def test_the_version_records_its_tokenizer_and_context_for_the_model_page(client, alice, tiny_bert):
     version = push(client, alice, files_of(tiny_bert)).get_json()
     tokenizer = version["config"]["tokenizer"]
     assert "tokenizer.json" in tokenizer["files"]
-    assert tokenizer["class"] == json.loads((tiny_bert / "tokenizer_config.json").read_text())[
-        "tokenizer_class"
-    ]
+    assert (
+        tokenizer["class"]
+        == json.loads((tiny_bert / "tokenizer_config.json").read_text())["tokenizer_class"]
+    )
     assert version["config"]["context_length"] == version["config"]["hf"]["context_length"]

@@ -15,6 +15,8 @@ quantized per batch either way).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as dynamic_quantized
@@ -26,8 +28,16 @@ _ZERO_POINT = ".weight_zero_point"
 
 
 def int8_state(original: nn.Module, quantized: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to store for `quantized` (the dynamic int8 copy of `original`)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in original.state_dict().items()}
+    """The tensors to store for `quantized` (the dynamic int8 copy of `original`). A tensor
+    tied to an earlier one (a language model's head and its embeddings) is stored once, as
+    safetensors requires; loading it into the tied model fills both."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in original.state_dict().items():
+        if value.numel() and value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().cpu().contiguous()
     for name, module in quantized.named_modules():
         if not isinstance(module, dynamic_quantized.Linear):
             continue
@@ -82,3 +92,26 @@ def _parts(state: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, flo
     if scale.numel() != 1 or zero_point is None or zero_point.numel() != 1:
         raise JobFailure(f"layer {name}'s scale or zero point is not one value")
     return weight, float(scale.item()), int(zero_point.item())
+
+
+def untied_linear_layers(model: nn.Module) -> list[str]:
+    """The Linear layers whose weight no other parameter shares: the ones to quantize (a
+    head tied to the embeddings stays float, or the embeddings would change with it)."""
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[parameter.data_ptr()] = owners.get(parameter.data_ptr(), 0) + 1
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and owners[module.weight.data_ptr()] == 1
+    )
+
+
+def quantize_layers(model: nn.Module, names: list[str]) -> nn.Module:
+    """A CPU copy of `model` with the named Linear layers dynamically quantized to int8."""
+    with warnings.catch_warnings():  # torch.ao.quantization's move to torchao; see bundle
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(
+            model.cpu().eval(), set(names), dtype=torch.qint8
+        )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from kiln.errors import JobFailure
 from kiln.families import HfParams
 from kiln.specs import PredictSpec
@@ -19,10 +21,16 @@ from workers.ml import hf
 
 
 def run(
-    spec: PredictSpec, ctx: RunContext, *, digest: str, task: str, number: int
+    spec: PredictSpec,
+    ctx: RunContext,
+    *,
+    digest: str,
+    task: str,
+    number: int,
+    int8: bool = False,
 ) -> dict[str, Any]:
     texts = hf.to_texts(spec.inputs)
-    bundle = load_version(ctx, digest, task)
+    bundle = load_version(ctx, digest, task, int8)
     ctx.raise_if_cancelled()
 
     def after_batch(done: int, total: int) -> None:
@@ -50,16 +58,18 @@ def token_rate(predictions: list[dict[str, Any]], elapsed: float) -> dict[str, A
     return {"tokens": tokens, "generated_tokens": generated, "tokens_per_s": round(rate, 1)}
 
 
-def load_version(ctx: RunContext, digest: str, task: str) -> hf.HfModel:
-    """The version's model on the job's device, from the worker's cache when loaded."""
+def load_version(ctx: RunContext, digest: str, task: str, int8: bool = False) -> hf.HfModel:
+    """The version's model on the job's device (an int8 version on the CPU, where its
+    kernels run), from the worker's cache when loaded."""
     settings = ctx.runtime.settings
     cache = model_cache.shared(settings.model_cache_models, settings.model_cache_bytes)
+    device = torch.device("cpu") if int8 else ctx.device
 
     def load() -> hf.HfModel:
         directory = hf.materialise(ctx.runtime.store, digest, settings.data_dir / "hf-models")
-        return hf.load(directory, task, ctx.device)
+        return hf.load(directory, task, device, int8=int8)
 
-    bundle, hit = cache.get(digest, ctx.device, load)
+    bundle, hit = cache.get(digest, device, load)
     metrics.record_model_cache(ctx.worker, hit)
     assert isinstance(bundle, hf.HfModel)  # a digest is one artifact: one family
     return bundle

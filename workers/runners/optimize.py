@@ -6,7 +6,8 @@ and `quantized_weights: int8` in its config (workers/ml/quantized.py): about a q
 the float file for a Linear-dominated model. Loading sets those int8 weights exactly, so it
 computes what quantizing the float weights at load did (versions optimized before int8
 storage hold floats, and are still quantized at load). Zoo and plugin versions can be
-optimized; convolutions stay float (dynamic quantization covers Linear layers only).
+optimized; convolutions stay float (dynamic quantization covers Linear layers only); hf
+versions go to workers/runners/optimize_hf.py.
 
 Accuracy is measured on the same rows for both: the source's validation split, recomputed
 from its lineage (the training spec's dataset, target, split fraction and seed; the dataset
@@ -29,6 +30,7 @@ from kiln.specs import OptimizeSpec, TrainSpec
 from workers.context import RunContext
 from workers.ml import bundle, data
 from workers.ml.training import evaluate
+from workers.runners import optimize_hf
 
 #: Rows scored per timing pass, so the figure does not hinge on a tiny validation split.
 _TIMED_ROWS = 8192
@@ -40,10 +42,8 @@ def run(spec: OptimizeSpec, ctx: RunContext) -> dict[str, Any]:
     number, config, lineage = source.number, source.config, source.lineage
     digest, dataset_digest, arch = source.artifact_digest, source.dataset_digest, source.arch
     family, size = source.family, source.artifact_size
-    if family == "hf":
-        raise JobFailure(
-            "optimize quantizes zoo and plugin versions; hf versions are not supported yet"
-        )
+    if family == "hf":  # a transformers directory: quantized and stored by its own runner
+        return optimize_hf.run(spec, ctx)
     if config.get(bundle.QUANTIZATION):
         raise JobFailure(f"version {number} is already quantized ({config[bundle.QUANTIZATION]})")
     rows, evaluated_on = _evaluation_rows(spec, ctx, config, lineage, dataset_digest)
