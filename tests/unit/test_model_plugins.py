@@ -190,3 +190,25 @@ def test_broken_or_clashing_entry_points_are_skipped(monkeypatch, caplog) -> Non
     assert list(found) == ["tiny"]
     assert "name 'tiny' is taken" in caplog.text
     assert "no_such_module" in caplog.text
+
+
+def test_the_train_form_submits_a_plugin_job(
+    client: FlaskClient, create_key: Callable[..., str], sessions
+) -> None:
+    from db.models import Job
+    from tests.unit.test_ui import _submitted, _token
+
+    _sign_in(client, create_key("alice"))
+    form = {
+        "csrf_token": _token(client, "/jobs/new/train"),
+        "model_name": "r",
+        "arch": "resnet",
+        "dataset": "builtin:digits_images",
+        "arch_params.width": "8",
+        "arch_params.blocks": "1",
+        "arch_params.hidden": "128, 64",  # the MLP's field, not read for resnet
+    }
+    job_id = _submitted(client, "/jobs/new/train", form)
+    with sessions() as session:
+        spec = session.get(Job, job_id).spec
+    assert spec["arch_params"] == {"arch": "resnet", "width": 8, "blocks": 1, "dropout": 0.0}
