@@ -4,7 +4,7 @@ and the workers (parsing the stored spec). Adding a kind adds one spec here."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -101,7 +101,7 @@ def _plugin_params(found: plugins.Installed) -> type[BaseModel]:
     if plugin.input == "text":
         fields["text_column"] = (str, Field(default="text", min_length=1, max_length=200))
     doc = plugin.description or plugin.params.__doc__ or ""
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(
         "Plugin_" + plugin.name.replace("-", "_"),
         __base__=(plugin.params, _Params),
         __doc__=f"Plugin {plugin.name} ({found.distribution} {found.version}, "
@@ -121,11 +121,14 @@ ARCH_PARAMS: dict[str, type[BaseModel]] = {
 }
 # The union and the arch names grow with the installed plugins, so the forms and the OpenAPI
 # document show them like the zoo's architectures.
-ArchParams = Annotated[
-    Union[tuple(ARCH_PARAMS.values())],  # type: ignore[valid-type]  # noqa: UP007
-    Field(discriminator="arch"),
-]
-ArchName = Literal[tuple(ARCH_PARAMS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # what type checkers see: the zoo's members (plugins are known at run time)
+    ArchParams = Annotated[
+        MLPParams | CNNParams | LogRegParams | TextParams, Field(discriminator="arch")
+    ]
+    ArchName = str
+else:
+    ArchParams = Annotated[Union[tuple(ARCH_PARAMS.values())], Field(discriminator="arch")]  # noqa: UP007
+    ArchName = Literal[tuple(ARCH_PARAMS)]
 
 
 def _known_arch(arch: Any) -> Any:

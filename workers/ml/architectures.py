@@ -124,4 +124,4 @@ def _plugin_builder(path: str) -> Callable[..., nn.Module]:
         raise JobFailure(f"cannot load the model plugin's builder {path}: {exc}") from None
     if not callable(builder):
         raise JobFailure(f"the model plugin's builder {path} is not callable")
-    return builder  # type: ignore[no-any-return]
+    return builder
