@@ -7,9 +7,10 @@ A plugin package declares, in its pyproject.toml,
     [project.entry-points."kiln.models"]
     resnet = "kiln_plugin_resnet.kiln:PLUGIN"
 
-where PLUGIN is a `ModelPlugin`. Installed plugins are discovered once per process; a plugin
-that cannot be loaded, or whose name is taken, is skipped with a warning rather than taking
-the web down with it.
+where PLUGIN is a `ModelPlugin`. Installed plugins are discovered once per process, while
+kiln.specs is first imported (so the module PLUGIN lives in may import kiln.plugins and
+pydantic, but not kiln.specs); a plugin that cannot be loaded, or whose name is taken, is
+skipped with a warning rather than taking the web down with it.
 """
 
 from __future__ import annotations
