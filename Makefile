@@ -16,11 +16,13 @@ PIP_LOCAL := $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS),)
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# Also installs the example model plugin (docs/models.md): the tests exercise its entry point.
+$(VENV)/.installed: pyproject.toml examples/kiln-plugin-resnet/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_LOCAL) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(PIP_LOCAL) -e '.[dev,text]'
+	$(PY) -m pip install -q $(PIP_LOCAL) --no-deps -e examples/kiln-plugin-resnet
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install Kiln with its dev tools

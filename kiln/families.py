@@ -6,7 +6,8 @@ A registered version belongs to one family:
   config; every version made before families existed is one of these.
 - `hf`: a Hugging Face transformers model directory (config, tokenizer, safetensors shards),
   validated by kiln/hfdir.py and loaded offline by workers/ml/hf.py for one `task`.
-- `plugin`: reserved for operator-installed architectures (not accepted yet).
+- `plugin`: an operator-installed architecture (kiln/plugins.py): stored like zoo versions
+  (safetensors plus a JSON config), built by the plugin's builder on workers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Family = Literal["zoo", "hf", "plugin"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 #: Families a version can be registered in today.
-ACCEPTED_FAMILIES = ("zoo", "hf")
+ACCEPTED_FAMILIES = ("zoo", "hf", "plugin")
 
 HfTask = Literal["embedding", "text-classification", "token-classification", "text-generation"]
 HF_TASKS: tuple[str, ...] = get_args(HfTask)

@@ -119,7 +119,9 @@ class ModelVersionOut(Out):
     )
     created_at: datetime
     family: str = Field(
-        default="zoo", description="zoo (Kiln's architectures), hf (a transformers directory)."
+        default="zoo",
+        description="zoo (Kiln's architectures), hf (a transformers directory), plugin (an "
+        "installed plugin's architecture, named by arch).",
     )
     task: str | None = Field(default=None, description="An hf version's task.")
 
@@ -165,6 +167,9 @@ class ModelConfigIn(BaseModel):
         default=None, description="Regression: predictions are scaled back by mean and std."
     )
     target_std: float | None = Field(default=None, gt=0)
+    plugin: dict[str, str] | None = Field(
+        default=None, description="Set by Kiln for plugin versions; ignored on upload."
+    )
 
     @field_validator("feature_names", "label_names")
     @classmethod

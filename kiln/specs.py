@@ -4,7 +4,7 @@ and the workers (parsing the stored spec). Adding a kind adds one spec here."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -12,10 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from kiln import plugins
 from kiln.errors import InvalidSpec, validation_details
 from kiln.families import HfParams
 
@@ -144,10 +146,6 @@ class HfTrainParams(_Params):
         return _valid_version_ref(ref)
 
 
-ArchParams = Annotated[
-    MLPParams | CNNParams | LogRegParams | TextParams | HfTrainParams, Field(discriminator="arch")
-]
-ArchName = Literal["mlp", "cnn", "logreg", "text", "hf"]
 #: Defaults of the loop that suit fine-tuning a pretrained transformer, applied to an `hf`
 #: train spec for the fields it does not set (the zoo's 3e-3 and 20 epochs would wreck one).
 HF_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -155,13 +153,59 @@ HF_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 5e-4, "epochs": 3, "batch_size": 16},
 }
 
-#: Each zoo architecture's params model: what a trained or uploaded config must carry.
+
+def _plugin_params(found: plugins.Installed) -> type[BaseModel]:
+    """A plugin's params model as a member of the arch union: its own fields, the `arch`
+    tag, and for text plugins the column to embed; unknown fields are errors, as for the zoo."""
+    plugin = found.plugin
+    fields: dict[str, Any] = {"arch": (Literal[plugin.name], plugin.name)}
+    if plugin.input == "text":
+        fields["text_column"] = (str, Field(default="text", min_length=1, max_length=200))
+    doc = plugin.description or plugin.params.__doc__ or ""
+    return create_model(
+        "Plugin_" + plugin.name.replace("-", "_"),
+        __base__=(plugin.params, _Params),
+        __doc__=f"Plugin {plugin.name} ({found.distribution} {found.version}, "
+        f"{plugin.input} input). {doc}".strip(),
+        **fields,
+    )
+
+
+#: Each architecture's params model: the zoo's, then the installed plugins' (discovered once,
+#: when this module is imported). What a trained or uploaded config must carry.
 ARCH_PARAMS: dict[str, type[BaseModel]] = {
     "mlp": MLPParams,
     "cnn": CNNParams,
     "logreg": LogRegParams,
     "text": TextParams,
+    **{name: _plugin_params(found) for name, found in plugins.installed().items()},
 }
+# The union and the arch names grow with the installed plugins, so the forms and the OpenAPI
+# document show them like the zoo's architectures.
+# `hf` (fine-tuning a registered hf version) is no config a version carries: it is in the
+# union, not in ARCH_PARAMS.
+if TYPE_CHECKING:  # what type checkers see: Kiln's own members (plugins are known at run time)
+    ArchParams = Annotated[
+        MLPParams | CNNParams | LogRegParams | TextParams | HfTrainParams,
+        Field(discriminator="arch"),
+    ]
+    ArchName = str
+else:
+    ArchParams = Annotated[
+        Union[(*ARCH_PARAMS.values(), HfTrainParams)],
+        Field(discriminator="arch"),
+    ]
+    ArchName = Literal[(*ARCH_PARAMS, "hf")]
+
+
+def _known_arch(arch: Any) -> Any:
+    """An unknown arch (a plugin this deployment lacks, say) names what is installed."""
+    if isinstance(arch, str) and arch not in ARCH_PARAMS and arch != "hf":
+        zoo = ", ".join((*plugins.ZOO_ARCHS, "hf"))
+        raise ValueError(
+            f"unknown arch {arch!r}: Kiln's own are {zoo}; {plugins.describe_installed()}"
+        )
+    return arch
 
 
 class TrainSpec(Spec):
@@ -250,6 +294,11 @@ class TrainSpec(Spec):
             if name not in self.model_fields_set:
                 setattr(self, name, value)
         return self
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _installed_arch(cls, arch: Any) -> Any:
+        return _known_arch(arch)
 
     @field_validator("model_name")
     @classmethod

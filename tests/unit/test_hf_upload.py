@@ -230,9 +230,9 @@ def test_the_form_names_a_known_family_and_task(client, alice, tiny_bert):
     assert "task" in problem(
         push(client, alice, files_of(tiny_bert), task="chat"), 400, "invalid_request"
     )
-    data = {"family": "plugin", "files": [(io.BytesIO(b"x"), "config.json")]}
+    data = {"family": "onnx", "files": [(io.BytesIO(b"x"), "config.json")]}
     response = client.post("/api/v1/models/p/versions", data=data, headers=alice)
-    assert "plugin" in problem(response, 400, "invalid_request")
+    assert "family must be one of" in problem(response, 400, "invalid_request")
 
 
 def test_a_tar_gz_that_inflates_past_the_limit_stops_early(make_app, alice, settings):
@@ -263,3 +263,14 @@ def test_a_part_named_outside_the_directory_is_refused(client, alice, tiny_bert,
     files["../config.json"] = files.pop("config.json")
     assert "'..'" in problem(push(client, alice, files), 422, "invalid_model_file")
     assert stored_files(settings) == []
+
+
+def test_the_version_records_its_tokenizer_and_context_for_the_model_page(client, alice, tiny_bert):
+    version = push(client, alice, files_of(tiny_bert)).get_json()
+    tokenizer = version["config"]["tokenizer"]
+    assert "tokenizer.json" in tokenizer["files"]
+    assert (
+        tokenizer["class"]
+        == json.loads((tiny_bert / "tokenizer_config.json").read_text())["tokenizer_class"]
+    )
+    assert version["config"]["context_length"] == version["config"]["hf"]["context_length"]

@@ -9,11 +9,14 @@ stored as one tar, the version's single artifact, which workers unpack into a lo
 from __future__ import annotations
 
 import contextlib
+import json
+from typing import Any
 
 from flask import Response, current_app, request
 
 from db import registry
-from kiln import hfdir
+from db.models import ModelVersion
+from kiln import hfdir, plugins
 from kiln.artifacts import open_store
 from kiln.errors import InvalidRequest
 from kiln.families import ACCEPTED_FAMILIES, HF_TASKS
@@ -26,17 +29,43 @@ from web.auth import principal
 
 
 def requested_family() -> str:
-    """The form's `family` (default zoo); 400 for one Kiln does not accept (yet)."""
-    family = request.form.get("family", "zoo")
-    if family not in ACCEPTED_FAMILIES:
+    """The form's `family` ("" when not sent); 400 for one Kiln does not know."""
+    family = request.form.get("family", "")
+    if family and family not in ACCEPTED_FAMILIES:
+        raise InvalidRequest(f"family must be one of {', '.join(ACCEPTED_FAMILIES)}")
+    return family
+
+
+def weights_family(requested: str, arch: str) -> str:
+    """The family of an uploaded safetensors file and config: plugin when `arch` is an
+    installed plugin's, else zoo; 400 when the form asked for the other one."""
+    family = plugins.family_of(arch)
+    if requested and requested != family:
         raise InvalidRequest(
-            f"family must be one of {', '.join(ACCEPTED_FAMILIES)} (plugin models are not "
-            "accepted yet)"
+            f"arch {arch!r} is a {family} architecture, not {requested} "
+            f"({plugins.describe_installed()})"
         )
     return family
 
 
+def stored_config(config: dict[str, Any], family: str) -> dict[str, Any]:
+    """An uploaded config as stored: a plugin version notes the plugin as this web has it
+    (what the upload said about it, if anything, is not evidence)."""
+    config.pop("plugin", None)
+    if family == "plugin":
+        config["plugin"] = plugins.version_note(config["arch"])
+    return config
+
+
 def upload_hf_version(name: str) -> Response:
+    version = register_directory(name)
+    location = f"/api/v1/models/{name}/versions/{version.number}"
+    return answer(ModelVersionOut.model_validate(version), 201, {"Location": location})
+
+
+def register_directory(name: str) -> ModelVersion:
+    """Check and register the directory this request carries (form fields `task` and
+    `files`), as the signed-in principal: the API's upload, and the models page's form."""
     try:
         check_model_name(name)
     except ValueError as exc:
@@ -49,6 +78,7 @@ def upload_hf_version(name: str) -> Response:
     with contextlib.ExitStack() as cleanup:
         checked = hfdir.check(_entries(limit, cleanup), limit)
         stored = open_store(settings).put_chunks(hfdir.tar_chunks(checked), max_bytes=None)
+        tokenizer = _tokenizer(checked)
     summary = checked.summary
     db = session.get()
     version = registry.register_version(
@@ -57,7 +87,13 @@ def upload_hf_version(name: str) -> Response:
         name=name,
         source_job_id=None,
         arch=summary["model_type"][:32],
-        config={"hf": summary, "label_names": summary["label_names"]},
+        config={
+            "hf": summary,
+            "label_names": summary["label_names"],
+            # What the model page shows, read here: the web never loads transformers.
+            "tokenizer": tokenizer,
+            "context_length": _context_length(summary["context_length"], tokenizer),
+        },
         metrics={},
         artifact_digest=stored.digest,
         artifact_size=stored.size,
@@ -67,8 +103,7 @@ def upload_hf_version(name: str) -> Response:
         task=task,
     )
     db.commit()
-    location = f"/api/v1/models/{name}/versions/{version.number}"
-    return answer(ModelVersionOut.model_validate(version), 201, {"Location": location})
+    return version
 
 
 def _entries(limit: int, cleanup: contextlib.ExitStack) -> list[hfdir.Entry]:
@@ -81,3 +116,42 @@ def _entries(limit: int, cleanup: contextlib.ExitStack) -> list[hfdir.Entry]:
     if len(parts) == 1 and hfdir.is_tar_upload(parts[0].filename or ""):
         return cleanup.enter_context(hfdir.entries_from_tar(parts[0].stream, limit))
     return [hfdir.entry_from_stream(p.filename or "", p.stream) for p in parts]
+
+
+#: Files that make up a tokenizer (besides sentencepiece's *.model).
+_TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+}
+#: tokenizer_config.json's model_max_length when a tokenizer sets no limit (a huge number).
+_NO_LIMIT = 1_000_000
+
+
+def _tokenizer(checked: hfdir.Checked) -> dict[str, Any]:
+    """The tokenizer's class (from tokenizer_config.json), files and maximum length."""
+    files = sorted(
+        e.name for e in checked.entries if e.name in _TOKENIZER_FILES or e.name.endswith(".model")
+    )
+    settings: dict[str, Any] = {}
+    for entry in checked.entries:
+        if entry.name == "tokenizer_config.json":  # already checked to be a JSON object
+            with entry.open() as handle:
+                settings = json.loads(handle.read())
+    name, limit = settings.get("tokenizer_class"), settings.get("model_max_length")
+    return {
+        "class": name if isinstance(name, str) else None,
+        "files": files,
+        "model_max_length": limit if type(limit) is int and 0 < limit < _NO_LIMIT else None,
+    }
+
+
+def _context_length(positions: int | None, tokenizer: dict[str, Any]) -> int | None:
+    """What a worker will take: the smaller of the position embeddings and the tokenizer's
+    model_max_length (workers/ml/hf.py applies the same rule)."""
+    known = [n for n in (positions, tokenizer["model_max_length"]) if n is not None]
+    return min(known) if known else None

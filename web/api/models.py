@@ -25,6 +25,9 @@ from web.api import bp, hf_upload
 from web.api.body import MAX_JSON_BODY_BYTES, answer, parse
 from web.auth import principal
 
+#: Float weights, and int64 for BatchNorm's num_batches_tracked counter (cnn, plugins).
+_WEIGHT_DTYPES = {**modelfile.FLOAT_DTYPES, "I64": 8}
+
 
 @bp.get("/models")
 def list_models() -> Response:
@@ -46,16 +49,18 @@ def get_version(name: str, version: str) -> Response:
 def upload_version(name: str) -> Response:
     """Register an externally trained model: safetensors weights plus a JSON config, or
     (form field family=hf) a Hugging Face model directory."""
-    if hf_upload.requested_family() == "hf":
+    family = hf_upload.requested_family()
+    if family == "hf":
         return hf_upload.upload_hf_version(name)
     _check_name(name)
     weights = request.files.get("weights")
     if weights is None:
         raise InvalidRequest("send the weights as multipart/form-data field 'weights'")
     config = _upload_config()
+    family = hf_upload.weights_family(family, config.arch)
     # The header is read and checked before anything is stored, so a refused file (a
     # pickle, say) never reaches the artifact store.
-    prefix, header = modelfile.read_header(weights.stream.read)
+    prefix, header = modelfile.read_header(weights.stream.read, _WEIGHT_DTYPES)
     _check_fits(header, config)
     limit = _settings().max_upload_bytes
     if header.file_size > limit:
@@ -70,12 +75,13 @@ def upload_version(name: str) -> Response:
         name=name,
         source_job_id=None,
         arch=config.arch,
-        config=config.model_dump(exclude_none=True),
+        config=hf_upload.stored_config(config.model_dump(exclude_none=True), family),
         metrics={},
         artifact_digest=stored.digest,
         artifact_size=stored.size,
         dataset_digest=None,
         lineage={"origin": "upload", "filename": weights.filename or ""},
+        family=family,
     )
     db.commit()
     location = f"/api/v1/models/{name}/versions/{version.number}"

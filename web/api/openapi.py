@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from kiln import schemas
-from kiln.families import HF_TASKS
+from kiln.families import FAMILIES, HF_TASKS
 from kiln.specs import KINDS
 from web.api import bp
 
@@ -114,13 +114,14 @@ def _paths() -> dict[str, Any]:
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "description": "A zoo model: `weights` and `config`. A Hugging Face model "
+                "description": "A zoo or plugin model: `weights` and `config` (family=plugin "
+                "is implied by a plugin's arch). A Hugging Face model "
                 "directory (docs/models.md): family=hf, `task` and `files`, one part per file "
                 "(repeat the part) or one .tar/.tar.gz.",
                 "properties": {
                     "weights": {"type": "string", "format": "binary"},
                     "config": _ref(schemas.ModelConfigIn),
-                    "family": {"type": "string", "enum": ["zoo", "hf"], "default": "zoo"},
+                    "family": {"type": "string", "enum": list(FAMILIES), "default": "zoo"},
                     "task": {"type": "string", "enum": list(HF_TASKS)},
                     "files": {"type": "string", "format": "binary"},
                 },

@@ -1,5 +1,6 @@
-"""Models page: each model's versions with their metrics side by side, aliases, lineage,
-and deleting a version."""
+"""Models page: each model's versions with their metrics side by side, family and task
+(with an hf version's tokenizer and context length), aliases, lineage, deleting a version,
+and registering a Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -9,20 +10,43 @@ from werkzeug import Response
 from db import datasets as dataset_store
 from db import registry
 from db.models import Dataset, Model
-from kiln.errors import InUse, InvalidRequest
+from kiln.errors import InUse, InvalidRequest, KilnError
+from kiln.families import HF_TASKS
 from web import session, storage
+from web.api import hf_upload
 from web.ui import auth, bp
 
 
 @bp.get("/models")
 @auth.signed_in
 def models() -> str:
+    return _page(upload_error=None, upload_name="")
+
+
+@bp.post("/models/upload")
+@auth.signed_in
+def upload_model() -> Response | tuple[str, int]:
+    """Register a Hugging Face model directory (several files, or one .tar/.tar.gz) as the
+    API does (web/api/hf_upload.py), so both accept and refuse the same directories."""
+    name = request.form.get("name", "").strip()
+    try:
+        version = hf_upload.register_directory(name)
+    except KilnError as exc:
+        return _page(upload_error=exc.message, upload_name=name), exc.status
+    flash(f"Registered {name} v{version.number} ({version.family}, {version.task}).")
+    return redirect(url_for("ui.models") + f"#model-{version.model_id}")
+
+
+def _page(upload_error: str | None, upload_name: str) -> str:
     found = registry.listed(session.get(), auth.current().visible_owner)
     return render_template(
         "models.html",
         models=found,
         metric_names={m.id: _metric_names(m) for m in found},
         datasets=_datasets_by_digest(found),
+        hf_tasks=HF_TASKS,
+        upload_error=upload_error,
+        upload_name=upload_name,
     )
 
 

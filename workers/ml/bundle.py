@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kiln.errors import JobFailure
-from workers.ml import architectures
+from workers.ml import architectures, quantized
 
 
 class Network(nn.Module):
@@ -80,9 +80,13 @@ def load(path: Path, config: dict[str, Any], device: torch.device) -> Network:
     return model.to(device).eval()
 
 
-#: Config flag of a version made by an optimize job: quantize its Linear layers at load time.
+#: Config flag of a version made by an optimize job: its Linear layers run in int8.
 QUANTIZATION = "quantization"
 DYNAMIC_INT8 = "dynamic_int8"
+#: Config key of how such a version's file holds them: "int8" (workers/ml/quantized.py).
+#: Versions optimized before it existed store floats, quantized again at every load.
+QUANTIZED_WEIGHTS = "quantized_weights"
+INT8 = "int8"
 #: Buffers an uploaded file may leave out; then inputs go into the network unnormalised.
 _OPTIONAL = {"mean", "std"}
 
@@ -101,17 +105,28 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         )
 
 
+def to_int8_bytes(original: nn.Module, quantized_model: nn.Module, config: dict[str, Any]) -> bytes:
+    """A dynamically quantized version's file: int8 Linear weights with their scales and
+    zero points, the rest as floats (workers/ml/quantized.py); `config` says so."""
+    state = quantized.int8_state(original, quantized_model)
+    config = {**config, QUANTIZED_WEIGHTS: INT8}
+    return safetensors.torch.save(state, metadata={"kiln_config": json.dumps(config)})
+
+
 def load_for_inference(
     path: Path, config: dict[str, Any], device: torch.device
 ) -> tuple[nn.Module, torch.device]:
     """Load a registered version ready to score, and the device it runs on.
 
-    A quantized version (config quantization=dynamic_int8) stores float weights and is
-    quantized again here, on the CPU, where dynamic int8 kernels run. Weights that do not fit
-    the config (an upload with the wrong layers) fail the job with a readable reason.
+    A quantized version (config quantization=dynamic_int8) runs on the CPU, where dynamic
+    int8 kernels run: its stored int8 weights are set exactly, or, for a version stored as
+    floats (optimized by an older Kiln), its Linear layers are quantized again here. Weights
+    that do not fit the config (an upload with the wrong layers) fail the job with a reason.
     """
     model = build(config)
     state = load_file(str(path))
+    int8 = config.get(QUANTIZED_WEIGHTS) == INT8
+    stored, state = (state, quantized.float_view(state)) if int8 else (state, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -123,7 +138,10 @@ def load_for_inference(
             f"missing tensors {missing[:10]}, unexpected tensors {unexpected[:10]}"
         )
     if config.get(QUANTIZATION) == DYNAMIC_INT8:
-        return quantize_dynamic_int8(model), inference_device(config, device)
+        int8_model = quantize_dynamic_int8(model)
+        if int8:
+            quantized.set_int8_weights(int8_model, stored)
+        return int8_model, inference_device(config, device)
     return model.to(device).eval(), device
 
 

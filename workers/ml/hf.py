@@ -36,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from kiln import hfdir
 from kiln.artifacts import ArtifactStore
 from kiln.errors import JobFailure
 from kiln.families import HfParams
+from workers.ml import quantized
 
 #: Inputs per forward pass for the encoder tasks, and per generate() call.
 ENCODER_BATCH = 32
@@ -83,8 +85,9 @@ def materialise(store: ArtifactStore, digest: str, cache_root: Path) -> Path:
     return target
 
 
-def load(directory: Path, task: str, device: torch.device) -> HfModel:
-    """Tokenizer and model for `task`, from local files only, on `device`."""
+def load(directory: Path, task: str, device: torch.device, int8: bool = False) -> HfModel:
+    """Tokenizer and model for `task`, from local files only, on `device`; an `int8`
+    version (made by optimize) holds int8 Linear weights and runs on the CPU."""
     import transformers
 
     classes = {
@@ -98,12 +101,16 @@ def load(directory: Path, task: str, device: torch.device) -> HfModel:
     offline = {"local_files_only": True, "trust_remote_code": False}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **offline)
-        model = classes[task].from_pretrained(directory, use_safetensors=True, **offline)
+        if int8:
+            config = transformers.AutoConfig.from_pretrained(directory, **offline)
+            model = classes[task].from_config(config, trust_remote_code=False)
+        else:
+            model = classes[task].from_pretrained(directory, use_safetensors=True, **offline)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError) as exc:
         # The directory passed the web's checks, so this is the model's own mismatch (an
         # architecture without a head for the task, a tokenizer needing a missing library).
         raise JobFailure(f"transformers cannot load this model for {task}: {exc}") from None
-    model = model.eval().to(device)
+    model = _load_int8(model, directory) if int8 else model.eval().to(device)
     if tokenizer.pad_token is None:  # GPT-style tokenizers: batches pad with end-of-text
         if tokenizer.eos_token is None:
             raise JobFailure("the tokenizer has neither a padding nor an end-of-text token")
@@ -111,6 +118,24 @@ def load(directory: Path, task: str, device: torch.device) -> HfModel:
     if task == "text-generation":
         tokenizer.padding_side = "left"  # the continuation follows the prompt directly
     return HfModel(model, tokenizer, task, context_length(model.config, tokenizer))
+
+
+def _load_int8(model: nn.Module, directory: Path) -> nn.Module:
+    """The model with the int8 weights of `model.safetensors` (workers/ml/quantized.py):
+    float weights loaded, the same Linear layers quantized, their int8 values set exactly."""
+    state = load_file(str(directory / hfdir.SINGLE_WEIGHTS))
+    missing, unexpected = model.load_state_dict(quantized.float_view(state), strict=False)
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k not in missing}
+    # A key left out because it is tied to a stored one (a head and its embeddings) is fine.
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise JobFailure(
+            f"the int8 weights do not fit the model: missing {untied[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    int8_model = quantized.quantize_layers(model, quantized.int8_layers(state))
+    quantized.set_int8_weights(int8_model, state)
+    return int8_model
 
 
 def context_length(config: Any, tokenizer: Any) -> int:

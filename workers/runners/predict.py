@@ -51,7 +51,10 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     version = ctx.version(spec.model, spec.version)
     config, digest, number = version.config, version.artifact_digest, version.number
     if version.family == "hf":  # a transformers directory: texts in, task results out
-        return hf_predict.run(spec, ctx, digest=digest, task=version.task or "", number=number)
+        int8 = version.config.get(bundle.QUANTIZED_WEIGHTS) == bundle.INT8
+        return hf_predict.run(
+            spec, ctx, digest=digest, task=version.task or "", number=number, int8=int8
+        )
     hf_predict.refuse_text_inputs(spec)
     followers = _claim_followers(spec, ctx, wait=True)
     with _failing_with_it(ctx, followers):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kiln import datasets
+from kiln import datasets, plugins
 from kiln.errors import JobFailure, NotFound
 from kiln.specs import TrainSpec
 from kiln.states import JobState
@@ -153,6 +153,7 @@ def _register(
         dataset_digest=dataset_digest,
         # The spec with its defaults filled in: the run can be repeated from it alone.
         lineage={"origin": "train", "spec": spec.model_dump(mode="json")},
+        family=plugins.family_of(spec.arch),
     )
     # The version is registered: the checkpoint has served its purpose.
     ckpt.remove(checkpoint)
@@ -287,16 +288,18 @@ def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
 
 def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
     """Load the dataset (embedding text for the text arch) and describe it for the bundle."""
+    embeds_text = _embeds_text(spec.arch)
     if spec.dataset.startswith("builtin:"):
-        if spec.arch == "text":
-            raise JobFailure("the text architecture needs an uploaded dataset with a text column")
+        if embeds_text:
+            raise JobFailure(
+                f"the {spec.arch} architecture needs an uploaded dataset with a text column"
+            )
         table, digest = data.builtin(spec.dataset.removeprefix("builtin:")), None
         if spec.task != "auto" and spec.task != table.task:
             raise JobFailure(f"{spec.dataset} is a {table.task} dataset, not {spec.task}")
     else:
         arrow, digest = uploaded_table(spec, ctx)
-        if spec.arch == "text":
-            # arch == "text" picks TextParams; mypy does not narrow the union by `arch`.
+        if embeds_text:
             column = spec.arch_params.text_column  # type: ignore[union-attr]
             texts = data.text_column(arrow, column, spec.target)
             ctx.log(f"embedding {len(texts)} texts with {text.ENCODER}")
@@ -314,9 +317,17 @@ def _prepare(spec: TrainSpec, ctx: RunContext) -> Prepared:
         "input_shape": list(table.shape),
         "input": "features",
     }
-    if spec.arch == "text":
+    if embeds_text:
         config |= {"input": "text", "encoder": text.ENCODER, "text_column": column}
+    if plugins.family_of(spec.arch) == "plugin":  # which plugin, in which version, made it
+        config["plugin"] = plugins.version_note(spec.arch)
     return Prepared(table, digest, config)
+
+
+def _embeds_text(arch: str) -> bool:
+    """The zoo's text head and text plugins train on embeddings of a text column."""
+    found = plugins.get(arch)
+    return arch == "text" or (found is not None and found.plugin.input == "text")
 
 
 def uploaded_table(spec: TrainSpec, ctx: RunContext) -> tuple[Any, str]:

@@ -1,0 +1,1 @@
+"""An example Kiln model plugin: a small ResNet for image datasets (docs/models.md)."""
