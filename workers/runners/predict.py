@@ -162,7 +162,10 @@ def _predict(
         values = predict_values(
             model, features, device, config["target_mean"], config["target_std"]
         )
-        return [{"value": float(v)} for v in values]
+        names = config.get("target_names") or []
+        if len(names) > 1:  # a multi-output model: a value per target
+            return [{"values": dict(zip(names, map(float, row), strict=True))} for row in values]
+        return [{"value": float(row[0])} for row in values]
     labels = config["label_names"]
     return [
         {
