@@ -345,3 +345,46 @@ def test_zoo_options_and_csv_embeddings_are_refused(register, runtime, sessions,
     assert "CSV cannot hold" in csv.error_message
     assert "features are for zoo models" in features.error_message
     assert "max_new_tokens: not a parameter of embedding models" in generation.error_message
+
+
+def test_a_cancel_request_stops_a_generation_chunk_at_its_next_pass(
+    register, runtime, sessions, tmp_path, monkeypatch
+):
+    register("text-generation")
+    dataset = _dataset(runtime, sessions, tmp_path, _texts(40))
+    spec = {"model": "text-generation", "dataset": dataset, "text_column": "text"}
+    with sessions() as session:
+        job = jobs.create(session, kind="batch_predict", owner="alice", spec=spec, queue="cpu")
+        session.commit()
+        job_id = job.id
+    monkeypatch.setattr("workers.context._THROTTLE_S", 0.0)
+    passes: list[int] = []
+    real_generate = hf._generate
+
+    def generate_and_ask_to_cancel(bundle, texts, params):
+        passes.append(len(texts))
+        with sessions() as session:
+            jobs.request_cancel(session, session.get(Job, job_id))
+            session.commit()
+        return real_generate(bundle, texts, params)
+
+    monkeypatch.setattr(hf, "_generate", generate_and_ask_to_cancel)
+
+    execute_attempt(runtime, job_id, 0, "w1", never_resent)
+
+    assert _state(sessions, job_id).state == "cancelled"
+    assert passes == [8]  # one pass of the 40-row chunk's five
+    assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()
+
+
+def test_a_chunk_without_any_text_is_all_error_rows(register, runtime, sessions, tmp_path):
+    register("embedding")
+    dataset = _dataset(runtime, sessions, tmp_path, ["alice went", None, None, None], "jsonl")
+    spec = {"model": "embedding", "dataset": dataset, "text_column": "text", "chunk_rows": 2}
+
+    job = _run(runtime, sessions, spec | {"max_error_fraction": 1.0, "output_format": "jsonl"})
+
+    assert job.state == "succeeded", job.error_message
+    assert (job.result["scored"], job.result["errors"]) == (1, 3)
+    out = _read(runtime, job.result["output"])
+    assert [e is None for e in out["embedding"].to_pylist()] == [False, True, True, True]

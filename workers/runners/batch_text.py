@@ -86,7 +86,8 @@ class TextScorer:
         values = batch.column(self.column).to_pylist()
         reasons = {i: "the text is missing" for i, v in enumerate(values) if not isinstance(v, str)}
         present = [i for i in range(len(values)) if i not in reasons]
-        lengths = hf.token_counts(self.model.tokenizer, [values[i] for i in present])
+        texts = [values[i] for i in present]
+        lengths = hf.token_counts(self.model.tokenizer, texts) if texts else []
         rows: list[int] = []
         kept: list[int] = []
         for i, length in zip(present, lengths, strict=True):
