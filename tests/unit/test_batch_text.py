@@ -160,11 +160,12 @@ def test_embeddings_are_a_fixed_size_float32_column_in_input_order(
     got = torch.tensor(out["embedding"].to_pylist())
     assert torch.allclose(got, torch.tensor([w["embedding"] for w in want]), atol=1e-5)
     assert out["tokens"].to_pylist() == [w["tokens"] for w in want]
-    # Chunks of 20, 20 and 5 rows; within each, passes of 8 in ascending token length.
+    # Chunks of 20, 20 and 5 rows; within each, passes of 8 in descending token length.
     assert [len(p) for p in passes] == [8, 8, 4, 8, 8, 4, 5]
     for chunk in (passes[0:3], passes[3:6], passes[6:]):
         flat = [n for p in chunk for n in p]
-        assert flat == sorted(flat)
+        assert flat == sorted(flat, reverse=True)
+        assert flat[0] > flat[-1]
     assert job.result["tokens"] == sum(w["tokens"] for w in want)
     assert job.result["tokens_per_s"] > 0
 

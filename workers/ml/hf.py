@@ -18,7 +18,9 @@ token count, and `truncated`):
   "eos" | "stop"}: the continuation only, greedy unless a temperature is given.
 
 Inputs are sorted by token length and padded per batch (to the longest in the batch, never
-to the model's maximum); results come back in input order.
+to the model's maximum); results come back in input order. `forward_sorted` is the one
+scoring path of every task: `run`/`results` (predict) and `embeddings` (batch_predict's
+vectors as one matrix) are views of it.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def forward_sorted(
     after_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[list[int], Any]]:
     """The task's output for each batch with the input positions it holds, batches in
-    ascending token length: the one scoring path of predict and batch_predict. An
+    descending token length: the one scoring path of predict and batch_predict. An
     embedding batch's output is a float32 tensor (a row per input); every other task's
     is a list of result dicts."""
     tasks: dict[str, Callable[[HfModel, list[str], HfParams], Any]] = {
@@ -247,8 +249,11 @@ def token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
 
 
 def _batches(lengths: list[int], size: int) -> Iterator[list[int]]:
-    """Input positions grouped by similar length, so each batch pads little."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    """Input positions grouped by similar length, so each batch pads little. Longest first:
+    every later batch's activations then fit in memory an earlier one freed, where growing
+    batches would each need larger blocks and grow the heap (a worker keeps freed memory,
+    workers/malloc.py); an input too large for the device also fails at the first pass."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), size):
         yield order[start : start + size]
 

@@ -19,6 +19,12 @@ still get their output row, with no prediction, and a line in the error file (JS
 number, reason, pass-through columns). The job fails once more than `max_error_fraction` of
 the dataset's rows have failed; its error file is attached all the same.
 
+A zoo version scores numeric features: a classifier writes a label and score, a regression
+model a value (one per output of a multi-output model). An hf version scores a text column
+for its task (workers/runners/batch_text.py): within a chunk the texts are scored sorted by
+token length and written back in input order; a missing text, or one too long for the
+model under truncation=error, is an error row like a bad numeric one.
+
 This module plans, reads, scores and assembles; the part files and the manifest are
 workers/runners/batch_parts.py, and turning a record batch into features is
 workers/runners/batch_features.py.
@@ -140,7 +146,7 @@ def _score_chunks(
     """Score the chunks not yet committed, committing each and counting it in `progress`."""
     model, device = model_cache.load_version(ctx, plan.model_digest, plan.config)
     started, first_row = time.monotonic(), progress.rows
-    batch_size = _batch_size(spec, ctx, spec.batch_size)
+    batch_size = _batch_size(ctx, spec.batch_size)
     for chunk in _chunks(spec, plan, device, progress.chunks):
         ctx.raise_if_cancelled()
         with _retrying_oom(batch_size):
@@ -166,7 +172,7 @@ def _score_text_chunks(
     assert plan.text_column is not None
     model = hf_predict.load_version(ctx, plan.model_digest, plan.task)
     requested = min(spec.batch_size, hf.batch_size(plan.task))
-    batch_size = _batch_size(spec, ctx, requested)
+    batch_size = _batch_size(ctx, requested)
     scorer = batch_text.TextScorer(
         model, spec.hf or HfParams(), plan.text_column, batch_size, spec.probabilities
     )
@@ -203,7 +209,7 @@ def _score_text_chunks(
     return counts
 
 
-def _batch_size(spec: BatchPredictSpec, ctx: RunContext, requested: int) -> int:
+def _batch_size(ctx: RunContext, requested: int) -> int:
     """Rows per forward pass: `requested`, halved for each earlier out-of-memory attempt."""
     batch_size = ctx.batch_size(requested)
     if batch_size < requested:
