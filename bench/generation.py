@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     args = parser.parse_args()
-    kiln = Kiln(redis_db=13)
+    kiln = Kiln(redis_db=10)
     try:
         directory = gpt2_directory(Path(tempfile.mkdtemp(dir=kiln.folder)) / MODEL)
         kiln.register_hf(MODEL, directory, "text-generation")
