@@ -201,8 +201,9 @@ def embeddings(
     for order, output in forward_sorted(bundle, texts, lengths, params, size, after_batch):
         positions += order
         parts.append(output)
-    if not parts:
-        return torch.empty(0, bundle.model.config.hidden_size)
+    if not parts:  # still the model's width: every chunk's column has one type
+        config: Any = bundle.model.config
+        return torch.empty(0, int(config.hidden_size))
     stacked = torch.cat(parts)
     matrix = torch.empty_like(stacked)
     matrix[torch.tensor(positions)] = stacked
