@@ -87,6 +87,48 @@ class Kiln:
             session.commit()
         return model
 
+    def register_hf(self, name: str, directory: Path, task: str) -> int:
+        """A Hugging Face directory registered as `kiln models push` registers it: its files
+        through POST /api/v1/models/<name>/versions (family=hf); the version's number."""
+        import io
+
+        from db import keys
+        from kiln import hfdir
+        from web import create_app
+
+        with self.sessions() as session:
+            _, key = keys.create(session, owner="bench", role="user")
+            session.commit()
+        paths, _ = hfdir.files_to_push(directory)
+        files = [(io.BytesIO(path.read_bytes()), path.name) for path in paths]
+        app = create_app(self.settings)
+        try:
+            response = app.test_client().post(
+                f"/api/v1/models/{name}/versions",
+                data={"family": "hf", "task": task, "files": files},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        finally:
+            app.extensions["kiln.engine"].dispose()
+            app.extensions["kiln.celery"].close()
+        if response.status_code != 201:
+            raise RuntimeError(f"registering {name} failed: {response.get_data(as_text=True)}")
+        return int(response.get_json()["number"])
+
+    def text_dataset(self, path: Path) -> str:
+        """Record an existing Parquet file as a dataset of the bench user; its id."""
+        info = datasets.inspect(path, "parquet")
+        stored = self.store.put_file(path)
+        with self.sessions() as session:
+            row = Dataset(
+                owner="bench", name=path.name, format="parquet", rows=info.rows,
+                columns=info.columns, size_bytes=stored.size, digest=stored.digest,
+                created_at=utcnow(),
+            )  # fmt: skip
+            session.add(row)
+            session.commit()
+            return row.id
+
     def dataset(self, rows: int) -> tuple[str, Path]:
         """A parquet file of `rows` rows (id and WIDTH features), registered as a dataset."""
         path = self.folder / f"rows-{rows}.parquet"

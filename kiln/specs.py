@@ -411,6 +411,14 @@ class BatchPredictSpec(Spec):
         default=16_384, ge=1, le=10_000_000, description="Rows per committed (resumable) chunk."
     )
     batch_size: int = Field(default=4096, ge=1, le=1_000_000, description="Rows per forward pass.")
+    text_column: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="hf versions: the column of texts to score; default: the first string column.",
+    )
+    hf: HfParams | None = Field(
+        default=None, description="Task parameters for an hf version (kiln/families.py)."
+    )
 
 
 class EchoSpec(Spec):

@@ -11,6 +11,7 @@ import torch
 from hfkit import NER_LABELS, SENTIMENT, bert_directory, gpt2_directory
 from modelkit import never_resent
 
+from db import jobs as job_rows
 from db import migrate
 from db.models import Job
 from kiln.artifacts import ArtifactStore
@@ -291,3 +292,37 @@ def test_each_batch_reports_progress_and_results_keep_input_order(directories):
 
     assert seen == [(32, 40), (40, 40)]
     assert [r["tokens"] for r in results] == [i % 7 + 3 for i in range(40)]  # [CLS] … [SEP]
+
+
+def test_queued_jobs_on_an_hf_version_are_scored_in_the_leaders_passes(
+    register, runtime, sessions, directories
+):
+    register("text-classification")
+
+    def submit(spec: dict) -> str:
+        with sessions() as session:
+            job = job_rows.create(session, kind="predict", owner="alice", spec=spec, queue="cpu")
+            session.commit()
+            return job.id
+
+    model = "text-classification"
+    leader = submit({"model": model, "inputs": TEXTS[:1]})
+    follower = submit({"model": model, "inputs": TEXTS[1:]})
+    too_long = submit({"model": model, "inputs": [" ".join(["city"] * 100)]})
+    other_params = submit({"model": model, "inputs": TEXTS, "hf": {"truncation": "truncate"}})
+
+    execute_attempt(runtime, leader, 0, "w1", never_resent)
+
+    with sessions() as session:
+        done = {job_id: session.get(Job, job_id) for job_id in (leader, follower, too_long)}
+        assert done[leader].result["batch_jobs"] == 3
+        assert done[follower].state == "succeeded"
+        assert done[follower].result["batched_with"] == leader
+        assert done[too_long].state == "failed"
+        assert "input 0 is 102 tokens; the model takes 64" in done[too_long].error_message
+        assert session.get(Job, other_params).state == "queued"  # other parameters: not taken
+        batched = [*done[leader].result["predictions"], *done[follower].result["predictions"]]
+    bundle = hf.load(directories[model], model, torch.device("cpu"))
+    alone = hf.run(bundle, TEXTS, HfParams())
+    assert [p["label"] for p in batched] == [p["label"] for p in alone]
+    assert [p["score"] for p in batched] == pytest.approx([p["score"] for p in alone], abs=1e-5)

@@ -3,7 +3,9 @@ as safetensors, and the config that prediction needs (no pickle anywhere).
 
 Config keys: arch, arch_params, feature_names, label_names, task ("classification" or
 "regression"), input_shape, target_mean/target_std (regression: the network predicts the
-standardised target), input ("features", or "text" with encoder and text_column).
+standardised target), target_names (a multi-output regression model: one output per name,
+target_mean/target_std then lists), input ("features", or "text" with encoder and
+text_column).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def task(config: dict[str, Any]) -> str:
 
 
 def outputs(config: dict[str, Any]) -> int:
-    return 1 if task(config) == "regression" else len(config["label_names"])
+    if task(config) == "regression":
+        return max(len(config.get("target_names") or []), 1)
+    return len(config["label_names"])
 
 
 def build(config: dict[str, Any]) -> Network:

@@ -18,7 +18,9 @@ token count, and `truncated`):
   "eos" | "stop"}: the continuation only, greedy unless a temperature is given.
 
 Inputs are sorted by token length and padded per batch (to the longest in the batch, never
-to the model's maximum); results come back in input order.
+to the model's maximum); results come back in input order. `forward_sorted` is the one
+scoring path of every task: `run`/`results` (predict) and `embeddings` (batch_predict's
+vectors as one matrix) are views of it.
 """
 
 from __future__ import annotations
@@ -154,15 +156,20 @@ def run(
 ) -> list[dict[str, Any]]:
     """One result per text, in order. JobFailure names the first input that cannot run.
     `after_batch(done, total)` is called after each batch (progress, cancellation)."""
+    room = check(bundle, params)
+    lengths = token_counts(bundle.tokenizer, texts)
+    for i, length in enumerate(lengths):
+        if length > room and params.truncation == "error":
+            raise JobFailure(too_long(i, length, room))
+    return results(bundle, texts, lengths, params, after_batch=after_batch)
+
+
+def check(bundle: HfModel, params: HfParams) -> int:
+    """The tokens an input may have for these parameters (a generation prompt leaves room
+    for max_new_tokens); JobFailure for parameters the task does not take."""
     unused = params.unused_for(bundle.task)
     if unused:
         raise JobFailure(f"{', '.join(unused)}: not a parameter of {bundle.task} models")
-    tasks: dict[str, Callable[[HfModel, list[str], HfParams], list[dict[str, Any]]]] = {
-        "embedding": _embed,
-        "text-classification": _classify,
-        "token-classification": _tag,
-        "text-generation": _generate,
-    }
     room = bundle.context
     if bundle.task == "text-generation":
         room -= params.max_new_tokens
@@ -171,35 +178,110 @@ def run(
                 f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context of {bundle.context} tokens"
             )
-    lengths = _token_counts(bundle.tokenizer, texts)
-    for i, length in enumerate(lengths):
-        if length > room and params.truncation == "error":
-            raise JobFailure(
-                f"input {i} is {length} tokens; the model takes {room} "
-                "(set truncation to 'truncate' to cut longer inputs)"
-            )
-    results: list[dict[str, Any]] = [{} for _ in texts]
-    batch = GENERATION_BATCH if bundle.task == "text-generation" else ENCODER_BATCH
+    return room
+
+
+def too_long(position: int, length: int, room: int) -> str:
+    return (
+        f"input {position} is {length} tokens; the model takes {room} "
+        "(set truncation to 'truncate' to cut longer inputs)"
+    )
+
+
+def batch_size(task: str) -> int:
+    """Inputs per forward pass (per generate() call) unless a job asks for fewer."""
+    return GENERATION_BATCH if task == "text-generation" else ENCODER_BATCH
+
+
+def results(
+    bundle: HfModel,
+    texts: list[str],
+    lengths: list[int],
+    params: HfParams,
+    size: int | None = None,
+    after_batch: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Each text's task result, in input order, scored in batches of similar token length
+    (`lengths`: token_counts of `texts`). Each result also says `tokens` (after truncation)
+    and `truncated`."""
+    room = check(bundle, params)
+    found: list[dict[str, Any]] = [{} for _ in texts]
+    for order, output in forward_sorted(bundle, texts, lengths, params, size, after_batch):
+        records = _records(output)
+        for i, record in zip(order, records, strict=True):
+            found[i] = record | {"tokens": min(lengths[i], room), "truncated": lengths[i] > room}
+    return found
+
+
+def embeddings(
+    bundle: HfModel,
+    texts: list[str],
+    lengths: list[int],
+    params: HfParams,
+    size: int | None = None,
+    after_batch: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The embedding task's vectors as one float32 matrix on the CPU, a row per text in input
+    order: what `results` gives as lists, without a Python float per value."""
+    positions: list[int] = []
+    parts: list[torch.Tensor] = []
+    for order, output in forward_sorted(bundle, texts, lengths, params, size, after_batch):
+        positions += order
+        parts.append(output)
+    if not parts:  # still the model's width: every chunk's column has one type
+        config: Any = bundle.model.config
+        return torch.empty(0, int(config.hidden_size))
+    stacked = torch.cat(parts)
+    matrix = torch.empty_like(stacked)
+    matrix[torch.tensor(positions)] = stacked
+    return matrix
+
+
+def forward_sorted(
+    bundle: HfModel,
+    texts: list[str],
+    lengths: list[int],
+    params: HfParams,
+    size: int | None = None,
+    after_batch: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[list[int], Any]]:
+    """The task's output for each batch with the input positions it holds, batches in
+    descending token length: the one scoring path of predict and batch_predict. An
+    embedding batch's output is a float32 tensor (a row per input); every other task's
+    is a list of result dicts."""
+    tasks: dict[str, Callable[[HfModel, list[str], HfParams], Any]] = {
+        "embedding": _embed,
+        "text-classification": _classify,
+        "token-classification": _tag,
+        "text-generation": _generate,
+    }
     done = 0
-    for order in _batches(lengths, batch):
+    for order in _batches(lengths, size or batch_size(bundle.task)):
         with torch.inference_mode():
-            found = tasks[bundle.task](bundle, [texts[i] for i in order], params)
-        for i, result in zip(order, found, strict=True):
-            results[i] = result | {"tokens": min(lengths[i], room), "truncated": lengths[i] > room}
+            output = tasks[bundle.task](bundle, [texts[i] for i in order], params)
         done += len(order)
+        yield order, output
         if after_batch is not None:
             after_batch(done, len(texts))
-    return results
 
 
-def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+def _records(output: Any) -> list[dict[str, Any]]:
+    if isinstance(output, torch.Tensor):
+        return [{"embedding": row} for row in output.tolist()]
+    return list(output)
+
+
+def token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
     encoded = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
     return [len(ids) for ids in encoded]
 
 
 def _batches(lengths: list[int], size: int) -> Iterator[list[int]]:
-    """Input positions grouped by similar length, so each batch pads little."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    """Input positions grouped by similar length, so each batch pads little. Longest first:
+    every later batch's activations then fit in memory an earlier one freed, where growing
+    batches would each need larger blocks and grow the heap (a worker keeps freed memory,
+    workers/malloc.py); an input too large for the device also fails at the first pass."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), size):
         yield order[start : start + size]
 
@@ -221,17 +303,17 @@ def _inputs(bundle: HfModel, encoded: Any) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in encoded.items() if k in names}
 
 
-def _embed(bundle: HfModel, texts: list[str], params: HfParams) -> list[dict[str, Any]]:
+def _embed(bundle: HfModel, texts: list[str], params: HfParams) -> torch.Tensor:
     inputs = _inputs(bundle, _encode(bundle, texts, bundle.context))
     hidden = bundle.model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     if params.normalize:
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-    return [{"embedding": row} for row in pooled.float().cpu().tolist()]
+    return pooled.float().cpu()
 
 
-def _label_names(bundle: HfModel) -> list[str]:
+def label_names(bundle: HfModel) -> list[str]:
     id2label = bundle.model.config.id2label
     return [str(id2label[i]) for i in range(len(id2label))]
 
@@ -241,7 +323,7 @@ def _classify(bundle: HfModel, texts: list[str], params: HfParams) -> list[dict[
     logits = bundle.model(**inputs).logits.float()
     multi_label = bundle.model.config.problem_type == "multi_label_classification"
     scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
-    labels = _label_names(bundle)
+    labels = label_names(bundle)
     results = []
     for row in scores.cpu().tolist():
         best = max(range(len(row)), key=row.__getitem__)
@@ -267,7 +349,7 @@ def _tag(bundle: HfModel, texts: list[str], params: HfParams) -> list[dict[str, 
     )
     logits = bundle.model(**_inputs(bundle, encoded)).logits.float()
     probabilities = torch.softmax(logits, dim=-1).cpu()
-    labels = _label_names(bundle)
+    labels = label_names(bundle)
     results = []
     for i, text in enumerate(texts):
         tokens = []

@@ -29,7 +29,13 @@ def predict_proba(model: nn.Module, features: np.ndarray, device: torch.device) 
 
 
 def predict_values(
-    model: nn.Module, features: np.ndarray, device: torch.device, mean: float, std: float
+    model: nn.Module,
+    features: np.ndarray,
+    device: torch.device,
+    mean: float | list[float],
+    std: float | list[float],
 ) -> np.ndarray:
-    """Regression predictions in target units."""
-    return (outputs(model, features, device).squeeze(1).double() * std + mean).numpy()
+    """Regression predictions in target units: rows by outputs (a multi-output model's
+    mean and std are lists, one per output)."""
+    values = outputs(model, features, device).double().numpy()
+    return values * np.asarray(std, dtype=np.float64) + np.asarray(mean, dtype=np.float64)

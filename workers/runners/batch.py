@@ -19,6 +19,12 @@ still get their output row, with no prediction, and a line in the error file (JS
 number, reason, pass-through columns). The job fails once more than `max_error_fraction` of
 the dataset's rows have failed; its error file is attached all the same.
 
+A zoo version scores numeric features: a classifier writes a label and score, a regression
+model a value (one per output of a multi-output model). An hf version scores a text column
+for its task (workers/runners/batch_text.py): within a chunk the texts are scored sorted by
+token length and written back in input order; a missing text, or one too long for the
+model under truncation=error, is an error row like a bad numeric one.
+
 This module plans, reads, scores and assembles; the part files and the manifest are
 workers/runners/batch_parts.py, and turning a record batch into features is
 workers/runners/batch_features.py.
@@ -44,11 +50,12 @@ from torch import nn
 
 from kiln import datasets
 from kiln.errors import JobFailure, UnsupportedDataset
+from kiln.families import HfParams
 from kiln.specs import BatchPredictSpec
 from workers import model_cache
 from workers.context import JobCancelled, RetryableOOM, RunContext
-from workers.ml import bundle
-from workers.runners import batch_features, batch_parts
+from workers.ml import bundle, hf
+from workers.runners import batch_features, batch_parts, batch_text, hf_predict
 
 _PREFETCH_CHUNKS = 2
 
@@ -67,6 +74,10 @@ class Plan:
     features: list[str]
     #: The one list column that holds each row's feature vector, if the features come so.
     vector_column: bool
+    #: The version's family; an `hf` version scores `text_column` for its `task`.
+    family: str = "zoo"
+    task: str | None = None
+    text_column: str | None = None
 
 
 @dataclass
@@ -90,11 +101,6 @@ def run(spec: BatchPredictSpec, ctx: RunContext) -> dict[str, Any]:
 def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     manifest = batch_parts.read_manifest(work)
     plan = _plan(spec, ctx, manifest)
-    if bundle.task(plan.config) != "classification" or plan.config.get("input") == "text":
-        raise JobFailure(
-            "batch_predict scores classification models over numeric features; this "
-            "version is a regression or text model (use predict jobs for it)"
-        )
     if manifest is None or manifest["key"] != plan.key:
         shutil.rmtree(work, ignore_errors=True)
         manifest = {"key": plan.key, "version": plan.model_version, "digest": plan.model_digest}
@@ -107,7 +113,11 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     with contextlib.closing(output):
         for batch in batch_parts.parts(work, "out", progress.chunks):
             output.write(batch)  # a resumed attempt's output starts with the committed rows
-        _score_chunks(spec, ctx, work, plan, progress, output)
+        tokens: dict[str, int] = {}
+        if plan.family == "hf":
+            tokens = _score_text_chunks(spec, ctx, work, plan, progress, output)
+        else:
+            _score_chunks(spec, ctx, work, plan, progress, output)
         if progress.rows != plan.total_rows:
             raise JobFailure(
                 f"the dataset yielded {progress.rows} rows, not the {plan.total_rows} "
@@ -115,7 +125,12 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
             )
         ctx.progress(1.0, "storing the output file", force=True)
         result = _assemble(spec, ctx, work, plan, progress, output.close())
-    result["rows_per_s"] = round((progress.rows - first_row) / (time.monotonic() - started), 1)
+    elapsed = time.monotonic() - started
+    result["rows_per_s"] = round((progress.rows - first_row) / elapsed, 1)
+    if plan.family == "hf":
+        result |= {"task": plan.task, "text_column": plan.text_column}
+        result |= {name: round(count / elapsed, 1) for name, count in tokens.items()}
+        result["tokens"] = tokens["tokens_per_s"]
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -130,32 +145,112 @@ def _score_chunks(
 ) -> None:
     """Score the chunks not yet committed, committing each and counting it in `progress`."""
     model, device = model_cache.load_version(ctx, plan.model_digest, plan.config)
-    labels = pa.array(plan.config["label_names"], pa.string())
-    allowed_errors = int(spec.max_error_fraction * plan.total_rows)
     started, first_row = time.monotonic(), progress.rows
-    batch_size = ctx.batch_size(spec.batch_size)
-    if batch_size < spec.batch_size:
-        ctx.log(f"scoring in batches of {batch_size}: an earlier attempt ran out of GPU memory")
+    batch_size = _batch_size(ctx, spec.batch_size)
     for chunk in _chunks(spec, plan, device, progress.chunks):
         ctx.raise_if_cancelled()
-        try:
-            probabilities = _score(model, chunk.features, batch_size, device)
-        except torch.cuda.OutOfMemoryError as exc:
-            # Committed chunks stay; the next attempt goes on from here at half the batch.
-            if batch_size == 1:
-                raise JobFailure("out of GPU memory even at batch size 1") from exc
-            raise RetryableOOM(f"CUDA out of memory at batch size {batch_size}") from exc
-        out = _output_batch(spec, chunk, probabilities, labels)
-        errors = _error_batch(spec, chunk, progress.rows)
-        batch_parts.commit_chunk(work, chunk.index, errors, out)
-        output.write(out)
-        progress.chunks += 1
-        progress.rows += chunk.batch.num_rows
-        progress.errors += errors.num_rows
-        if progress.errors > allowed_errors:
-            _attach_errors(ctx, work, progress)
-            raise JobFailure(_too_many_errors(spec, plan, progress))
+        with _retrying_oom(batch_size):
+            outputs = _score(model, chunk.features, batch_size, device)
+        out = _output_batch(spec, plan, chunk, outputs)
+        errors = _error_batch(spec, chunk.batch, chunk.reasons, progress.rows)
+        _commit(spec, ctx, work, plan, progress, output, chunk.index, errors, out)
         _report(ctx, progress.rows - first_row, progress.rows, plan.total_rows, started)
+
+
+def _score_text_chunks(
+    spec: BatchPredictSpec,
+    ctx: RunContext,
+    work: Path,
+    plan: Plan,
+    progress: batch_parts.Progress,
+    output: batch_parts.Output,
+) -> dict[str, int]:
+    """_score_chunks for an hf version: each chunk's texts through the task's scoring path,
+    sorted by token length within the chunk and written back in input order. The tokens
+    this attempt scored (and generated), by the name of their rate in the result."""
+    assert plan.task is not None
+    assert plan.text_column is not None
+    int8 = plan.config.get(bundle.QUANTIZED_WEIGHTS) == bundle.INT8
+    model = hf_predict.load_version(ctx, plan.model_digest, plan.task, int8)
+    requested = min(spec.batch_size, hf.batch_size(plan.task))
+    batch_size = _batch_size(ctx, requested)
+    scorer = batch_text.TextScorer(
+        model, spec.hf or HfParams(), plan.text_column, batch_size, spec.probabilities
+    )
+    ctx.log(f"scoring the text column {plan.text_column!r} ({plan.task})")
+    started, first_row = time.monotonic(), progress.rows
+    counts = {"tokens_per_s": 0}
+    if plan.task == "text-generation":
+        counts["generated_tokens_per_s"] = 0
+    batches = datasets.iter_batches(plan.dataset_path, plan.dataset_format, spec.chunk_rows)
+    try:
+        for index, batch in enumerate(batches):
+            if index < progress.chunks:
+                continue  # committed chunks are read past, not scored again
+            ctx.raise_if_cancelled()
+
+            def after_pass(done: int, total: int, rows: int = batch.num_rows) -> None:
+                within = progress.rows + rows * done / max(total, 1)
+                ctx.progress(within / plan.total_rows, f"{within:.0f}/{plan.total_rows} rows")
+                ctx.raise_if_cancelled()  # a long generation chunk stops at its next pass
+
+            with _retrying_oom(batch_size):
+                scored = scorer.score(batch, after_pass)
+            out = pa.RecordBatch.from_pydict(
+                {name: batch.column(name) for name in spec.passthrough} | scored.columns
+            )
+            errors = _error_batch(spec, batch, scored.reasons, progress.rows)
+            _commit(spec, ctx, work, plan, progress, output, index, errors, out)
+            counts["tokens_per_s"] += scored.tokens
+            if "generated_tokens_per_s" in counts:
+                counts["generated_tokens_per_s"] += scored.generated
+            _report(ctx, progress.rows - first_row, progress.rows, plan.total_rows, started, counts)
+    except UnsupportedDataset as exc:
+        raise JobFailure(exc.message) from None
+    return counts
+
+
+def _batch_size(ctx: RunContext, requested: int) -> int:
+    """Rows per forward pass: `requested`, halved for each earlier out-of-memory attempt."""
+    batch_size = ctx.batch_size(requested)
+    if batch_size < requested:
+        ctx.log(f"scoring in batches of {batch_size}: an earlier attempt ran out of GPU memory")
+    return batch_size
+
+
+@contextlib.contextmanager
+def _retrying_oom(batch_size: int) -> Iterator[None]:
+    """Out of GPU memory: committed chunks stay; the next attempt goes on from the first
+    chunk not committed, at half the batch."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        if batch_size == 1:
+            raise JobFailure("out of GPU memory even at batch size 1") from exc
+        raise RetryableOOM(f"CUDA out of memory at batch size {batch_size}") from exc
+
+
+def _commit(
+    spec: BatchPredictSpec,
+    ctx: RunContext,
+    work: Path,
+    plan: Plan,
+    progress: batch_parts.Progress,
+    output: batch_parts.Output,
+    index: int,
+    errors: pa.RecordBatch,
+    out: pa.RecordBatch,
+) -> None:
+    """Commit chunk `index`, append its rows to the output, count it; fail the job once
+    more rows failed than the spec allows."""
+    batch_parts.commit_chunk(work, index, errors, out)
+    output.write(out)
+    progress.chunks += 1
+    progress.rows += out.num_rows
+    progress.errors += errors.num_rows
+    if progress.errors > int(spec.max_error_fraction * plan.total_rows):
+        _attach_errors(ctx, work, progress)
+        raise JobFailure(_too_many_errors(spec, plan, progress))
 
 
 def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | None) -> Plan:
@@ -166,6 +261,27 @@ def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | No
     number, digest, config = version.number, version.artifact_digest, version.config
     columns = {c["name"]: c["dtype"] for c in dataset.columns}
     fmt, rows, data_digest = dataset.format, dataset.rows, dataset.digest
+    spec_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    common: dict[str, Any] = {
+        "key": f"{spec_hash}:{data_digest}",
+        "dataset_path": ctx.runtime.store.path(data_digest),
+        "dataset_format": fmt,
+        "total_rows": rows,
+        "model_version": number,
+        "model_digest": digest,
+        "config": config,
+    }
+    if version.family == "hf":
+        return Plan(**common, **_text_plan(spec, version.task or "", columns))
+    if spec.text_column is not None or spec.hf is not None:
+        raise JobFailure(
+            f"model {spec.model!r} is a zoo model: text_column and hf are for hf models"
+        )
+    if config.get("input") == "text":
+        raise JobFailure(
+            "batch_predict scores zoo models over numeric features; this version is a zoo "
+            "text model (use predict jobs for it)"
+        )
     features = spec.features or list(config["feature_names"])
     width = len(config["feature_names"])
     vector = len(features) == 1 and width != 1 and "list" in columns.get(features[0], "")
@@ -179,18 +295,26 @@ def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | No
         bad = [n for n in features if not columns[n].startswith(numeric)]
         if bad:
             raise JobFailure(f"feature columns must be numeric; these are not: {bad[:5]}")
-    spec_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-    return Plan(
-        key=f"{spec_hash}:{data_digest}",
-        dataset_path=ctx.runtime.store.path(data_digest),
-        dataset_format=fmt,
-        total_rows=rows,
-        model_version=number,
-        model_digest=digest,
-        config=config,
-        features=features,
-        vector_column=vector,
-    )
+    return Plan(**common, features=features, vector_column=vector)
+
+
+def _text_plan(spec: BatchPredictSpec, task: str, columns: dict[str, str]) -> dict[str, Any]:
+    """The Plan fields of an hf version: its task and the column of texts."""
+    if spec.features is not None:
+        raise JobFailure("features are for zoo models; an hf model reads text_column")
+    column = batch_text.text_column(spec.text_column, columns)
+    missing = [name for name in spec.passthrough if name not in columns]
+    if missing:
+        raise JobFailure(f"the dataset has no columns {missing[:5]}; it has {list(columns)[:20]}")
+    if task == "embedding" and spec.output_format == "csv":
+        raise JobFailure("embeddings are lists, which CSV cannot hold: write parquet or jsonl")
+    return {
+        "features": [],
+        "vector_column": False,
+        "family": "hf",
+        "task": task,
+        "text_column": column,
+    }
 
 
 def _chunks(spec: BatchPredictSpec, plan: Plan, device: torch.device, skip: int) -> Iterator[Chunk]:
@@ -258,9 +382,9 @@ def _prepare(index: int, batch: pa.RecordBatch, plan: Plan, width: int, pin: boo
 def _score(
     model: nn.Module, features: torch.Tensor, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """Class probabilities for every row (on the CPU), in forward passes of `batch_size`
-    rows; the copy of the next slice to the device is issued before the current slice is
-    computed."""
+    """The network's outputs for every row (on the CPU: logits, or standardised values for
+    regression), in forward passes of `batch_size` rows; the copy of the next slice to the
+    device is issued before the current slice is computed."""
     if len(features) == 0:
         return torch.empty(0, 0)
     non_blocking = device.type == "cuda"
@@ -271,14 +395,18 @@ def _score(
         current = upcoming
         if i + 1 < len(slices):
             upcoming = slices[i + 1].to(device, non_blocking=non_blocking)
-        outputs.append(torch.softmax(model(current), dim=1))
+        outputs.append(model(current).float())
     return torch.cat(outputs).cpu()
 
 
 def _output_batch(
-    spec: BatchPredictSpec, chunk: Chunk, probabilities: torch.Tensor, labels: pa.Array
+    spec: BatchPredictSpec, plan: Plan, chunk: Chunk, outputs: torch.Tensor
 ) -> pa.RecordBatch:
     """One output row per input row; a row that could not be scored has null predictions."""
+    if bundle.task(plan.config) == "regression":
+        return _values_batch(spec, plan.config, chunk, outputs)
+    labels = pa.array(plan.config["label_names"], pa.string())
+    probabilities = torch.softmax(outputs, dim=1) if len(outputs) else outputs
     n, missing = chunk.batch.num_rows, ~chunk.ok
     best = np.zeros(n, dtype=np.int64)
     score = np.zeros(n, dtype=np.float32)
@@ -297,14 +425,38 @@ def _output_batch(
     return pa.RecordBatch.from_pydict(columns)
 
 
-def _error_batch(spec: BatchPredictSpec, chunk: Chunk, first_row: int) -> pa.RecordBatch:
-    rows = sorted(chunk.reasons)
+def _values_batch(
+    spec: BatchPredictSpec, config: dict[str, Any], chunk: Chunk, outputs: torch.Tensor
+) -> pa.RecordBatch:
+    """A regression model's rows: `value`, or `value_<target>` per output of a multi-output
+    model, in target units (the network predicts standardised targets)."""
+    names = config.get("target_names") or []
+    width = max(len(names), 1)
+    mean = np.asarray(config["target_mean"], dtype=np.float64)
+    std = np.asarray(config["target_std"], dtype=np.float64)
+    values = np.zeros((chunk.batch.num_rows, width), dtype=np.float64)
+    if len(outputs):
+        values[chunk.ok] = outputs.double().numpy().reshape(-1, width) * std + mean
+    columns = {name: chunk.batch.column(name) for name in spec.passthrough}
+    missing = ~chunk.ok
+    if len(names) > 1:
+        for j, name in enumerate(names):
+            columns[f"value_{name}"] = pa.array(values[:, j], mask=missing)
+    else:
+        columns["value"] = pa.array(values[:, 0], mask=missing)
+    return pa.RecordBatch.from_pydict(columns)
+
+
+def _error_batch(
+    spec: BatchPredictSpec, batch: pa.RecordBatch, reasons: dict[int, str], first_row: int
+) -> pa.RecordBatch:
+    rows = sorted(reasons)
     columns: dict[str, pa.Array] = {
         "row": pa.array([first_row + r for r in rows], pa.int64()),
-        "reason": pa.array([chunk.reasons[r] for r in rows], pa.string()),
+        "reason": pa.array([reasons[r] for r in rows], pa.string()),
     }
     for name in spec.passthrough:
-        columns[name] = chunk.batch.column(name).take(pa.array(rows, pa.int64()))
+        columns[name] = batch.column(name).take(pa.array(rows, pa.int64()))
     return pa.RecordBatch.from_pydict(columns)
 
 
@@ -351,8 +503,27 @@ def _too_many_errors(spec: BatchPredictSpec, plan: Plan, progress: batch_parts.P
     )
 
 
-def _report(ctx: RunContext, done_here: int, done: int, total: int, started: float) -> None:
+def _report(
+    ctx: RunContext,
+    done_here: int,
+    done: int,
+    total: int,
+    started: float,
+    tokens: dict[str, int] | None = None,
+) -> None:
+    """Progress with rows/s (and, for hf versions, tokens/s) in its message; the rates also
+    go to the job's metrics, one point per committed chunk."""
     elapsed = time.monotonic() - started
     rate = done_here / elapsed if elapsed > 0 else 0.0
     eta = f", about {(total - done) / rate:.0f}s left" if rate > 0 else ""
-    ctx.progress(done / total, f"{done}/{total} rows, {rate:,.0f} rows/s{eta}")
+    rates = {"rows_per_s": rate}
+    for name, count in (tokens or {}).items():
+        rates[name] = count / elapsed if elapsed > 0 else 0.0
+    extra = "".join(
+        f", {value:,.0f} {name.removesuffix('_per_s').replace('_', ' ')}/s"
+        for name, value in rates.items()
+        if name != "rows_per_s"
+    )
+    ctx.progress(done / total, f"{done}/{total} rows, {rate:,.0f} rows/s{extra}{eta}")
+    if tokens is not None:
+        ctx.metrics([(name, done, round(value, 1)) for name, value in rates.items()])

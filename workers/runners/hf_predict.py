@@ -20,33 +20,56 @@ from workers.context import RunContext
 from workers.ml import hf
 
 
-def run(
-    spec: PredictSpec,
-    ctx: RunContext,
-    *,
-    digest: str,
-    task: str,
-    number: int,
-    int8: bool = False,
-) -> dict[str, Any]:
-    texts = hf.to_texts(spec.inputs)
-    bundle = load_version(ctx, digest, task, int8)
+def score_jobs(
+    ctx: RunContext, bundle: hf.HfModel, specs: list[PredictSpec], number: int
+) -> list[dict[str, Any] | JobFailure]:
+    """Each job's result, or why it cannot run, with the texts of all of them scored in one
+    set of length-sorted passes (the jobs share their task parameters: the first's). The
+    running job's progress counts the inputs of all; a cancel request stops it between
+    passes."""
+    params = specs[0].hf or HfParams()
+    room = hf.check(bundle, params)
+    jobs: list[tuple[list[str], list[int]] | JobFailure] = []
+    for spec in specs:
+        try:
+            texts = hf.to_texts(spec.inputs)
+            lengths = hf.token_counts(bundle.tokenizer, texts)
+            for i, length in enumerate(lengths):
+                if length > room and params.truncation == "error":
+                    raise JobFailure(hf.too_long(i, length, room))
+            jobs.append((texts, lengths))
+        except JobFailure as exc:
+            jobs.append(exc)
     ctx.raise_if_cancelled()
 
     def after_batch(done: int, total: int) -> None:
         ctx.progress(done / total, f"{done}/{total} inputs")
         ctx.raise_if_cancelled()  # a long generation job stops at its next batch
 
+    scored = [job for job in jobs if not isinstance(job, JobFailure)]
+    texts = [text for job_texts, _ in scored for text in job_texts]
+    lengths = [n for _, job_lengths in scored for n in job_lengths]
     started = time.monotonic()
-    predictions = hf.run(bundle, texts, spec.hf or HfParams(), after_batch)
-    elapsed = time.monotonic() - started
-    return {
-        "model": spec.model,
-        "version": number,
-        "task": task,
-        "predictions": predictions,
-        **token_rate(predictions, elapsed),
-    }
+    predictions = hf.results(bundle, texts, lengths, params, after_batch=after_batch)
+    elapsed = time.monotonic() - started  # the jobs' passes are shared: so is their time
+    results: list[dict[str, Any] | JobFailure] = []
+    start = 0
+    for spec, job in zip(specs, jobs, strict=True):
+        if isinstance(job, JobFailure):
+            results.append(job)
+            continue
+        mine = predictions[start : start + len(job[0])]
+        start += len(job[0])
+        results.append(
+            {
+                "model": spec.model,
+                "version": number,
+                "task": bundle.task,
+                "predictions": mine,
+                **token_rate(mine, elapsed),
+            }
+        )
+    return results
 
 
 def token_rate(predictions: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:

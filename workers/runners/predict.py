@@ -6,6 +6,8 @@ and claims each with the usual compare-and-set (so each gets its own attempt, an
 cancelled while queued is never taken). Their rows go through one forward pass with the
 leader's, up to `predict_batch_max_rows` rows, waiting at most `predict_batch_wait_ms` for
 more when fewer are queued. Each job then succeeds or fails on its own, with its own result.
+An hf version's jobs batch the same way when their task parameters are equal: their texts
+share one set of length-sorted passes (workers/runners/hf_predict.py).
 Their broker messages stay queued and are dropped as stale when a worker takes them (the
 claim refuses a job that is no longer queued). The model comes from the worker's cache.
 """
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 from kiln.errors import InvalidSpec, JobFailure
+from kiln.families import HfParams
 from kiln.specs import PredictSpec, Row, parse_spec
 from workers import model_cache
 from workers.context import RunContext
-from workers.ml import bundle, text
+from workers.ml import bundle, hf, text
 from workers.ml.inference import predict_proba, predict_values
 from workers.runners import hf_predict
 
@@ -52,9 +55,7 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
     config, digest, number = version.config, version.artifact_digest, version.number
     if version.family == "hf":  # a transformers directory: texts in, task results out
         int8 = version.config.get(bundle.QUANTIZED_WEIGHTS) == bundle.INT8
-        return hf_predict.run(
-            spec, ctx, digest=digest, task=version.task or "", number=number, int8=int8
-        )
+        return _run_hf(spec, ctx, digest, version.task or "", number, int8)
     hf_predict.refuse_text_inputs(spec)
     followers = _claim_followers(spec, ctx, wait=True)
     with _failing_with_it(ctx, followers):
@@ -72,6 +73,42 @@ def run(spec: PredictSpec, ctx: RunContext) -> dict[str, Any]:
         raise own
     ctx.raise_if_cancelled()
     return own | {"batch_jobs": jobs_scored, "batch_passes": passes}
+
+
+def _run_hf(
+    spec: PredictSpec, ctx: RunContext, digest: str, task: str, number: int, int8: bool
+) -> dict[str, Any]:
+    """predict on an hf version, batched like zoo versions: the texts of the claimed
+    followers (same version and task parameters) go through the same length-sorted passes
+    as the leader's, and each job gets its own predictions or failure."""
+    followers = _claim_followers(spec, ctx, wait=True)
+    with _failing_with_it(ctx, followers):
+        loaded = hf_predict.load_version(ctx, digest, task, int8)
+    score = functools.partial(_hf_pass, ctx, loaded, number)
+    [own] = score([spec], followers)
+    passes, jobs_scored = 1, 1 + len(followers)
+    batching = ctx.runtime.settings.predict_batch_max_rows > 1
+    while batching and passes < _MAX_PASSES and (more := _claim_followers(spec, ctx, wait=False)):
+        score([], more)
+        passes, jobs_scored = passes + 1, jobs_scored + len(more)
+    if isinstance(own, JobFailure):
+        raise own
+    ctx.raise_if_cancelled()
+    return own | {"batch_jobs": jobs_scored, "batch_passes": passes}
+
+
+def _hf_pass(
+    ctx: RunContext,
+    loaded: hf.HfModel,
+    number: int,
+    own: list[PredictSpec],
+    followers: list[Follower],
+) -> list[dict[str, Any] | JobFailure]:
+    """_score_pass for an hf version."""
+    with _failing_with_it(ctx, followers):
+        results = hf_predict.score_jobs(ctx, loaded, [*own, *_specs(followers)], number)
+    _finish_followers(ctx, followers, results[len(own) :])
+    return results[: len(own)]
 
 
 def _score_pass(
@@ -140,6 +177,8 @@ def _compatible(job: Job, spec: PredictSpec, ctx: RunContext) -> PredictSpec | N
         return None
     if (other.model, str(other.version)) != (spec.model, str(spec.version)):
         return None
+    if (other.hf or HfParams()) != (spec.hf or HfParams()):  # hf passes share parameters
+        return None
     return other
 
 
@@ -167,7 +206,10 @@ def _predict(
         values = predict_values(
             model, features, device, config["target_mean"], config["target_std"]
         )
-        return [{"value": float(v)} for v in values]
+        names = config.get("target_names") or []
+        if len(names) > 1:  # a multi-output model: a value per target
+            return [{"values": dict(zip(names, map(float, row), strict=True))} for row in values]
+        return [{"value": float(row[0])} for row in values]
     labels = config["label_names"]
     return [
         {
