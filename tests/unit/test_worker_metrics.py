@@ -118,4 +118,4 @@ def test_a_taken_metrics_port_does_not_stop_the_workers(
         monkeypatch.setattr("workers.launch.Supervisor.run", supervise)
         settings = Settings(data_dir=tmp_path, gpus="none", metrics_port=port)
         assert run(settings) == 0
-    assert started == ["cpu0"]
+    assert started == ["cpu0", "cpu0-i0"]  # the CPU's bulk and interactive workers

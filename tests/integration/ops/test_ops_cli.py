@@ -248,7 +248,7 @@ def test_worker_metrics_count_the_jobs_it_finished(
         if line.startswith("kiln_worker_jobs_total{")
         and 'kind="predict"' in line
         and 'state="failed"' in line
-        and 'worker="cpu0@' in line
+        and 'worker="cpu0-i0@' in line  # predict runs in the interactive lane
     ]
     assert failed, body
     assert float(failed[0].split()[-1]) >= 1
@@ -263,7 +263,8 @@ def test_worker_log_lines_are_json_tagged_with_the_job(
     tagged = [line for line in lines if line.get("job_id") == job_id]
     assert tagged, worker.output()[-3000:]
     assert all(line["kind"] == "echo" and line["attempt"] == 1 for line in tagged)
-    assert all(line["worker"].startswith("cpu0@") and line["device"] == "cpu" for line in tagged)
+    # echo runs in the interactive lane: the CPU's first interactive worker
+    assert all(line["worker"].startswith("cpu0-i0@") and line["device"] == "cpu" for line in tagged)
     assert any("event=succeeded" in line["msg"] for line in tagged)
 
 
