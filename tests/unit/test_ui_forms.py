@@ -188,6 +188,16 @@ def test_examples_stay_short_for_wide_models_and_name_a_text_column() -> None:
     )
 
 
+def test_an_hf_version_is_described_as_taking_texts() -> None:
+    tagger = Model(name="ner", aliases={}, versions=[
+        ModelVersion(number=1, arch="bert", family="hf", task="token-classification", config={}),
+    ])  # fmt: skip
+    described = model_hints.describe([tagger])["ner"]["versions"]["1"]
+    assert described["features"] == "texts (token-classification): a list of strings"
+    example = json.loads(described["example"])
+    assert example == ["Ada Lovelace worked in London."]
+
+
 # --- dataset pickers and the echo form ----------------------------------------------------
 
 

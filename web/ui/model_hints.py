@@ -34,9 +34,25 @@ def _model(model: Model) -> dict[str, Any]:
     }
 
 
+#: An example input per hf task: what a person would send such a model.
+_HF_EXAMPLES = {
+    "embedding": ["a sentence to embed", "another one"],
+    "text-classification": ["a review to classify"],
+    "token-classification": ["Ada Lovelace worked in London."],
+    "text-generation": ["Once upon a time"],
+}
+
+
 def _version(version: ModelVersion) -> dict[str, Any]:
     config = version.config or {}
     names = version.feature_names
+    if version.family == "hf":  # a transformers model: its inputs are plain texts
+        task = version.task or ""
+        return {
+            "arch": version.arch,
+            "features": f"texts ({task or 'hf'}): a list of strings",
+            "example": json.dumps(_HF_EXAMPLES.get(task, ["a text"])),
+        }
     if config.get("input") == "text":
         column = str(config.get("text_column", "text"))
         return {
