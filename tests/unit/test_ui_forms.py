@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.datastructures import MultiDict
 
 from db import registry
 from db.models import Dataset, Job, Model, ModelVersion
@@ -258,3 +259,29 @@ def test_a_kind_without_a_layout_still_gets_every_field(monkeypatch: pytest.Monk
     assert sorted(placed) == sorted(f.name for f in fields)
     assert groups[0].fields[0].name == "model_name"  # the required field first
     assert forms_views.kinds_in_order()[0] == "train"
+
+
+@pytest.mark.parametrize("kind", ["predict", "batch_predict"])
+def test_a_form_sent_as_it_opened_asks_for_no_hf_parameters(kind: str) -> None:
+    # A zoo version refuses hf parameters: a form must not send their defaults unasked.
+    from kiln.specs import KINDS
+    from web.ui import forms
+
+    fields = forms.fields_for(KINDS[kind])
+    hf_fields = [f for f in fields if f.name.startswith("hf.")]
+    assert hf_fields
+    assert all(f.default == "" for f in hf_fields)
+    assert "Default: error." in next(f.help for f in hf_fields if f.name == "hf.truncation")
+    sent = MultiDict({f.name: f.default for f in fields if f.default})
+    raw, errors = forms.spec_from_form(fields, sent)
+    assert errors == {}
+    assert "hf" not in raw
+
+
+def test_an_hf_switch_is_sent_only_when_chosen() -> None:
+    from kiln.specs import KINDS
+    from web.ui import forms
+
+    fields = forms.fields_for(KINDS["predict"])
+    raw, _ = forms.spec_from_form(fields, MultiDict({"model": "m", "hf.normalize": "yes"}))
+    assert raw["hf"] == {"normalize": True}

@@ -75,12 +75,33 @@ def fields_for(spec_type: type[BaseModel], prefix: str = "") -> list[FormField]:
         path = f"{prefix}{name}"
         annotation = _unwrap(info.annotation)
         if _is_model(annotation):
-            fields.extend(fields_for(annotation, prefix=f"{path}."))
+            nested = fields_for(annotation, prefix=f"{path}.")
+            if info.default is None:
+                _leave_out_unless_filled(nested)
+            fields.extend(nested)
         elif isinstance(info.discriminator, str) and _union_models(annotation):
             fields.extend(_union_fields(spec_type, prefix, path, info, info.discriminator))
         else:
             fields.append(_field(path, info, annotation))
     return fields
+
+
+_YES_NO = {"yes": True, "no": False}
+
+
+def _leave_out_unless_filled(fields: list[FormField]) -> None:
+    """An optional group (PredictSpec.hf, say) starts blank, its defaults named in the
+    hints: a form that prefilled them would send the group, and asking for it is not the
+    same as leaving it out (a zoo version refuses hf parameters)."""
+    for f in fields:
+        if f.widget == "checkbox":  # an unticked box says "no"; a blank select says nothing
+            f.help = f"{f.help} Default: {'yes' if f.default else 'no'}.".strip()
+            f.widget, f.choices, f.choice_values = "select", ["yes", "no"], _YES_NO
+        elif f.default:
+            f.help = f"{f.help} Default: {f.default}.".strip()
+        f.default = ""
+        if f.widget == "select" and "" not in f.choices:
+            f.choices = ["", *f.choices]
 
 
 def _is_model(annotation: Any) -> bool:
