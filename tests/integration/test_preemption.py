@@ -23,7 +23,9 @@ pytestmark = [
     pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
 ]
 
-EPOCHS = 12
+#: Long enough that the low job is still running when the sweep decides, on a quiet fast
+#: machine too (at 12 epochs it had finished before the sweep ran there).
+EPOCHS = 60
 _SPEC = {
     "dataset": "builtin:digits",
     "arch_params": {"hidden": [32]},
