@@ -6,66 +6,29 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfkit import SENTIMENT, bert_directory, gpt2_directory
+from hfkit import SENTIMENT
 from modelkit import add_dataset, never_resent
 
-from db import jobs, migrate
+from db import jobs
 from db.engine import session_scope
 from db.models import Job
 from kiln import datasets
-from kiln.artifacts import ArtifactStore
 from kiln.families import HfParams
-from workers import model_cache
+from tests.hf_fixtures import database_url, directories, one_thread, runtime  # noqa: F401 (fixtures)
 from workers.execute import execute_attempt
 from workers.ml import hf
 from workers.runners import batch_text
-from workers.runtime import Runtime
 
 WORDS = ["alice", "went", "to", "paris", "and", "met", "bob", "in", "london", "the", "city"]
 
 
 class Killed(BaseException):
     """Stands for SIGKILL: nothing in the runner or in execute_attempt catches it."""
-
-
-@pytest.fixture
-def database_url(tmp_path) -> str:
-    """SQLite only: these tests are about the models and the files, not the database."""
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate.upgrade(url)
-    return url
-
-
-@pytest.fixture(scope="module")
-def directories(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    built = {
-        task: bert_directory(root / task, task)
-        for task in ("embedding", "text-classification", "token-classification")
-    }
-    built["text-generation"] = gpt2_directory(root / "gpt2")
-    return built
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def runtime(settings, sessions):
-    model_cache.shared.cache_clear()
-    yield Runtime(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir))
-    model_cache.shared.cache_clear()
 
 
 @pytest.fixture

@@ -15,18 +15,16 @@ from hfkit import SENTIMENT, bert_directory
 from modelkit import never_resent
 from sqlalchemy import select
 
-from db import migrate
 from db.models import Job, JobEvent, Metric
-from kiln.artifacts import ArtifactStore
 from kiln.errors import InvalidSpec, JobFailure
 from kiln.families import HfParams
 from kiln.specs import HfTrainParams, TrainSpec, parse_spec
-from workers import context, model_cache
+from tests.hf_fixtures import database_url, one_thread, runtime  # noqa: F401 (fixtures)
+from workers import context
 from workers.execute import execute_attempt
 from workers.ml import checkpoint as ckpt
 from workers.ml import data, finetune, hf
 from workers.ml.training import LoopConfig, fit, seed
-from workers.runtime import Runtime
 
 GOOD, BAD = ["good", "great", "happy"], ["bad", "awful", "sad"]
 SUBJECTS = ["day", "night", "city", "river", "model", "queue", "job", "text"]
@@ -44,35 +42,12 @@ def as_csv(rows: list[tuple[str, str]]) -> bytes:
     return ("text,sentiment\n" + "".join(f"{t},{label}\n" for t, label in rows)).encode()
 
 
-@pytest.fixture
-def database_url(tmp_path) -> str:
-    """SQLite only: these tests are about the models, not the database."""
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate.upgrade(url)
-    return url
-
-
 @pytest.fixture(scope="module")
 def directories(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {
         task: bert_directory(root / task, task) for task in ("embedding", "text-classification")
     }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def runtime(settings, sessions):
-    model_cache.shared.cache_clear()
-    yield Runtime(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir))
-    model_cache.shared.cache_clear()
 
 
 @pytest.fixture

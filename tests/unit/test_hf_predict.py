@@ -8,56 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hfkit import NER_LABELS, SENTIMENT, bert_directory, gpt2_directory
+from hfkit import NER_LABELS, SENTIMENT
 from modelkit import never_resent
 
 from db import jobs as job_rows
-from db import migrate
 from db.models import Job
-from kiln.artifacts import ArtifactStore
 from kiln.errors import JobFailure
 from kiln.families import HfParams
+from tests.hf_fixtures import database_url, directories, one_thread, runtime  # noqa: F401 (fixtures)
 from workers import model_cache
 from workers.execute import execute_attempt
 from workers.ml import hf
-from workers.runtime import Runtime
-
-
-@pytest.fixture
-def database_url(tmp_path) -> str:
-    """SQLite only: these tests are about the models, not the database."""
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate.upgrade(url)
-    return url
-
 
 TEXTS = ["alice went to paris and met bob", "a bad day", "carol works in berlin at night"]
-
-
-@pytest.fixture(scope="module")
-def directories(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    built = {
-        task: bert_directory(root / task, task)
-        for task in ("embedding", "text-classification", "token-classification")
-    }
-    built["text-generation"] = gpt2_directory(root / "gpt2")
-    return built
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def runtime(settings, sessions):
-    model_cache.shared.cache_clear()
-    yield Runtime(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir))
-    model_cache.shared.cache_clear()
 
 
 @pytest.fixture

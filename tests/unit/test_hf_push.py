@@ -13,16 +13,13 @@ from click.testing import CliRunner
 from hfkit import bert_directory
 from modelkit import never_resent
 
-from db import migrate
 from db.models import Job
 from kiln import hfdir
-from kiln.artifacts import ArtifactStore
 from kiln.cli import main
 from kiln.client import ApiError, Client
 from kiln.client_cli import ExitCode
-from workers import model_cache
+from tests.hf_fixtures import database_url, runtime  # noqa: F401 (fixtures)
 from workers.execute import execute_attempt
-from workers.runtime import Runtime
 
 URL = "http://kiln.test"
 SENTENCES = [
@@ -31,13 +28,6 @@ SENTENCES = [
     "Kiln queues training and inference jobs for PyTorch models on GPUs.",
     "short",
 ]
-
-
-@pytest.fixture
-def database_url(tmp_path) -> str:
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate.upgrade(url)
-    return url
 
 
 @pytest.fixture
@@ -66,13 +56,6 @@ def server(client, key):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.add_callback(responses.POST, re.compile(re.escape(URL) + r"/.*"), callback=forward)
         yield mock
-
-
-@pytest.fixture
-def runtime(settings, sessions):
-    model_cache.shared.cache_clear()
-    yield Runtime(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifacts_dir))
-    model_cache.shared.cache_clear()
 
 
 def invoke(key: str, *args: str):
