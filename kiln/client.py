@@ -39,6 +39,10 @@ class ConnectionFailed(ClientError):
     """The server could not be reached."""
 
 
+class InvalidInput(ClientError):
+    """What the caller asked to send cannot be sent (NaN or infinity: JSON has no such number)."""
+
+
 class WaitTimeout(ClientError):
     """wait() gave up before the job finished."""
 
@@ -293,6 +297,8 @@ class Client:
             raise ConnectionFailed(f"cannot reach Kiln at {self.url}: {exc}") from None
         except requests.Timeout:
             raise ConnectionFailed(f"Kiln at {self.url} did not answer in time") from None
+        except requests.exceptions.InvalidJSONError:
+            raise InvalidInput("JSON has no NaN or infinity: send finite numbers") from None
         if response.status_code >= 400:
             raise _api_error(response)
         return response

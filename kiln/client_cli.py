@@ -34,9 +34,10 @@ class ExitCode(IntEnum):
 
 def exit_code(exc: Exception) -> ExitCode:
     """The documented exit code for a client error."""
-    from kiln.client import AuthError, ConnectionFailed, NotFoundError, WaitTimeout
+    from kiln.client import AuthError, ConnectionFailed, InvalidInput, NotFoundError, WaitTimeout
 
     for kind, code in (
+        (InvalidInput, ExitCode.USAGE),
         (NotFoundError, ExitCode.NOT_FOUND),
         (AuthError, ExitCode.AUTH),
         (WaitTimeout, ExitCode.TIMEOUT),

@@ -58,7 +58,9 @@ class KilnGroup(click.Group):
         except ClientError as exc:
             click.echo(f"error: {exc}", err=True)
             for detail in getattr(exc, "errors", []):
-                click.echo(f"  {'.'.join(map(str, detail.get('loc', [])))}: {detail.get('msg')}")
+                where = ".".join(map(str, detail.get("loc", [])))
+                # stderr, like the error: stdout carries only answers (`id=$(kiln submit …)`).
+                click.echo(f"  {where}: {detail.get('msg')}", err=True)
             ctx.exit(exit_code(exc))
 
 

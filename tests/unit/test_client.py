@@ -151,7 +151,16 @@ def test_invalid_spec_errors_are_printed_field_by_field(api) -> None:
     api.post(f"{URL}/api/v1/jobs", json=problem, status=422)
     result = invoke("submit", "train", "--epochs", "0")
     assert result.exit_code == ExitCode.API_ERROR
-    assert "spec.epochs: Input should be greater than 0" in result.output
+    assert "spec.epochs: Input should be greater than 0" in result.stderr
+    assert result.stdout == ""  # `id=$(kiln submit …)` gets nothing, not the errors
+
+
+def test_a_non_finite_number_is_a_usage_error_not_a_traceback(api) -> None:
+    result = invoke("submit", "train", "--model-name", "x", "--lr", "NaN")
+    assert result.exit_code == ExitCode.USAGE
+    assert "JSON has no NaN or infinity" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert len(api.calls) == 0  # nothing was sent
 
 
 def test_an_idempotency_key_travels_as_the_header(api) -> None:
