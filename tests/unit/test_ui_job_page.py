@@ -62,6 +62,21 @@ def test_any_job_with_metrics_gets_its_charts(
     page = as_alice.get(f"/jobs/{job.id}").text
     assert 'id="charts-card"' in page
     assert "No metrics" not in page
+    assert "<h2>Metrics</h2>" in page  # not "Training curves": it trained nothing
+    assert 'data-x-label="step"' in page
+
+
+def test_a_batch_jobs_rates_are_charted_by_rows_scored(
+    as_alice: FlaskClient, create_job: Callable[..., Job], sessions: sessionmaker[Session]
+) -> None:
+    job = create_job(owner="alice", kind="batch_predict", state="succeeded")
+    with sessions() as session:
+        jobs.record_metrics(session, job.id, [("rows_per_s", 16, 900.0)])
+        session.commit()
+    page = as_alice.get(f"/jobs/{job.id}").text
+    assert "<h2>Metrics</h2>" in page
+    assert 'data-x-label="rows scored"' in page
+    assert "Training curves" not in page
 
 
 def test_the_log_box_lists_oldest_to_newest_and_follows_its_tail(

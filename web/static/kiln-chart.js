@@ -6,6 +6,7 @@
   var box = document.getElementById("charts");
   if (!box || typeof Chart === "undefined") return;
   var url = box.dataset.url;
+  var xLabel = box.dataset.xLabel || "epoch";
   var charts = {};
   var palette = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#dc2626"];
 
@@ -47,7 +48,7 @@
         parsing: false,
         interaction: { mode: "nearest", intersect: false },
         scales: {
-          x: { type: "linear", title: { display: true, text: "epoch" }, ticks: { precision: 0 } },
+          x: { type: "linear", title: { display: true, text: xLabel }, ticks: { precision: 0 } },
           y: Object.assign(
             { ticks: { callback: tick, maxTicksLimit: 6 } },
             fam === "accuracy" ? { suggestedMin: 0, suggestedMax: 1 } : {}
