@@ -151,6 +151,10 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     return {"spec": loaded}
 
 
+#: The group's own options, which a spec flag must not swallow.
+_CLIENT_FLAGS = frozenset({"url", "api-key", "json"})
+
+
 def _spec_flags(args: list[str]) -> Iterator[tuple[list[str], Any]]:
     """--some-field value and --some-field=value pairs, as (path, parsed value)."""
     position = 0
@@ -159,6 +163,8 @@ def _spec_flags(args: list[str]) -> Iterator[tuple[list[str], Any]]:
         if not arg.startswith("--") or arg == "--":
             raise click.UsageError(f"unexpected argument {arg!r}; spec fields are --name value")
         name, has_value, value = arg[2:].partition("=")
+        if name in _CLIENT_FLAGS:  # never sent as a spec field: an API key in a job's body
+            raise click.UsageError(f"--{name} belongs before the command: kiln --{name} … submit")
         if not has_value:
             if position + 1 >= len(args):
                 raise click.UsageError(f"--{name} needs a value")

@@ -277,3 +277,11 @@ def test_a_refused_download_draws_no_bar(api, tmp_path: Path) -> None:
     assert result.stderr == "error: 404 not_found: job j has no error file\n"
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--api-key", "--url"])
+def test_a_client_option_after_submit_is_refused_not_sent_in_the_spec(api, flag: str) -> None:
+    result = invoke("submit", "echo", flag, "SEKRIT123")
+    assert result.exit_code == ExitCode.USAGE
+    assert "belongs before the command" in result.output
+    assert len(api.calls) == 0  # the key never left the machine
