@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import owned, registry
+from db import owned, references, registry
 from db.base import utcnow
 from db.models import Dataset
 from kiln.datasets import DatasetInfo
@@ -75,4 +75,4 @@ def delete(session: Session, dataset: Dataset) -> str | None:
     digest = dataset.digest
     session.delete(dataset)
     session.flush()
-    return None if registry.digest_in_use(session, digest) else digest
+    return None if references.digest_in_use(session, digest) else digest

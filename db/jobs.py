@@ -38,8 +38,10 @@ def create(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    expires_after_s: int | None = None,
 ) -> Job:
-    """Insert a queued job; the caller commits, then sends its id to the broker."""
+    """Insert a queued job; the caller commits, then sends its id to the broker.
+    `expires_after_s`: how long its outputs and log lines outlive it (see Job)."""
     job = Job(
         kind=kind,
         owner=owner,
@@ -49,6 +51,7 @@ def create(
         preemptible=preemptible,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
+        expires_after_s=expires_after_s,
         state=JobState.QUEUED,
         attempt=0,
         progress=0.0,
@@ -66,12 +69,22 @@ def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: An
     (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`."""
     if "state" in values:
         where = and_(where, Job.state.in_(sources_of(JobState(values["state"]))))
+        if "finished_at" in values:
+            values["expires_at"] = _expiry(session, job_id, values["finished_at"])
     result = session.execute(
         update(Job).where(Job.id == job_id, where).values(**values),
         execution_options={"synchronize_session": False},
     )
     # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _expiry(session: Session, job_id: str, finished_at: datetime) -> datetime | None:
+    """When a job finishing at `finished_at` expires: its expires_after_s later (fixed at
+    submit, so reading it before the compare-and-set is safe). None for a job without one:
+    the sweeper stamps those with the retention in force (db.retention.stamp_expiry)."""
+    keep_s = session.scalar(select(Job.expires_after_s).where(Job.id == job_id))
+    return finished_at + timedelta(seconds=keep_s) if keep_s is not None else None
 
 
 def _holds(attempt: int) -> ColumnElement[bool]:

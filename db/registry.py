@@ -8,10 +8,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db import owned
+from db import owned, references
 from db.base import utcnow
-from db.models import Dataset, Model, ModelVersion
+from db.models import Dataset, Job, Model, ModelVersion
 from kiln.errors import InUse, InvalidRequest, NotFound
+from kiln.states import JobState
 
 #: An alias starts with a letter, so it can never be mistaken for a version number.
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,62}$")
@@ -161,7 +162,52 @@ def delete_version(session: Session, model: Model, ref: str | int) -> list[str]:
     digests = {version.artifact_digest, *(e["digest"] for e in version.exports.values())}
     session.delete(version)
     session.flush()
-    return sorted(d for d in digests if not digest_in_use(session, d))
+    return sorted(d for d in digests if not references.digest_in_use(session, d))
+
+
+def delete_model(session: Session, model: Model) -> list[str]:
+    """Delete a model and all its versions, refused (InUse) while an alias points at one of
+    them or a queued or running job of its owner names the model. Returns the digests of
+    their files that nothing else refers to any more: the caller removes them after
+    committing."""
+    model = _locked(session, model)
+    if model.aliases:
+        shown = ", ".join(f"{a} -> v{n}" for a, n in sorted(model.aliases.items()))
+        raise InUse(f"model {model.name!r} has aliases ({shown}); delete them first")
+    waiting = live_jobs_naming(session, model.owner, model.name)
+    if waiting:
+        shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+        raise InUse(
+            f"queued or running jobs use model {model.name!r} ({shown}); "
+            "wait for them to finish or cancel them first"
+        )
+    digests: set[str] = set()
+    for version in model.versions:
+        digests |= {version.artifact_digest, *(e["digest"] for e in version.exports.values())}
+        session.delete(version)
+    session.delete(model)
+    session.flush()
+    return sorted(d for d in digests if not references.digest_in_use(session, d))
+
+
+def live_jobs_naming(session: Session, owner: str, name: str) -> list[str]:
+    """The ids of `owner`'s queued or running jobs whose spec reads model `name` (predict,
+    batch_predict, optimize, export; a fine-tune's base model)."""
+    live = session.execute(
+        select(Job.id, Job.spec)
+        .where(Job.owner == owner, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .order_by(Job.created_at)
+    )
+    return [job_id for job_id, spec in live if name in models_read_by(spec)]
+
+
+def models_read_by(spec: dict[str, Any]) -> set[str]:
+    """The model names a stored spec reads versions of."""
+    names = {spec.get("model")}
+    arch_params = spec.get("arch_params")
+    if isinstance(arch_params, dict):
+        names.add(arch_params.get("base_model"))
+    return {n for n in names if isinstance(n, str)}
 
 
 def record_export(session: Session, version_id: str, fmt: str, digest: str, size: int) -> None:
@@ -182,17 +228,6 @@ def versions_trained_on(session: Session, dataset: Dataset) -> list[str]:
         .order_by(Model.name, ModelVersion.number)
     )
     return [f"{name} v{number}" for name, number in rows]
-
-
-def digest_in_use(session: Session, digest: str) -> bool:
-    """Whether any row still refers to this artifact: a dataset, a version's weights or its
-    training data, or an export (the store shares one file between identical contents)."""
-    for column in (Dataset.digest, ModelVersion.artifact_digest, ModelVersion.dataset_digest):
-        if session.scalar(select(column).where(column == digest).limit(1)) is not None:
-            return True
-    # Exports live in a JSON column; there are few, so they are checked here, not in SQL.
-    exports = session.scalars(select(ModelVersion.exports))
-    return any(e.get("digest") == digest for found in exports for e in found.values())
 
 
 def get_owned(session: Session, model_id: str, owner: str | None) -> Model:

@@ -121,6 +121,7 @@ def fire(
     next_run_at: datetime,
     *,
     max_queued: int,
+    expires_after_s: int | None = None,
 ) -> Job | None:
     """Move the schedule from `was_due` to `next_run_at` and create its job, if this caller
     wins the move; the caller commits, then sends the job (db.submission.commit_and_send).
@@ -138,6 +139,7 @@ def fire(
         spec=spec,
         priority=schedule.priority,
         max_queued=max_queued,
+        expires_after_s=expires_after_s,
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
     session.execute(

@@ -46,9 +46,11 @@ def queue_job(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    expires_after_s: int | None = None,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
-    but not committed; commit_and_send() then makes it real."""
+    but not committed; commit_and_send() then makes it real. `expires_after_s`: the
+    submission's, else KILN_RETENTION_DAYS (the caller's settings.retention_s)."""
     check_queue_quota(session, owner, max_queued)
     return jobs.create(
         session,
@@ -60,6 +62,7 @@ def queue_job(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
+        expires_after_s=expires_after_s,
     )
 
 

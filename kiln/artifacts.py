@@ -15,8 +15,9 @@ import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,22 @@ class ArtifactStore:
         """Remove an artifact nothing refers to (an upload that failed to parse)."""
         self._local(digest).unlink(missing_ok=True)
 
+    def listed(self) -> Iterator[tuple[str, datetime]]:
+        """Every stored artifact: its digest and when it was last stored (the sweeper
+        removes those nothing refers to once they are old enough)."""
+        if not self.root.is_dir():
+            return
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or not _is_prefix(folder.name):
+                continue
+            for path in sorted(folder.iterdir()):
+                if _is_digest(path.name) and path.name.startswith(folder.name):
+                    try:
+                        when = path.stat().st_mtime
+                    except FileNotFoundError:  # discarded while we looked
+                        continue
+                    yield path.name, datetime.fromtimestamp(when, UTC)
+
     def put_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> Stored:
         """Store a stream; raises PayloadTooLarge (and keeps nothing) past `max_bytes`."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +112,10 @@ class ArtifactStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         if not final.exists():
             os.replace(tmp, final)
+        else:
+            # Stored again: young again, so the sweeper's grace period covers the new
+            # row about to refer to it, as it covers a new file.
+            os.utime(final)
         return Stored(digest=digest, size=size, path=final)
 
 
@@ -128,6 +149,16 @@ class RemoteArtifactStore(ArtifactStore):
 
     def exists(self, digest: str) -> bool:
         return bool(self.fs.exists(self.remote_key(digest)))
+
+    def listed(self) -> Iterator[tuple[str, datetime]]:
+        """The artifacts at the URL (this host's cache holds copies of some of them). One
+        whose store reports no time is listed as stored now: never taken for old."""
+        if not self.fs.exists(self._base):
+            return
+        for key, info in sorted(self.fs.find(self._base, detail=True).items()):
+            prefix, _, name = key.rstrip("/").rpartition("/")
+            if _is_digest(name) and prefix.rsplit("/", 1)[-1] == name[:2]:
+                yield name, _stored_at(info)
 
     def discard(self, digest: str) -> None:
         key = self.remote_key(digest)
@@ -174,6 +205,26 @@ class RemoteArtifactStore(ArtifactStore):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _is_digest(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _is_prefix(name: str) -> bool:
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
+
+
+def _stored_at(info: dict[str, Any]) -> datetime:
+    """An fsspec listing entry's modification time (s3: LastModified; local: mtime;
+    memory: created), else now."""
+    for field in ("LastModified", "last_modified", "mtime", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, int | float):
+            return datetime.fromtimestamp(value, UTC)
+    return datetime.now(UTC)
 
 
 def open_store(settings: Settings) -> ArtifactStore:

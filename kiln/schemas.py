@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,11 @@ from kiln.specs import ARCH_PARAMS
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
 #: refused as "finite number" errors, never stored as null).
 _REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: Bounds of a submission's expires_after, in seconds: a minute to ten years.
+MIN_EXPIRES_AFTER_S = 60
+MAX_EXPIRES_AFTER_S = 3650 * 86400
 
 
 class Out(BaseModel):
@@ -41,6 +47,13 @@ class JobSubmission(BaseModel):
         default=True,
         description="Whether a bulk job may be stopped (and later resumed where it stopped) "
         "for a waiting job of higher priority; false opts out.",
+    )
+    expires_after: int | None = Field(
+        default=None,
+        ge=MIN_EXPIRES_AFTER_S,
+        le=MAX_EXPIRES_AFTER_S,
+        description="Seconds after the job finishes that its output files and log lines are "
+        "kept (60 to 3650 days' worth); default KILN_RETENTION_DAYS (30 days).",
     )
 
 
@@ -71,6 +84,19 @@ class JobOut(Out):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+    expires_after: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices("expires_after_s", "expires_after"),
+        description="Seconds its outputs and log lines are kept after it finishes.",
+    )
+    expires_at: datetime | None = Field(
+        default=None, description="When its outputs and log lines go (set when it finishes)."
+    )
+    expired: bool = Field(
+        default=False,
+        description="The sweeper removed its output files, log lines and scratch; the job "
+        "stays as a record (spec, result, error, metrics).",
+    )
 
 
 class JobPage(BaseModel):

@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     #: Model versions each worker keeps loaded (LRU), by count and by bytes of weights.
     model_cache_models: int = Field(default=8, ge=1)
     model_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    #: Retention (docs/retention.md): a finished job keeps its output files and log lines
+    #: this many days, unless its submission set `expires_after`; then the sweeper removes
+    #: them and marks the job expired.
+    retention_days: float = Field(default=30.0, gt=0, le=36500)
+    #: How often the scheduler sweeps (expired jobs, orphan scratch folders and artifacts);
+    #: 0 turns the periodic sweep off (`kiln sweep` still runs one).
+    sweep_interval_s: float = Field(default=3600.0, ge=0)
+    #: A scratch folder or artifact that nothing refers to is removed only once it is this
+    #: old: an upload being recorded, or a job output not yet written to its job, is young.
+    sweep_grace_s: float = Field(default=86400.0, ge=0)
     #: Signs the browser UI's session cookie; empty means one generated once and kept in
     #: data_dir/secret_key (mode 0600), so every web process and restart shares it.
     secret_key: str = Field(default="", repr=False)
@@ -128,6 +138,11 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def retention_s(self) -> int:
+        """KILN_RETENTION_DAYS in seconds: a job's expires_after when it sets none."""
+        return round(self.retention_days * 86400)
 
     @property
     def prometheus_dir(self) -> Path:

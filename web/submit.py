@@ -26,9 +26,11 @@ def submit(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    expires_after_s: int | None = None,
 ) -> Job:
     """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
 
+    `expires_after_s` None keeps its outputs and log lines KILN_RETENTION_DAYS.
     A commit that loses a unique-key race (IntegrityError) propagates: the API answers it
     with the job that won.
     """
@@ -43,6 +45,7 @@ def submit(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
+        expires_after_s=expires_after_s or settings.retention_s,
     )
     submission.commit_and_send(db, dispatch.sender(), job)
     return job

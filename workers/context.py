@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from db import datasets, jobs, registry
 from db.engine import session_scope
 from db.models import Dataset, Job, ModelVersion
+from kiln import job_files
 from kiln.errors import JobFailure, NotFound
 from workers.reconcile import time_limit_reason
 from workers.runtime import Runtime
@@ -190,7 +191,7 @@ class RunContext:
 
     def scratch_dir_of(self, job_id: str) -> Path:
         """Where job `job_id` keeps (or kept) its scratch files; it may not exist."""
-        return self.runtime.settings.data_dir / "work" / job_id
+        return job_files.scratch_dir(self.runtime.settings.data_dir, job_id)
 
     # What a runner reads and writes in the database: the job owner's rows only. The rows
     # come back detached, their columns loaded; a runner only reads them.

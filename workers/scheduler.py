@@ -1,5 +1,6 @@
-"""The scheduler process: fires due cron schedules, decides preemptions (workers/preempt.py)
-and reconciles the database and the broker.
+"""The scheduler process: fires due cron schedules, decides preemptions (workers/preempt.py),
+reconciles the database and the broker, and sweeps what retention lets go
+(workers/sweeper.py) every KILN_SWEEP_INTERVAL_S.
 
 tick() is the decision, a pure function of (schedules, now); fire_due() applies it to the
 database (a compare-and-set per schedule, so two schedulers never fire one slot twice) and
@@ -31,10 +32,11 @@ from db import submission
 from db.base import utcnow
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import Job, Schedule
+from kiln.artifacts import open_store
 from kiln.broker import Sender, celery_sender, make_celery, waiting_messages
 from kiln.errors import KilnError, QueueQuotaExceeded
 from kiln.settings import Settings
-from workers import preempt
+from workers import preempt, sweeper
 from workers.reconcile import Report, reconcile
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,12 @@ def fire_due(
     send: Sender,
     *,
     max_queued: int,
+    expires_after_s: int | None = None,
     now: datetime | None = None,
 ) -> list[Job]:
     """Fire every due schedule once; returns the jobs created (each sent, or left for the
-    reconciler to send if the broker refused it). `max_queued` is the per-owner quota."""
+    reconciler to send if the broker refused it). `max_queued` is the per-owner quota,
+    `expires_after_s` the retention each job gets (settings.retention_s)."""
     now = now or utcnow()
     with session_scope(sessions) as session:
         rows = {s.id: s for s in schedule_rows.due(session, now)}
@@ -88,7 +92,12 @@ def fire_due(
         try:
             with session_scope(sessions) as session:
                 job = schedule_rows.fire(
-                    session, schedule, firing.was_due, firing.next_run_at, max_queued=max_queued
+                    session,
+                    schedule,
+                    firing.was_due,
+                    firing.next_run_at,
+                    max_queued=max_queued,
+                    expires_after_s=expires_after_s,
                 )
                 if job is not None:
                     log.info("schedule=%s job=%s event=fired", schedule.id, job.id)
@@ -137,10 +146,18 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
     # The start-up sweep is retried at every tick until it gets through (the broker or
     # the database may still be starting); later sweeps come every `interval`.
     started = _reconcile_logged(celery, sessions, settings, started_at)
-    last_reconcile = time.monotonic()
+    last_reconcile = last_sweep = time.monotonic()
     while not stop.wait(min(interval, SCHEDULE_TICK_S)):
+        if settings.sweep_interval_s and time.monotonic() - last_sweep >= settings.sweep_interval_s:
+            last_sweep = time.monotonic()
+            _sweep_logged(sessions, settings)
         try:
-            fire_due(sessions, send, max_queued=settings.max_queued_per_owner)
+            fire_due(
+                sessions,
+                send,
+                max_queued=settings.max_queued_per_owner,
+                expires_after_s=settings.retention_s,
+            )
         except Exception:
             log.exception("event=schedules_failed (will retry)")
         try:
@@ -151,6 +168,14 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
             continue
         last_reconcile = time.monotonic()
         started = _reconcile_logged(celery, sessions, settings, started_at) or started
+
+
+def _sweep_logged(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """One retention sweep, logged; a failure is logged and the next interval retries."""
+    try:
+        sweeper.log_report(sweeper.sweep(sessions, settings, open_store(settings)))
+    except Exception:
+        log.exception("event=sweep_failed (will retry)")
 
 
 def _reconcile_logged(

@@ -54,6 +54,8 @@ class Job(Base):
         UniqueConstraint("preempt_for", name="uq_jobs_preempt_for"),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
+        # The sweeper's question: finished jobs not yet expired whose time has come.
+        Index("ix_jobs_expired_expires", "expired_at", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -100,6 +102,19 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: How long after it finishes the job keeps its output files and log lines, in seconds:
+    #: the submission's `expires_after`, else KILN_RETENTION_DAYS when it was submitted.
+    #: None (jobs from before retention, or made without it): the sweeper's current default.
+    expires_after_s: Mapped[int | None] = mapped_column(Integer)
+    #: finished_at + expires_after_s, written with the finishing state (db.jobs._cas).
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the sweeper removed the job's outputs, log lines and scratch; the row stays as
+    #: the record of what ran (spec, result, error, metrics).
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def expired(self) -> bool:
+        return self.expired_at is not None
 
     @property
     def charged_attempts(self) -> int:

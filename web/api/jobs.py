@@ -1,4 +1,5 @@
-"""Jobs: submit, list, read, cancel; a job's metrics, log lines, output and error files."""
+"""Jobs: submit, list, read, cancel, delete; a job's metrics, log lines, output and error
+files."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def submit_job() -> Response:
             spec=spec,
             priority=submission.priority,
             preemptible=submission.preemptible,
+            expires_after_s=submission.expires_after,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
         )
@@ -133,6 +135,15 @@ def cancel_job(job_id: str) -> Response:
     job = jobs.request_cancel(db, _owned(job_id))
     db.commit()
     return answer(JobOut.model_validate(job), 202)
+
+
+@bp.delete("/jobs/<job_id>")
+def delete_job(job_id: str) -> Response:
+    """Delete a finished job with its log lines, metrics, output files and scratch: 409
+    illegal_transition while it is queued or running, 409 in_use while a live job resumes
+    from it. A model version it trained stays."""
+    storage.delete_job(session.get(), _owned(job_id))
+    return Response(status=204)
 
 
 @bp.get("/jobs/<job_id>/metrics")
