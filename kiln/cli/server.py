@@ -134,6 +134,38 @@ def scheduler() -> None:
 
 
 @server_command
+@click.command(short_help="Remove expired job files and orphans (retention).")
+@click.option("--dry-run", is_flag=True, help="Print what would go; remove nothing.")
+def sweep(dry_run: bool) -> None:
+    """One retention sweep now (the scheduler runs one every KILN_SWEEP_INTERVAL_S):
+    expire finished jobs past their expires_at (their output files, log lines and
+    scratch go; the job stays, marked expired), then remove this host's scratch folders of
+    jobs that are gone or expired and artifacts nothing refers to, once older than
+    KILN_SWEEP_GRACE_S. Prints one line per thing removed (or, --dry-run, that would be)."""
+    from db.engine import make_engine, make_sessionmaker
+    from kiln.artifacts import open_store
+    from workers.sweeper import sweep as run_sweep
+
+    settings = _settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        report = run_sweep(
+            make_sessionmaker(engine), settings, open_store(settings), dry_run=dry_run
+        )
+    finally:
+        engine.dispose()
+    for removal in report.removals:
+        click.echo(removal.line())
+    for job_id, live in report.held:
+        click.echo(f"kept     {job_id}  (expired, but job {live} resumes from it)")
+    verb = "would remove" if dry_run else "removed"
+    counts = ", ".join(
+        f"{report.count(kind)} {kind}" for kind in ("job", "artifact", "scratch", "stored")
+    )
+    click.echo(f"{verb}: {counts}", err=True)
+
+
+@server_command
 @click.command(short_help="Upgrade the database schema.")
 def migrate() -> None:
     """Upgrade the database to the latest schema (and create KILN_ADMIN_KEY's key)."""
@@ -231,4 +263,4 @@ def _database() -> Iterator[Any]:
 
 
 #: What kiln.cli adds to the `kiln` group.
-COMMANDS = [run, web, worker, scheduler, migrate, keys_group]
+COMMANDS = [run, web, worker, scheduler, migrate, sweep, keys_group]
