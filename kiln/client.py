@@ -92,10 +92,15 @@ class Client:
         spec: dict[str, Any],
         priority: int = 0,
         idempotency_key: str | None = None,
+        expires_after: int | None = None,
     ) -> dict[str, Any]:
         """Queue a job; the server validates `spec` with the kind's schema (422 if wrong).
-        With an `idempotency_key`, retrying the same call returns the same job."""
-        body = {"kind": kind, "spec": spec, "priority": priority}
+        With an `idempotency_key`, retrying the same call returns the same job.
+        `expires_after`: seconds its output files and log lines outlive it (default: the
+        server's KILN_RETENTION_DAYS)."""
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
+        if expires_after is not None:
+            body["expires_after"] = expires_after
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json("POST", "/jobs", json=body, headers=headers)
 
@@ -121,6 +126,11 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/jobs/{job_id}/cancel")
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its log lines, metrics and files (409 while it is
+        queued or running: cancel it first)."""
+        self._request("DELETE", f"/jobs/{job_id}")
 
     def metrics(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         """Metric series by name: [{"step", "value", "at"}, ...]."""
@@ -265,6 +275,11 @@ class Client:
                 data=monitor,
                 headers={"Content-Type": monitor.content_type},
             )
+
+    def delete_model(self, name: str) -> None:
+        """Delete a model and all its versions (409 while an alias points at one, or a
+        queued or running job names it)."""
+        self._request("DELETE", f"/models/{name}")
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point `alias` at a version (needs a server with PUT /models/<name>/aliases/<alias>)."""

@@ -1,4 +1,5 @@
-"""The `kiln` client commands: submit, status, wait, logs, cancel, download, datasets, models.
+"""The `kiln` client commands: submit, status, wait, logs, cancel, delete, download, datasets,
+models.
 
 Each is a thin shell over kiln.Client. Human output goes to stdout (ids alone where a
 script would capture them) and progress to stderr; --json prints the API's answers.
@@ -89,6 +90,12 @@ def _print_json(value: Any) -> None:
     help="A YAML or JSON file: {kind, spec, priority}, or the spec alone.",
 )
 @click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
+@click.option(
+    "--expires-after",
+    type=click.IntRange(1),
+    help="Seconds its output files and log lines are kept once it finishes "
+    "(default: the server's KILN_RETENTION_DAYS).",
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
 @click.option(
     "--idempotency-key",
@@ -99,6 +106,7 @@ def submit(
     ctx: click.Context,
     spec_file: Path | None,
     priority: int | None,
+    expires_after: int | None,
     then_wait: bool,
     idempotency_key: str | None,
 ) -> None:
@@ -121,6 +129,7 @@ def submit(
         spec,
         priority if priority is not None else body.get("priority", 0),
         idempotency_key=idempotency_key,
+        expires_after=expires_after,
     )
     if remote.as_json and not then_wait:
         _print_json(job)
@@ -324,6 +333,15 @@ def cancel(job_id: str) -> None:
         click.echo(f"{job['id']} {job['state']}{stopping}")
 
 
+@click.command(short_help="Delete a finished job, its log lines and files.")
+@click.argument("job_id")
+def delete(job_id: str) -> None:
+    """Delete a finished job with its log lines, metrics, output files and scratch (refused
+    while it is queued or running: cancel it first). A model version it trained stays."""
+    _remote().client().delete_job(job_id)
+    click.echo(f"deleted {job_id}")
+
+
 @click.command(short_help="Download a job's output file.")
 @click.argument("job_id")
 @click.option(
@@ -389,7 +407,7 @@ def show_dataset(dataset_id: str) -> None:
 
 @click.group()
 def models() -> None:
-    """List, show and push models; point aliases at versions."""
+    """List, show, push and delete models; point aliases at versions."""
 
 
 @models.command(name="list")
@@ -422,6 +440,15 @@ def set_alias(name: str, alias: str, version: int) -> None:
     """Point ALIAS (production, staging, ...) at version VERSION of model NAME."""
     model = _remote().client().set_alias(name, alias, version)
     click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
+
+
+@models.command(name="delete")
+@click.argument("name")
+def delete_model(name: str) -> None:
+    """Delete model NAME with all its versions and the files only they used (refused while
+    an alias points at a version or a queued or running job names the model)."""
+    _remote().client().delete_model(name)
+    click.echo(f"deleted {name}")
 
 
 @models.command(name="push")
@@ -531,4 +558,4 @@ def _transfer_bar(verb: str) -> Iterator[Any]:
             progress.stop()
 
 
-COMMANDS = [submit, status, list_jobs, wait, logs, cancel, download, datasets, models]
+COMMANDS = [submit, status, list_jobs, wait, logs, cancel, delete, download, datasets, models]

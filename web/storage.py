@@ -1,7 +1,8 @@
 """What the web does with rows that own files in the artifact store, for the API and the UI
-alike: store an uploaded dataset, delete a dataset or a model version (and the files only
-it used), and send a job's result file. Each checks nothing about who asks: the caller has
-found the row with the owner rule (db.datasets.get_owned, db.jobs.get_owned, ...)."""
+alike: store an uploaded dataset, delete a dataset, a model version, a model or a finished
+job (and the files only it used), and send a job's result file. Each checks nothing about
+who asks: the caller has found the row with the owner rule (db.datasets.get_owned,
+db.jobs.get_owned, ...)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage
 
 from db import datasets as dataset_store
-from db import registry
+from db import references, registry, retention
 from db.models import Dataset, Job, Model
-from kiln import dataset_probe, datasets
+from kiln import dataset_probe, datasets, job_files
 from kiln.artifacts import ArtifactStore, open_store
 from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
 from kiln.settings import Settings
@@ -43,7 +44,7 @@ def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: st
         info = dataset_probe.inspect_isolated(stored.path, fmt)  # a crash ends a child, not us
     except UnsupportedDataset:
         # The store shares equal files: keep one that an earlier row already refers to.
-        if not registry.digest_in_use(db, stored.digest):
+        if not references.digest_in_use(db, stored.digest):
             store.discard(stored.digest)
         raise
     dataset = dataset_store.create(
@@ -77,6 +78,31 @@ def delete_version(db: Session, model: Model, ref: str | int) -> None:
         store.discard(digest)
 
 
+def delete_model(db: Session, model: Model) -> None:
+    """Delete a model and its versions (InUse while an alias points at one of them or a
+    queued or running job names the model), committed, then the files only they used."""
+    orphans = registry.delete_model(db, model)
+    db.commit()
+    store = _store()
+    for digest in orphans:
+        store.discard(digest)
+
+
+def delete_job(db: Session, job: Job) -> None:
+    """Delete a finished job (IllegalTransition while it is queued or running; InUse while a
+    live job resumes from it) with its log lines and metrics, committed; then its output
+    files that nothing else refers to, and its own files (kiln.job_files). A model version it
+    registered stays, still naming it as its source job."""
+    job_id = job.id
+    orphans = retention.delete_job(db, job)
+    db.commit()
+    settings = _settings()
+    store = open_store(settings)
+    for digest in orphans:
+        store.discard(digest)
+    job_files.remove(settings.data_dir, store, job_id)
+
+
 def stored_file(job: Job, entry: str) -> dict[str, Any] | None:
     """The job result's description of a stored file (digest, format, rows), if it has one."""
     described = (job.result or {}).get(entry)
@@ -86,6 +112,9 @@ def stored_file(job: Job, entry: str) -> dict[str, Any] | None:
 def send_result_file(job: Job, entry: str) -> Response:
     """Stream the file a job's result names under `entry` ("output" or "error_file")."""
     described = stored_file(job, entry)
+    if described is not None and job.expired:
+        expired_at = job.expired_at.isoformat(timespec="seconds") if job.expired_at else ""
+        raise NoOutput(f"job {job.id} expired at {expired_at}: its files were removed")
     if described is None:
         what = "output" if entry == "output" else "error file"
         raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")

@@ -40,6 +40,14 @@ def get_model(name: str) -> Response:
     return answer(ModelOut.model_validate(_model(name)))
 
 
+@bp.delete("/models/<name>")
+def delete_model(name: str) -> Response:
+    """Delete a model, its versions and the files only they used: 409 in_use while an alias
+    points at a version or a queued or running job names the model."""
+    storage.delete_model(session.get(), _model(name))
+    return Response(status=204)
+
+
 @bp.get("/models/<name>/versions/<version>")
 def get_version(name: str, version: str) -> Response:
     return answer(ModelVersionOut.model_validate(_version(name, version)))

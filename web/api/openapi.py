@@ -135,7 +135,15 @@ def _paths() -> dict[str, Any]:
             "post": _op("Submit a job", 202, schemas.JobOut, submission, [_idempotency_key()]),
             "get": _op("List jobs, newest first", 200, schemas.JobPage, params=listing),
         },
-        "/api/v1/jobs/{job_id}": {"get": _op("Read a job", 200, schemas.JobOut, params=job)},
+        "/api/v1/jobs/{job_id}": {
+            "get": _op("Read a job", 200, schemas.JobOut, params=job),
+            "delete": _no_content_op(
+                "Delete a finished job with its log lines, metrics and files (409 "
+                "illegal_transition while queued or running, in_use while a job resumes "
+                "from it)",
+                job,
+            ),
+        },
         "/api/v1/jobs/{job_id}/cancel": {
             "post": _op("Cancel a job", 202, schemas.JobOut, params=job)
         },
@@ -177,7 +185,12 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/models": {"get": _op("List models", 200, schemas.ModelList)},
         "/api/v1/models/{name}": {
-            "get": _op("Read a model", 200, schemas.ModelOut, params=[_path("name")])
+            "get": _op("Read a model", 200, schemas.ModelOut, params=[_path("name")]),
+            "delete": _no_content_op(
+                "Delete a model and its versions (409 in_use while an alias points at one "
+                "or a queued or running job names the model)",
+                [_path("name")],
+            ),
         },
         "/api/v1/models/{name}/versions/{version}": {
             "get": _op(

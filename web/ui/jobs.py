@@ -1,16 +1,17 @@
 """Jobs pages: the list (live, a page at a time), one job (live status, log, chart data),
-cancel, downloads."""
+cancel, delete, downloads."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from flask import abort, jsonify, redirect, render_template, request, url_for
+from flask import abort, flash, jsonify, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import jobs as job_store
 from db.models import Job
+from kiln.errors import KilnError
 from kiln.specs import KINDS
 from kiln.states import JobState
 from web import session, storage
@@ -134,6 +135,29 @@ def cancel(job_id: str) -> Response:
     job_store.request_cancel(db, _owned(job_id))
     db.commit()
     return redirect(url_for("ui.job", job_id=job_id))
+
+
+@bp.route("/jobs/<job_id>/delete", methods=["GET", "POST"])
+@auth.signed_in
+def delete(job_id: str) -> Response | tuple[str, int] | str:
+    """GET asks to confirm; POST deletes as the API does: refused (409, with the reason)
+    while the job is queued or running, or a live job resumes from it."""
+    found = _owned(job_id)
+    page = {
+        "what": f"job {found.id[:8]}",
+        "consequence": "Its log lines, metrics, output files and scratch are removed; a model "
+        "version it trained stays.",
+        "action": url_for("ui.delete", job_id=found.id),
+        "back": url_for("ui.job", job_id=found.id),
+    }
+    if request.method == "GET":
+        return render_template("confirm_delete.html", error=None, **page)
+    try:
+        storage.delete_job(session.get(), found)
+    except KilnError as exc:  # IllegalTransition (not finished), InUse (resumed from)
+        return render_template("confirm_delete.html", error=exc.message, **page), exc.status
+    flash(f"Deleted {page['what']}.")
+    return redirect(url_for("ui.jobs"))
 
 
 @bp.get("/jobs/<job_id>/download/<what>")

@@ -1,6 +1,6 @@
 """Models page: each model's versions with their metrics side by side, family and task
-(with an hf version's tokenizer and context length), aliases, lineage, deleting a version,
-and registering a Hugging Face model directory."""
+(with an hf version's tokenizer and context length), aliases, lineage, deleting a version
+or a whole model, and registering a Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -88,6 +88,30 @@ def delete_version(model_id: str, number: int) -> Response | tuple[str, int] | s
         return render_template("confirm_delete.html", error=exc.message, **page), exc.status
     flash(f"Deleted {page['what']}.")
     return redirect(page["back"])
+
+
+@bp.route("/models/<model_id>/delete", methods=["GET", "POST"])
+@auth.signed_in
+def delete_model(model_id: str) -> Response | tuple[str, int] | str:
+    """GET asks to confirm; POST deletes as the API does: refused (409, with the reason)
+    while an alias points at a version or a queued or running job names the model."""
+    db = session.get()
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
+    page = {
+        "what": f"model {model.name}",
+        "consequence": f"Its {len(model.versions)} versions, their weights and exports are "
+        "removed; jobs that name it will fail.",
+        "action": url_for("ui.delete_model", model_id=model.id),
+        "back": url_for("ui.models") + f"#model-{model.id}",
+    }
+    if request.method == "GET":
+        return render_template("confirm_delete.html", error=None, **page)
+    try:
+        storage.delete_model(db, model)
+    except InUse as exc:
+        return render_template("confirm_delete.html", error=exc.message, **page), exc.status
+    flash(f"Deleted {page['what']}.")
+    return redirect(url_for("ui.models"))
 
 
 def _metric_names(model: Model) -> list[str]:
