@@ -250,3 +250,24 @@ def test_the_retention_days_must_be_positive(retention_days):
 
     with pytest.raises(ValidationError):
         Settings(retention_days=retention_days)
+
+
+def test_a_scheduled_job_gets_the_retention_it_is_fired_with(sessions):
+    from db import keys, schedules
+    from workers.scheduler import fire_due
+
+    now = utcnow()
+    with sessions() as session:
+        keys.create(session, owner="alice")
+        schedule = schedules.create(
+            session, owner="alice", name="nightly", cron="0 * * * *", kind="echo",
+            spec={"message": "hi"}, priority=0, enabled=True,
+        )  # fmt: skip
+        schedule.next_run_at = now - timedelta(minutes=1)
+        session.commit()
+
+    [job] = fire_due(
+        sessions, lambda job, countdown=0.0: None, max_queued=10, expires_after_s=7 * DAY
+    )
+
+    assert job_row(sessions, job.id).expires_after_s == 7 * DAY
