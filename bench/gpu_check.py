@@ -4,6 +4,7 @@ line for the script's summary table (status: ok, FAIL or skip).
     python bench/gpu_check.py kiln    # kiln run on this host: an AMP train, a GPU
                                       # batch_predict against a raw GPU loop, the GPU scrape
     python bench/gpu_check.py ddp     # torch.distributed NCCL, one rank: all_reduce + DDP step
+    python bench/gpu_check.py kiln --device cpu --rows 20000   # a rehearsal on a CPU host
 
 `kiln` starts `kiln run` (embedded Redis, SQLite, web, scheduler, a worker per GPU) in a
 throw-away data dir and drives it with kiln.Client, as a user would. Kiln runs DDP only for
@@ -82,8 +83,9 @@ def _timed(step: str, work: Callable[[], str]) -> None:
         result(step, False, f"{type(exc).__name__}: {exc}"[:200])
 
 
-def kiln_steps(rows: int) -> None:
-    """Start `kiln run`, then the AMP train, the batch comparison and the GPU scrape."""
+def kiln_steps(rows: int, device: str) -> None:
+    """Start `kiln run`, then the AMP train, the batch comparison and the GPU scrape; with
+    `device` cpu, the same on the CPU (a rehearsal of this script where no GPU is)."""
     import requests
 
     from kiln.client import Client
@@ -98,7 +100,7 @@ def kiln_steps(rows: int) -> None:
         "KILN_PORT": str(port),
         "KILN_METRICS_PORT": str(metrics_port),
         "KILN_ADMIN_KEY": key,
-        "KILN_GPUS": os.environ.get("KILN_GPUS", "auto"),
+        "KILN_GPUS": os.environ.get("KILN_GPUS", "auto") if device == "gpu" else "none",
         "KILN_REDIS_URL": "",  # kiln run's embedded Redis
     }
     env.pop("KILN_DATABASE_URL", None)
@@ -109,10 +111,13 @@ def kiln_steps(rows: int) -> None:
     )  # fmt: skip
     client = Client(f"http://127.0.0.1:{port}", key)
     try:
-        _wait_ready(client, server, folder)
-        _timed("amp_train", lambda: _amp_train(client))
-        _timed("batch_vs_raw", lambda: _batch_vs_raw(client, folder, rows))
-        _timed("gpu_scrape", lambda: _scrape(requests, metrics_port))
+        _wait_ready(client, server, folder, device)
+        _timed("amp_train", lambda: _amp_train(client, device))
+        _timed("batch_vs_raw", lambda: _batch_vs_raw(client, folder, rows, device))
+        if device == "gpu":
+            _timed("gpu_scrape", lambda: _scrape(requests, metrics_port))
+        else:
+            result("gpu_scrape", None, "no GPU: a CPU rehearsal")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -123,7 +128,7 @@ def kiln_steps(rows: int) -> None:
         print(f"(kiln run's log: {folder / 'kiln-run.log'})", file=sys.stderr)
 
 
-def _wait_ready(client: Any, server: subprocess.Popen[bytes], folder: Path) -> None:
+def _wait_ready(client: Any, server: subprocess.Popen[bytes], folder: Path, device: str) -> None:
     from kiln.client import ClientError
 
     deadline = time.monotonic() + 90
@@ -131,20 +136,20 @@ def _wait_ready(client: Any, server: subprocess.Popen[bytes], folder: Path) -> N
         if server.poll() is not None:
             raise SystemExit(f"kiln run exited; see {folder / 'kiln-run.log'}")
         try:
-            if any(w["devices"][0].startswith("gpu") for w in client.workers()):
+            if any(w["devices"][0].startswith(device) for w in client.workers()):
                 return
         except ClientError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"no GPU worker after 90 s; see {folder / 'kiln-run.log'}")
+    raise SystemExit(f"no {device} worker after 90 s; see {folder / 'kiln-run.log'}")
 
 
-def _amp_train(client: Any) -> str:
+def _amp_train(client: Any, device: str) -> str:
     """A train job on the GPU with mixed precision (precision auto: bf16 where supported)."""
     spec = {
         "model_name": "gpu-amp",
         "dataset": "builtin:digits",
-        "device": "gpu",
+        "device": device,
         "precision": "auto",
         "epochs": 5,
     }
@@ -153,7 +158,7 @@ def _amp_train(client: Any) -> str:
     return f"{job['device']} {job['result']['epochs_run']} epochs, val_accuracy {accuracy}"
 
 
-def _batch_vs_raw(client: Any, folder: Path, rows: int) -> str:
+def _batch_vs_raw(client: Any, folder: Path, rows: int, device: str) -> str:
     """A GPU batch_predict job against a raw loop doing the same work on the same GPU."""
     import numpy as np
     import pyarrow as pa
@@ -173,7 +178,7 @@ def _batch_vs_raw(client: Any, folder: Path, rows: int) -> str:
     spec = {
         "model": "gpu-amp",
         "dataset": dataset["id"],
-        "device": "gpu",
+        "device": device,
         "passthrough": ["id"],
         "batch_size": 4096,
     }
@@ -185,7 +190,8 @@ def _batch_vs_raw(client: Any, folder: Path, rows: int) -> str:
     from workers.ml import bundle
 
     store = ArtifactStore(folder / "data" / "artifacts")
-    model = bundle.load(store.path(version["artifact_digest"]), config, torch.device("cuda"))
+    on = torch.device("cuda" if device == "gpu" else "cpu")
+    model = bundle.load(store.path(version["artifact_digest"]), config, on)
     with Utilisation() as raw_util:
         started = time.perf_counter()
         source = pq.ParquetFile(path)
@@ -195,7 +201,7 @@ def _batch_vs_raw(client: Any, folder: Path, rows: int) -> str:
         with pq.ParquetWriter(folder / "raw.parquet", schema) as sink, torch.inference_mode():
             for chunk in source.iter_batches(batch_size=16_384):
                 features = np.column_stack([chunk[n].to_numpy() for n in names])
-                tensor = torch.from_numpy(features).cuda(non_blocking=True)
+                tensor = torch.from_numpy(features).to(on, non_blocking=True)
                 scores = [
                     torch.softmax(model(tensor[s : s + 4096]), dim=1).max(dim=1)
                     for s in range(0, len(tensor), 4096)
@@ -208,7 +214,8 @@ def _batch_vs_raw(client: Any, folder: Path, rows: int) -> str:
                         schema=schema,
                     )
                 )
-        torch.cuda.synchronize()
+        if on.type == "cuda":
+            torch.cuda.synchronize()
         raw_s = time.perf_counter() - started
     return (
         f"{rows} rows: job {kiln_s:.2f}s (claim to done) vs raw {raw_s:.2f}s, "
@@ -259,9 +266,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["kiln", "ddp"])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for batch_vs_raw")
+    parser.add_argument(
+        "--device", choices=["gpu", "cpu"], default="gpu", help="cpu: rehearse on a CPU host"
+    )
     args = parser.parse_args()
     if args.step == "kiln":
-        kiln_steps(args.rows)
+        kiln_steps(args.rows, args.device)
     else:
         ddp_step()
 

@@ -55,12 +55,17 @@ GPU_NAME=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | he
 echo "gpu_check: $GPU_NAME" >&2
 
 # --- 1. install ----------------------------------------------------------------------------
+# Run as `bash -c install` (exported), so that `timeout` can bound it like the other steps.
+# shellcheck disable=SC2329
 install() {
     if "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
         echo "gpu_check: torch already sees the GPU; not reinstalling it" >&2
     else
         "$PYTHON" -m pip install -q --force-reinstall --no-deps torch --index-url "$TORCH_INDEX_URL" || return 1
     fi
+    # Kiln and its test tools, unless there already (torch, satisfied above, is kept).
+    "$PYTHON" -c 'import celery, flask, sqlalchemy, pytest, kiln' 2>/dev/null ||
+        "$PYTHON" -m pip install -q -e '.[ops,dev]' || return 1
     "$PYTHON" -m pip install -q nvidia-ml-py || return 1
     "$PYTHON" -c 'import torch; assert torch.cuda.is_available(); print(torch.__version__, torch.version.cuda)'
 }
