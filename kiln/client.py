@@ -87,14 +87,15 @@ class Job(dict[str, Any]):
         with the latest metrics is drawn on stderr when `progress` (default: when stderr is a
         terminal). Raises JobFailed (with the job's error type and reason), JobCancelled,
         or WaitTimeout past `timeout_s`."""
-        with client_progress.wait_bar(self.id, client_progress.wanted(progress)) as show:
+        draw = client_progress.wanted(progress)
+        with client_progress.wait_bar(self.id, draw) as show:
 
             def on_update(job: dict[str, Any]) -> None:
                 self.update(job)
-                if client_progress.wanted(progress) and client_progress.needs_metrics(job):
-                    show(job, client_progress.latest_metrics(self.client.metrics(self.id)))
-                else:
-                    show(job, "")
+                latest = ""
+                if draw and client_progress.needs_metrics(job):  # no extra call unseen
+                    latest = client_progress.latest_metrics(self.client.metrics(self.id))
+                show(job, latest)
 
             self.client.wait(self.id, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
         calls.succeeded_or_raise(self)

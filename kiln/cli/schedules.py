@@ -30,8 +30,7 @@ def list_schedules() -> None:
 
 @schedules.command(
     name="create",
-    options_metavar="NAME CRON [KIND] [--FIELD VALUE]... [OPTIONS]",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    context_settings={"ignore_unknown_options": True},
     short_help="Schedule a job template; prints the schedule's id.",
     epilog="The job is given as for `kiln submit`: a kind and --field value flags, or a "
     "spec file (-f), flags overriding the file. CRON is five fields in UTC, quoted: "
@@ -39,6 +38,7 @@ def list_schedules() -> None:
 )
 @click.argument("name")
 @click.argument("cron")
+@click.argument("template", nargs=-1, type=click.UNPROCESSED, metavar="[KIND] [--FIELD VALUE]...")
 @click.option(
     "-f",
     "--file",
@@ -48,21 +48,20 @@ def list_schedules() -> None:
 )
 @click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
 @click.option("--paused", is_flag=True, help="Create it paused (resume it to start firing).")
-@click.pass_context
 def create_schedule(
-    ctx: click.Context,
     name: str,
     cron: str,
+    template: tuple[str, ...],
     spec_file: Path | None,
     priority: int | None,
     paused: bool,
 ) -> None:
     """Schedule NAME to submit a job at each slot of CRON; its jobs count against your
     queue quota like submitted ones (a slot that finds you at the quota is skipped)."""
-    template = job_template(list(ctx.args), spec_file, priority)
+    job = job_template(list(template), spec_file, priority)
     remote = current_remote()
     schedule = remote.client().create_schedule(
-        name, cron, template.kind, template.spec, template.priority, enabled=not paused
+        name, cron, job.kind, job.spec, job.priority, enabled=not paused
     )
     _answer(schedule, remote.as_json)
 

@@ -24,3 +24,13 @@ def test_workers_is_in_the_openapi_document(client: FlaskClient) -> None:
     assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/WorkerList"
     }
+
+
+def test_workers_answers_503_fast_when_redis_is_down(make_app, admin) -> None:
+    app = make_app(sender=None, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    try:
+        response = app.test_client().get("/api/v1/workers", headers=admin)
+    finally:
+        app.extensions["kiln.celery"].close()
+    assert response.status_code == 503
+    assert response.json["code"] == "broker_unavailable"

@@ -11,19 +11,13 @@ from flask import Response, current_app
 from db import jobs
 from db.models import Job
 from kiln import presence
-from kiln.errors import KilnError
+from kiln.errors import BrokerUnavailable
 from kiln.presence import Presence
 from kiln.schemas import WorkerJob, WorkerList, WorkerOut
 from web import session
 from web.api import bp
 from web.api.body import answer
 from web.auth import require_admin
-
-
-class BrokerUnavailable(KilnError):
-    """Redis, where workers announce themselves, did not answer."""
-
-    status, code = 503, "broker_unavailable"
 
 
 @bp.get("/workers")
