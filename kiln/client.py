@@ -210,7 +210,8 @@ class Client:
         """Save the job's output file (or with `errors`, its error file: the rows that could
         not be scored) to `dest` (a file, or a folder to keep the server's file name in;
         default: the current folder); returns the path written."""
-        response = self._request(calls.output(job_id, errors), stream=True)
+        call = calls.output(job_id, errors)
+        response = self._request(call.method, call.path, stream=True)
         with response:
             target = calls.download_target(response.headers, job_id, dest)
             total = response.headers.get("Content-Length")
@@ -349,21 +350,21 @@ class Client:
     def _send(self, call: calls.Call, **kwargs: Any) -> Any:
         """Send `call`; its picked part of the parsed answer (Any to mypy: the methods
         above promise the shapes the API documents)."""
-        response = self._request(call, **kwargs)
+        response = self._request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            **kwargs,
+        )
         return None if call.empty else call.pick(response.json())
 
-    def _request(self, call: calls.Call, **kwargs: Any) -> requests.Response:
-        url = f"{self.url}/api/v1{call.path}"
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One request to /api/v1`path`; an error answer raises its typed error."""
+        url = f"{self.url}/api/v1{path}"
         try:
-            response = self.http.request(
-                call.method,
-                url,
-                params=call.params,
-                json=call.json,
-                headers=call.headers,
-                timeout=self.timeout_s,
-                **kwargs,
-            )
+            response = self.http.request(method, url, timeout=self.timeout_s, **kwargs)
         except requests.ConnectionError as exc:
             raise ConnectionFailed(f"cannot reach Kiln at {self.url}: {exc}") from None
         except requests.Timeout:
