@@ -357,6 +357,17 @@ def stalled(session: Session, older_than: timedelta) -> list[Job]:
     )
 
 
+def running_on(session: Session, workers: list[str]) -> dict[str, Job]:
+    """The running job of each of `workers` (Celery names, as claims record them) that
+    runs one; a worker runs one job at a time (concurrency 1)."""
+    if not workers:
+        return {}
+    found = session.scalars(
+        select(Job).where(Job.state == JobState.RUNNING, Job.worker.in_(workers))
+    )
+    return {job.worker: job for job in found if job.worker is not None}
+
+
 def waiting(session: Session, older_than: timedelta) -> list[Job]:
     """Queued jobs whose latest message was sent more than `older_than` ago, or that were
     queued that long ago and never sent (the send after commit failed)."""

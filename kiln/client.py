@@ -3,67 +3,103 @@
     from kiln import Client
     kiln = Client()                      # KILN_URL and KILN_API_KEY, or pass url=, api_key=
     job = kiln.submit("train", {"model_name": "digits", "epochs": 5})
-    done = kiln.wait(job["id"])          # the final job; done["state"] == "succeeded"
+    job.wait()                           # progress bar on a terminal; JobFailed if it failed
+    done = kiln.wait(job["id"])          # or: the final job, whatever its state
 
-Answers are the API's JSON as dicts. Errors raise ApiError (NotFoundError, AuthError for
-404 and 401/403) carrying the problem+json `code`, or ConnectionFailed.
+Answers are the API's JSON as dicts (`submit` returns a `Job`, a dict that can also wait
+for itself). Errors raise ApiError (NotFoundError, AuthError for 404 and 401/403)
+carrying the problem+json `code`, or ConnectionFailed. kiln.AsyncClient (kiln/aclient.py)
+is the same API over httpx; both send the calls of kiln/client_core.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import requests
 
-from kiln.states import TERMINAL_STATES
+from kiln import client_core as calls
+from kiln import client_progress
+from kiln.client_core import (
+    ApiError,
+    AuthError,
+    ClientError,
+    ConnectionFailed,
+    InvalidInput,
+    JobCancelled,
+    JobFailed,
+    JobNotSucceeded,
+    NotFoundError,
+    ProgressCallback,
+    WaitTimeout,
+)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-_CHUNK = 1024 * 1024
-
-#: Called with (bytes done, bytes in all or None) as a transfer moves.
-ProgressCallback = Callable[[int, int | None], None]
-
-
-class ClientError(Exception):
-    """Base of what the client raises."""
-
-
-class ConnectionFailed(ClientError):
-    """The server could not be reached."""
-
-
-class InvalidInput(ClientError):
-    """What the caller asked to send cannot be sent (NaN or infinity: JSON has no such number)."""
-
-
-class WaitTimeout(ClientError):
-    """wait() gave up before the job finished."""
-
-
-class ApiError(ClientError):
-    """The API answered an error: `status`, its machine-readable `code`, `detail`, `errors`."""
-
-    def __init__(
-        self, status: int, code: str, detail: str, errors: list[dict[str, Any]] | None = None
-    ):
-        super().__init__(f"{status} {code}: {detail}")
-        self.status, self.code, self.detail = status, code, detail
-        self.errors = errors or []
+__all__ = [
+    "ApiError",
+    "AuthError",
+    "Client",
+    "ClientError",
+    "ConnectionFailed",
+    "InvalidInput",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotSucceeded",
+    "NotFoundError",
+    "ProgressCallback",
+    "WaitTimeout",
+]
 
 
-class NotFoundError(ApiError):
-    """404: no such job, model, dataset or key (or not yours), or no such route."""
+class Job(dict[str, Any]):
+    """A submitted job: the API's JSON of it (a dict, as `submit` has always returned), that
+    can also follow itself. `wait()` raises JobFailed or JobCancelled unless it succeeded."""
 
+    def __init__(self, client: Client, answer: dict[str, Any]) -> None:
+        super().__init__(answer)
+        self.client = client
 
-class AuthError(ApiError):
-    """401 or 403: no key, an unknown or revoked key, or a key without the role needed."""
+    @property
+    def id(self) -> str:
+        return str(self["id"])
+
+    def refresh(self) -> Job:
+        """Read the job again; returns this handle, updated."""
+        self.update(self.client.job(self.id))
+        return self
+
+    def cancel(self) -> Job:
+        self.update(self.client.cancel(self.id))
+        return self
+
+    def wait(
+        self,
+        *,
+        progress: bool | None = None,
+        poll_s: float = 1.0,
+        timeout_s: float | None = None,
+    ) -> Job:
+        """Poll until the job finishes; this handle, updated, if it succeeded. A progress bar
+        with the latest metrics is drawn on stderr when `progress` (default: when stderr is a
+        terminal). Raises JobFailed (with the job's error type and reason), JobCancelled,
+        or WaitTimeout past `timeout_s`."""
+        draw = client_progress.wanted(progress)
+        with client_progress.wait_bar(self.id, draw) as show:
+
+            def on_update(job: dict[str, Any]) -> None:
+                self.update(job)
+                latest = ""
+                if draw and client_progress.needs_metrics(job):  # no extra call unseen
+                    latest = client_progress.latest_metrics(self.client.metrics(self.id))
+                show(job, latest)
+
+            self.client.wait(self.id, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
+        calls.succeeded_or_raise(self)
+        return self
 
 
 class Client:
@@ -77,12 +113,11 @@ class Client:
         timeout_s: float = 30.0,
         session: requests.Session | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("KILN_URL") or DEFAULT_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("KILN_API_KEY", "")
+        self.url = calls.resolve_url(url)
+        self.api_key = calls.resolve_key(api_key)
         self.timeout_s = timeout_s
         self.http = session or requests.Session()
-        if self.api_key:
-            self.http.headers["Authorization"] = f"Bearer {self.api_key}"
+        self.http.headers.update(calls.auth_headers(self.api_key))
 
     # Jobs
 
@@ -93,28 +128,25 @@ class Client:
         priority: int = 0,
         idempotency_key: str | None = None,
         expires_after: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> Job:
         """Queue a job; the server validates `spec` with the kind's schema (422 if wrong).
         With an `idempotency_key`, retrying the same call returns the same job.
         `expires_after`: seconds its output files and log lines outlive it (default: the
-        server's KILN_RETENTION_DAYS)."""
-        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
-        if expires_after is not None:
-            body["expires_after"] = expires_after
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json("POST", "/jobs", json=body, headers=headers)
+        server's KILN_RETENTION_DAYS). The answer is a `Job`: the job's JSON, with `.wait()`."""
+        call = calls.submit(kind, spec, priority, idempotency_key, expires_after)
+        return Job(self, self._send(call))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/jobs/{job_id}")
+        return self._send(calls.job(job_id))  # type: ignore[no-any-return]
 
     def jobs(
         self, state: str | None = None, kind: str | None = None, limit: int | None = None
     ) -> Iterator[dict[str, Any]]:
         """Your jobs, newest first, following the pages until `limit` (or the end)."""
-        params: dict[str, Any] = {"state": state, "kind": kind, "limit": min(limit or 200, 200)}
+        params = calls.jobs_params(state, kind, limit)
         seen = 0
         while True:
-            page = self._json("GET", "/jobs", params=params)
+            page = self._send(calls.jobs_page(params))
             for job in page["jobs"]:
                 yield job
                 seen += 1
@@ -125,21 +157,20 @@ class Client:
             params["cursor"] = page["next_cursor"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/jobs/{job_id}/cancel")
+        return self._send(calls.cancel(job_id))  # type: ignore[no-any-return]
 
     def delete_job(self, job_id: str) -> None:
         """Delete a finished job with its log lines, metrics and files (409 while it is
         queued or running: cancel it first)."""
-        self._request("DELETE", f"/jobs/{job_id}")
+        self._send(calls.delete_job(job_id))
 
     def metrics(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         """Metric series by name: [{"step", "value", "at"}, ...]."""
-        return self._json("GET", f"/jobs/{job_id}/metrics")["series"]  # type: ignore[no-any-return]
+        return self._send(calls.metrics(job_id))  # type: ignore[no-any-return]
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """Log lines with an id above `after`, oldest first."""
-        page = self._json("GET", f"/jobs/{job_id}/events", params={"after": after})
-        return page["events"]  # type: ignore[no-any-return]
+        return self._send(calls.events(job_id, after))  # type: ignore[no-any-return]
 
     def follow(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
         """Every log line of the job as it is written, until the job has finished."""
@@ -147,7 +178,7 @@ class Client:
         while True:
             # Read the state before the lines: lines written before it finished are then
             # all in this batch or an earlier one.
-            finished = self.job(job_id)["state"] in TERMINAL_STATES
+            finished = calls.finished(self.job(job_id))
             for event in self.events(job_id, after):
                 after = event["id"]
                 yield event
@@ -163,16 +194,17 @@ class Client:
         timeout_s: float | None = None,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job finishes and return it; `on_update` sees each reading."""
+        """Poll until the job finishes and return it, whatever its state; `on_update` sees
+        each reading. (A `Job`'s own `.wait()` raises when it did not succeed.)"""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
             if on_update is not None:
                 on_update(job)
-            if job["state"] in TERMINAL_STATES:
+            if calls.finished(job):
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id} is still {job['state']} after {timeout_s}s")
+                raise calls.timed_out(job, timeout_s)
             time.sleep(poll_s)
 
     def download_output(
@@ -186,18 +218,15 @@ class Client:
         """Save the job's output file (or with `errors`, its error file: the rows that could
         not be scored) to `dest` (a file, or a folder to keep the server's file name in;
         default: the current folder); returns the path written."""
-        which = "errors" if errors else "output"
-        response = self._request("GET", f"/jobs/{job_id}/{which}", stream=True)
+        call = calls.output(job_id, errors)
+        response = self._request(call.method, call.path, stream=True)
         with response:
-            name = _filename(response.headers.get("Content-Disposition", "")) or f"{job_id}.out"
-            target = dest or Path.cwd()
-            if target.is_dir():
-                target = target / name
+            target = calls.download_target(response.headers, job_id, dest)
             total = response.headers.get("Content-Length")
             done = 0
-            partial = target.with_name(f".{target.name}.part")
+            partial = calls.partial_path(target)
             with partial.open("wb") as out:
-                for chunk in response.iter_content(_CHUNK):
+                for chunk in response.iter_content(calls.CHUNK):
                     out.write(chunk)
                     done += len(chunk)
                     if on_progress is not None:
@@ -222,27 +251,26 @@ class Client:
                 encoder,
                 (lambda m: on_progress(m.bytes_read, m.len)) if on_progress else None,
             )
-            return self._json(
-                "POST", "/datasets", data=monitor, headers={"Content-Type": monitor.content_type}
-            )
+            call = calls.Call("POST", "/datasets", headers={"Content-Type": monitor.content_type})
+            return self._send(call, data=monitor)  # type: ignore[no-any-return]
 
     def datasets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/datasets")["datasets"]  # type: ignore[no-any-return]
+        return self._send(calls.datasets())  # type: ignore[no-any-return]
 
     def dataset(self, dataset_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/datasets/{dataset_id}")
+        return self._send(calls.dataset(dataset_id))  # type: ignore[no-any-return]
 
     # Models
 
     def models(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/models")["models"]  # type: ignore[no-any-return]
+        return self._send(calls.models())  # type: ignore[no-any-return]
 
     def model(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/models/{name}")
+        return self._send(calls.model(name))  # type: ignore[no-any-return]
 
     def model_version(self, name: str, version: str | int = "latest") -> dict[str, Any]:
         """A version by number, alias (production) or `latest`."""
-        return self._json("GET", f"/models/{name}/versions/{version}")
+        return self._send(calls.model_version(name, version))  # type: ignore[no-any-return]
 
     def push_model(
         self,
@@ -269,42 +297,84 @@ class Client:
                 MultipartEncoder(fields),
                 (lambda m: on_progress(m.bytes_read, m.len)) if on_progress else None,
             )
-            return self._json(
-                "POST",
-                f"/models/{name}/versions",
-                data=monitor,
-                headers={"Content-Type": monitor.content_type},
+            call = calls.Call(
+                "POST", f"/models/{name}/versions", headers={"Content-Type": monitor.content_type}
             )
+            return self._send(call, data=monitor)  # type: ignore[no-any-return]
 
     def delete_model(self, name: str) -> None:
         """Delete a model and all its versions (409 while an alias points at one, or a
         queued or running job names it)."""
-        self._request("DELETE", f"/models/{name}")
+        self._send(calls.delete_model(name))
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point `alias` at a version (needs a server with PUT /models/<name>/aliases/<alias>)."""
-        return self._json("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
+        return self._send(calls.set_alias(name, alias, version))  # type: ignore[no-any-return]
 
-    # Keys (admin)
+    # Schedules
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        kind: str,
+        spec: dict[str, Any],
+        priority: int = 0,
+        enabled: bool = True,
+    ) -> dict[str, Any]:
+        """A cron schedule (five fields, UTC) that submits `kind` with `spec` at each slot;
+        its jobs count against your queue quota like submitted ones."""
+        call = calls.create_schedule(name, cron, kind, spec, priority, enabled)
+        return self._send(call)  # type: ignore[no-any-return]
+
+    def schedules(self) -> list[dict[str, Any]]:
+        return self._send(calls.schedules())  # type: ignore[no-any-return]
+
+    def schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._send(calls.schedule(schedule_id))  # type: ignore[no-any-return]
+
+    def pause_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._send(calls.pause_schedule(schedule_id))  # type: ignore[no-any-return]
+
+    def resume_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._send(calls.resume_schedule(schedule_id))  # type: ignore[no-any-return]
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._send(calls.delete_schedule(schedule_id))
+
+    # Operators (admin)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers: host, devices, queues, current job, last heartbeat (admin)."""
+        return self._send(calls.workers())  # type: ignore[no-any-return]
 
     def create_key(self, owner: str, role: str = "user") -> dict[str, Any]:
         """A new key; its `key` field is the secret, shown this once."""
-        return self._json("POST", "/keys", json={"owner": owner, "role": role})
+        return self._send(calls.create_key(owner, role))  # type: ignore[no-any-return]
 
     def keys(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/keys")["keys"]  # type: ignore[no-any-return]
+        return self._send(calls.keys())  # type: ignore[no-any-return]
 
     def revoke_key(self, key_id: str) -> dict[str, Any]:
-        return self._json("DELETE", f"/keys/{key_id}")
+        return self._send(calls.revoke_key(key_id))  # type: ignore[no-any-return]
 
     # Plumbing
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        # Parsed JSON is Any to mypy; this method and the ones that return a part of its
-        # answer (`type: ignore[no-any-return]`) promise the shapes the API documents.
-        return self._request(method, path, **kwargs).json()  # type: ignore[no-any-return]
+    def _send(self, call: calls.Call, **kwargs: Any) -> Any:
+        """Send `call`; its picked part of the parsed answer (Any to mypy: the methods
+        above promise the shapes the API documents)."""
+        response = self._request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            **kwargs,
+        )
+        return None if call.empty else call.pick(response.json())
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One request to /api/v1`path`; an error answer raises its typed error."""
         url = f"{self.url}/api/v1{path}"
         try:
             response = self.http.request(method, url, timeout=self.timeout_s, **kwargs)
@@ -315,29 +385,12 @@ class Client:
         except requests.exceptions.InvalidJSONError:
             raise InvalidInput("JSON has no NaN or infinity: send finite numbers") from None
         if response.status_code >= 400:
-            raise _api_error(response)
+            raise calls.api_error(response.status_code, response.reason, _json_or_none(response))
         return response
 
 
-def _api_error(response: requests.Response) -> ApiError:
+def _json_or_none(response: requests.Response) -> Any:
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    status = response.status_code
-    code = str(body.get("code") or f"http_{status}")
-    detail = str(body.get("detail") or response.reason or "error")
-    errors = body.get("errors") if isinstance(body.get("errors"), list) else []
-    kind = NotFoundError if status == 404 else AuthError if status in (401, 403) else ApiError
-    return kind(status, code, detail, errors)
-
-
-def _filename(disposition: str) -> str | None:
-    """The file name a Content-Disposition header offers, stripped of any folder part."""
-    match = re.search(r"filename\*?=(?:UTF-8'')?\"?([^\";]+)\"?", disposition)
-    if not match:
         return None
-    name = Path(unquote(match.group(1))).name
-    return name or None

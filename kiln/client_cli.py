@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from kiln import client_progress
 from kiln.states import JobState
 
 
@@ -63,11 +64,11 @@ class Remote:
         return Client(self.url, self.api_key)
 
 
-def _remote() -> Remote:
+def current_remote() -> Remote:
     return click.get_current_context().find_object(Remote) or Remote(None, None, False)
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
@@ -112,27 +113,18 @@ def submit(
 ) -> None:
     """Queue a job: `kiln submit train --model-name digits --epochs 20`, or `-f spec.yaml`;
     prints its id."""
-    # KIND is read here, not by click: as an optional argument it would swallow the
-    # value of a spec flag (`-f job.yaml --epochs 7` would make "7" the kind).
-    args = list(ctx.args)
-    kind = args.pop(0) if args and not args[0].startswith("-") else None
-    body = _read_spec_file(spec_file) if spec_file else {}
-    spec = dict(body.get("spec", {}))
-    for path, value in _spec_flags(args):
-        _set_nested(spec, path, value)
-    kind = kind or body.get("kind")
-    if not kind:
-        raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
-    remote = _remote()
+    template = job_template(list(ctx.args), spec_file, priority)
+    remote = current_remote()
+    kind = template.kind
     job = remote.client().submit(
         kind,
-        spec,
-        priority if priority is not None else body.get("priority", 0),
+        template.spec,
+        template.priority,
         idempotency_key=idempotency_key,
         expires_after=expires_after,
     )
     if remote.as_json and not then_wait:
-        _print_json(job)
+        print_json(job)
     elif not remote.as_json:
         click.echo(job["id"])  # stdout stays the id alone: `id=$(kiln submit … --wait)`
     click.echo(f"queued {kind} job {job['id']}", err=True)
@@ -141,6 +133,31 @@ def submit(
         # The id is already on stdout; the outcome goes beside the progress, on stderr
         # (with --json, stdout is the finished job alone: one parseable document).
         _report(finished, result_to_stdout=remote.as_json)
+
+
+@dataclass(frozen=True)
+class JobTemplate:
+    """What `submit` sends, and what `schedules create` makes a schedule of."""
+
+    kind: str
+    spec: dict[str, Any]
+    priority: int
+
+
+def job_template(args: list[str], spec_file: Path | None, priority: int | None) -> JobTemplate:
+    """The kind, spec and priority from `[KIND] [--FIELD VALUE]...` and a spec file;
+    the flags override the file's fields, --priority the file's priority."""
+    # KIND is read here, not by click: as an optional argument it would swallow the
+    # value of a spec flag (`-f job.yaml --epochs 7` would make "7" the kind).
+    kind = args.pop(0) if args and not args[0].startswith("-") else None
+    body = _read_spec_file(spec_file) if spec_file else {}
+    spec = dict(body.get("spec", {}))
+    for path, value in _spec_flags(args):
+        _set_nested(spec, path, value)
+    kind = kind or body.get("kind")
+    if not kind:
+        raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
+    return JobTemplate(kind, spec, priority if priority is not None else body.get("priority", 0))
 
 
 def _read_spec_file(path: Path) -> dict[str, Any]:
@@ -206,12 +223,12 @@ def _set_nested(spec: dict[str, Any], path: list[str], value: Any) -> None:
 @click.argument("job_id")
 def status(job_id: str) -> None:
     """A job's state, progress, worker, result or error."""
-    remote = _remote()
+    remote = current_remote()
     job = remote.client().job(job_id)
     if remote.as_json:
-        _print_json(job)
+        print_json(job)
         return
-    message = "" if _repeats_state(job) else job["message"]
+    message = "" if client_progress.repeats_state(job) else job["message"]
     line = f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {message}"
     click.echo(line.rstrip())
     if job.get("worker"):
@@ -228,10 +245,10 @@ def status(job_id: str) -> None:
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
     """Your jobs, newest first."""
-    remote = _remote()
+    remote = current_remote()
     found = list(remote.client().jobs(state=state, kind=kind, limit=limit))
     if remote.as_json:
-        _print_json(found)
+        print_json(found)
         return
     for job in found:
         click.echo(f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}")
@@ -246,39 +263,26 @@ def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
 def wait(job_id: str, timeout_s: float | None, poll_s: float) -> None:
     """Wait for a job with a progress bar and its latest metrics; exit 0 only if it
     succeeded."""
-    remote = _remote()
+    remote = current_remote()
     _report(_wait_for(remote, job_id, timeout_s=timeout_s, poll_s=poll_s), result_to_stdout=True)
 
 
 def _wait_for(remote: Remote, job_id: str, *, timeout_s: float | None, poll_s: float) -> Any:
     """Poll the job to its end with a progress bar on stderr; the finished job."""
     client = remote.client()
-    with _progress() as progress:
-        bar = progress.add_task(job_id[:12], total=1.0, status="")
+    with client_progress.wait_bar(job_id) as show:
 
-        def show(job: dict[str, Any]) -> None:
-            running = job["state"] != JobState.QUEUED
-            latest = _latest_metrics(client.metrics(job_id)) if running else ""
-            progress.update(bar, completed=job["progress"], status=status_line(job, latest))
+        def on_update(job: dict[str, Any]) -> None:
+            needs = client_progress.needs_metrics(job)
+            show(job, client_progress.latest_metrics(client.metrics(job_id)) if needs else "")
 
-        return client.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_update=show)
-
-
-def status_line(job: dict[str, Any], latest: str = "") -> str:
-    """The state, the job's message and its latest metrics, each said once: a finished
-    job's message is often its state again ("succeeded")."""
-    message = "" if _repeats_state(job) else job.get("message") or ""
-    return " ".join(filter(None, [job["state"], message, latest]))
-
-
-def _repeats_state(job: dict[str, Any]) -> bool:
-    return str(job.get("message") or "").strip().lower() == str(job["state"])
+        return client.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
 
 
 def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:
     """Print a finished job's state and result or error; exit 1 unless it succeeded."""
-    if _remote().as_json:
-        _print_json(job)
+    if current_remote().as_json:
+        print_json(job)
     else:
         click.echo(f"{job['id']} {job['state']}", err=not result_to_stdout)
         if job.get("error"):
@@ -289,18 +293,12 @@ def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:
         raise SystemExit(ExitCode.JOB_NOT_SUCCEEDED)
 
 
-def _latest_metrics(series: dict[str, list[dict[str, Any]]]) -> str:
-    return " ".join(
-        f"{name}={points[-1]['value']:.4g}" for name, points in series.items() if points
-    )
-
-
 @click.command()
 @click.argument("job_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends.")
 def logs(job_id: str, follow: bool) -> None:
     """A job's log lines (GET /jobs/<id>/events)."""
-    remote = _remote()
+    remote = current_remote()
     client = remote.client()
     if follow:
         events: Any = client.follow(job_id)
@@ -324,10 +322,10 @@ def _all_events(client: Any, job_id: str) -> Iterator[dict[str, Any]]:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job: a queued one never starts, a running one stops at its next step."""
-    remote = _remote()
+    remote = current_remote()
     job = remote.client().cancel(job_id)
     if remote.as_json:
-        _print_json(job)
+        print_json(job)
     else:
         stopping = " (stopping)" if job["state"] == JobState.RUNNING else ""
         click.echo(f"{job['id']} {job['state']}{stopping}")
@@ -338,7 +336,7 @@ def cancel(job_id: str) -> None:
 def delete(job_id: str) -> None:
     """Delete a finished job with its log lines, metrics, output files and scratch (refused
     while it is queued or running: cancel it first). A model version it trained stays."""
-    _remote().client().delete_job(job_id)
+    current_remote().client().delete_job(job_id)
     click.echo(f"deleted {job_id}")
 
 
@@ -354,7 +352,7 @@ def delete(job_id: str) -> None:
 def download(job_id: str, output: Path | None, errors: bool) -> None:
     """Download a job's output file (GET /jobs/<id>/output), or its error file."""
     with _transfer_bar("downloading") as on_progress:
-        path = _remote().client().download_output(job_id, output, on_progress, errors=errors)
+        path = current_remote().client().download_output(job_id, output, on_progress, errors=errors)
     click.echo(str(path))
 
 
@@ -371,11 +369,11 @@ def datasets() -> None:
 @click.option("--name", help="A name to show (default: the file name).")
 def upload_dataset(path: Path, name: str | None) -> None:
     """Upload a CSV file, streamed with a progress bar; prints the dataset id."""
-    remote = _remote()
+    remote = current_remote()
     with _transfer_bar("uploading") as on_progress:
         dataset = remote.client().upload_dataset(path, name, on_progress)
     if remote.as_json:
-        _print_json(dataset)
+        print_json(dataset)
     else:
         click.echo(dataset["id"])
         click.echo(
@@ -387,10 +385,10 @@ def upload_dataset(path: Path, name: str | None) -> None:
 @datasets.command(name="list")
 def list_datasets() -> None:
     """Your datasets."""
-    remote = _remote()
+    remote = current_remote()
     found = remote.client().datasets()
     if remote.as_json:
-        _print_json(found)
+        print_json(found)
         return
     for dataset in found:
         click.echo(
@@ -402,7 +400,7 @@ def list_datasets() -> None:
 @click.argument("dataset_id")
 def show_dataset(dataset_id: str) -> None:
     """One dataset, with its columns."""
-    _print_json(_remote().client().dataset(dataset_id))
+    print_json(current_remote().client().dataset(dataset_id))
 
 
 @click.group()
@@ -413,10 +411,10 @@ def models() -> None:
 @models.command(name="list")
 def list_models() -> None:
     """Your models, with their versions and aliases."""
-    remote = _remote()
+    remote = current_remote()
     found = remote.client().models()
     if remote.as_json:
-        _print_json(found)
+        print_json(found)
         return
     for model in found:
         aliases = ", ".join(f"{a}->v{n}" for a, n in sorted(model["aliases"].items()))
@@ -428,8 +426,8 @@ def list_models() -> None:
 @click.option("--version", help="A number, an alias or latest; default: the whole model.")
 def show_model(name: str, version: str | None) -> None:
     """A model, or one of its versions (metrics, config, artifact digest)."""
-    client = _remote().client()
-    _print_json(client.model_version(name, version) if version else client.model(name))
+    client = current_remote().client()
+    print_json(client.model_version(name, version) if version else client.model(name))
 
 
 @models.command(name="alias")
@@ -438,7 +436,7 @@ def show_model(name: str, version: str | None) -> None:
 @click.argument("version", type=click.IntRange(1))
 def set_alias(name: str, alias: str, version: int) -> None:
     """Point ALIAS (production, staging, ...) at version VERSION of model NAME."""
-    model = _remote().client().set_alias(name, alias, version)
+    model = current_remote().client().set_alias(name, alias, version)
     click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
 
 
@@ -447,7 +445,7 @@ def set_alias(name: str, alias: str, version: int) -> None:
 def delete_model(name: str) -> None:
     """Delete model NAME with all its versions and the files only they used (refused while
     an alias points at a version or a queued or running job names the model)."""
-    _remote().client().delete_model(name)
+    current_remote().client().delete_model(name)
     click.echo(f"deleted {name}")
 
 
@@ -483,44 +481,20 @@ def push_model(
     if name is None or task is None:
         raise click.UsageError("--name and --task are required with a DIRECTORY")
     assert directory is not None
-    remote = _remote()
+    remote = current_remote()
     _, skipped = files_to_push(directory)
     if skipped:
         click.echo(f"leaving out {', '.join(skipped)} (not part of the model)", err=True)
     with _transfer_bar("uploading") as on_progress:
         version = remote.client().push_model(directory, name, task, on_progress)
     if remote.as_json:
-        _print_json(version)
+        print_json(version)
     else:
         click.echo(version["number"])
         click.echo(f"{name} v{version['number']}: {task}, {version['arch']}", err=True)
 
 
-# Progress display (rich, on stderr; plain when stderr is not a terminal)
-
-
-@contextmanager
-def _progress() -> Iterator[Any]:
-    """The wait display: id, bar and percentage keep their width at any terminal width;
-    the status text takes what is left and is cut with an ellipsis, never the bar."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-    from rich.table import Column
-
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=12)),
-        BarColumn(bar_width=max(10, min(40, console.width // 5))),
-        TaskProgressColumn(table_column=Column(no_wrap=True, min_width=4, justify="right")),
-        TextColumn(
-            "{task.fields[status]}",
-            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
-        ),
-        console=console,
-        expand=True,
-    )
-    with progress:
-        yield progress
+# Transfer display (rich, on stderr; plain when stderr is not a terminal)
 
 
 @contextmanager

@@ -62,6 +62,12 @@ class QueueQuotaExceeded(KilnError):
     status, code = 429, "queue_quota_exceeded"
 
 
+class BrokerUnavailable(KilnError):
+    """Redis (the broker, where workers announce themselves) did not answer."""
+
+    status, code = 503, "broker_unavailable"
+
+
 class IllegalTransition(KilnError):
     status, code = 409, "illegal_transition"
 

@@ -279,6 +279,41 @@ class KeyList(BaseModel):
     keys: list[KeyOut]
 
 
+class WorkerJob(BaseModel):
+    """The job a worker runs now, from the job's row."""
+
+    id: str
+    kind: str
+    state: str
+    progress: float
+    attempt: int
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class WorkerOut(BaseModel):
+    """A live worker process (its presence record in Redis; kiln/presence.py)."""
+
+    name: str = Field(description="Celery's name for it: gpu0@host, cpu0-i0@host.")
+    host: str
+    pid: int
+    lane: str = Field(description="bulk or interactive.")
+    devices: list[str] = Field(
+        description="gpu<n> for each GPU it may use, cpu for none, all when it was started "
+        "without CUDA_VISIBLE_DEVICES."
+    )
+    queues: list[str] = Field(description="The queues it consumes, in the order it takes them.")
+    concurrency: int
+    started_at: datetime
+    heartbeat_at: datetime = Field(description="When it last wrote its presence record.")
+    heartbeat_age_s: float = Field(description="Seconds since heartbeat_at, at the answer.")
+    job: WorkerJob | None = Field(description="The job it runs now; null when idle.")
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerOut]
+
+
 class ProblemDetail(BaseModel):
     loc: list[str]
     msg: str

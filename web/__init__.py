@@ -25,6 +25,6 @@ def create_app(settings: Settings | None = None, sender: dispatch.Sender | None 
     app.register_blueprint(health_bp)
     app.register_blueprint(api_bp)
     ui.init_app(app, settings)
-    limits.init_app(app, settings, api_bp)
+    limits.init_app(app, settings, api_bp, ui.bp)
     headers.init_app(app)
     return app

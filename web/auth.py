@@ -13,6 +13,10 @@ from db import keys
 from kiln.errors import Forbidden, Unauthorized
 from web import session
 
+#: The field of the UI's signed session cookie that names the signed-in API key's id
+#: (web.ui.auth writes it; web.limits counts a signed-in browser by it).
+SESSION_KEY_ID = "api_key_id"
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -1,5 +1,6 @@
-"""Rate limits per API key (Flask-Limiter) and the per-owner quota of queued jobs, both
-answered as 429 problem+json with Retry-After."""
+"""Rate limits per API key (Flask-Limiter) on the API and the UI, and the per-owner quota
+of queued jobs, answered as 429 with Retry-After: problem+json on the API, a readable page
+on the UI."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import hashlib
 import math
 import time
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, render_template, request, session
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from kiln.errors import QueueQuotaExceeded
 from kiln.settings import Settings
+from web.auth import SESSION_KEY_ID
 from web.errors import problem
 
 # The queue quota itself is db.submission's rule (schedules obey it too); QueueQuotaExceeded
@@ -31,17 +33,22 @@ def storage_uri(settings: Settings) -> str:
 
 
 def _caller() -> str:
-    """Who a limit counts: the API key (by digest, never in clear), else the address."""
+    """Who a limit counts: the API key (by digest, never in clear); on the UI, the key
+    its signed session names (by id); else the address."""
     header = request.headers.get("Authorization", "")
     token = header.partition(" ")[2].strip()
     if token:
         return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    signed_in = session.get(SESSION_KEY_ID)  # the cookie is signed: a client cannot pick it
+    if signed_in:
+        return f"session-key:{signed_in}"
     return "addr:" + (request.remote_addr or "unknown")
 
 
-def init_app(app: Flask, settings: Settings, limited: Blueprint) -> None:
-    """Rate-limit the routes of `limited` (the API; passed in, so this module imports no
-    views) and answer both limits as 429."""
+def init_app(app: Flask, settings: Settings, *limited: Blueprint) -> None:
+    """Rate-limit every route of each blueprint in `limited` (the API and the UI; passed
+    in, so this module imports no views) with the same limit, and answer both limits as
+    429."""
     if settings.rate_limit:
         limiter = Limiter(
             _caller,
@@ -53,13 +60,23 @@ def init_app(app: Flask, settings: Settings, limited: Blueprint) -> None:
             swallow_errors=True,
             in_memory_fallback_enabled=True,
         )
-        limiter.limit(settings.rate_limit)(limited)
+        for blueprint in limited:
+            limiter.limit(settings.rate_limit)(blueprint)
         app.extensions["kiln.limiter"] = limiter
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(exc: RateLimitExceeded) -> Response:
-        response = problem(429, "rate_limited", f"rate limit exceeded ({exc.description})")
-        response.headers["Retry-After"] = str(_seconds_to_reset())
+        retry_after = _seconds_to_reset()
+        if request.blueprint == "ui":  # a person at a browser: a page, not JSON
+            message = (
+                f"Too many requests ({exc.description}). "
+                f"Wait {retry_after} s, then try again; nothing was submitted."
+            )
+            page = render_template("error.html", status=429, message=message)
+            response = Response(page, 429, mimetype="text/html")
+        else:
+            response = problem(429, "rate_limited", f"rate limit exceeded ({exc.description})")
+        response.headers["Retry-After"] = str(retry_after)
         return response
 
     @app.errorhandler(QueueQuotaExceeded)

@@ -33,7 +33,7 @@ from sqlalchemy import Engine, Row, func, select
 
 from db.base import utcnow
 from db.models import Job
-from kiln import routing
+from kiln import presence, routing
 from kiln.broker import queue_length
 from kiln.states import TERMINAL_STATES, JobState
 
@@ -175,16 +175,24 @@ def _queue_ages(queued: Sequence[Row[str, datetime]], now: datetime) -> Metric:
 
 
 def _broker_depths(celery: Celery, queues_in_use: list[str]) -> list[Metric]:
+    """`kiln_queue_depth` for the shared queues (always, 0 when empty: an autoscaler reads
+    a series that exists), the queues of queued jobs, and every queue a live worker
+    consumes (its own gpu.<n>, gpu.x<N>)."""
     depth = GaugeMetricFamily(
-        "kiln_queue_depth", "Messages waiting in each broker queue.", labels=["queue"]
+        "kiln_queue_depth",
+        "Messages waiting in each broker queue, all priorities (for autoscalers).",
+        labels=["queue"],
     )
     up = GaugeMetricFamily("kiln_broker_up", "1 when the broker answered the last reading.")
     shared = (routing.CPU_QUEUE, routing.GPU_QUEUE, *routing.INTERACTIVE_QUEUES)
-    names = sorted({*shared, *queues_in_use})
     try:
         with celery.connection_for_read() as connection:
             # Fail fast when Redis is down: a scrape must not hang on reconnect attempts.
             connection.ensure_connection(max_retries=1, timeout=2)
+            consumed = [
+                q for w in presence.live(connection.default_channel.client) for q in w.queues
+            ]
+        names = sorted({*shared, *queues_in_use, *consumed})
         for name in names:
             depth.add_metric([name], queue_length(celery, name))
     except Exception:

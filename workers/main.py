@@ -12,6 +12,7 @@ from kiln import logs
 from kiln.broker import make_celery
 from kiln.settings import Settings
 from workers import malloc
+from workers.presence import PresenceBeat, record_for
 
 malloc.configure()  # before pyarrow is imported (below) and the pool forks
 settings = Settings()
@@ -49,6 +50,10 @@ def _say_through_logging(message: str, *_: Any) -> None:
 celery_worker_app.safe_say = _say_through_logging
 
 
+#: This worker's presence record (kiln.presence), from its set-up to its shutdown.
+_presence: dict[str, PresenceBeat] = {}
+
+
 @signals.celeryd_after_setup.connect
 def _log_started(sender: str, instance: Any, **_: Any) -> None:
     """What Celery's banner said (the launcher runs it with --quiet), as one log line."""
@@ -57,6 +62,23 @@ def _log_started(sender: str, instance: Any, **_: Any) -> None:
         "event=worker_started hostname=%s queues=%s concurrency=%s pid=%d",
         sender, queues, instance.concurrency, os.getpid(),
     )  # fmt: skip
+    # In the order the worker takes them (consume_from is a dict in that order).
+    ordered = list(instance.app.amqp.queues.consume_from or {})
+    _presence["beat"] = PresenceBeat(celery, record_for(sender, ordered, instance.concurrency))
+
+
+@signals.worker_ready.connect
+def _announce(**_: Any) -> None:
+    """List this worker in GET /api/v1/workers once it takes messages."""
+    if "beat" in _presence:
+        _presence["beat"].start()
+
+
+@signals.worker_shutdown.connect
+def _withdraw(**_: Any) -> None:
+    beat = _presence.pop("beat", None)
+    if beat is not None:
+        beat.stop()
 
 
 import workers.metrics  # noqa: E402  (counts finished jobs for Prometheus)

@@ -285,3 +285,114 @@ def test_a_client_option_after_submit_is_refused_not_sent_in_the_spec(api, flag:
     assert result.exit_code == ExitCode.USAGE
     assert "belongs before the command" in result.output
     assert len(api.calls) == 0  # the key never left the machine
+
+
+# --- job handles and the shared calls ----------------------------------------------------
+
+
+def test_submit_returns_a_job_handle_that_is_still_the_apis_dict(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    job = Client(URL, "k").submit("echo", {"message": "x"})
+    assert isinstance(job, dict)
+    assert job == JOB
+    assert job.id == JOB["id"]
+    assert json.loads(json.dumps(job)) == JOB
+
+
+@pytest.mark.parametrize(
+    ("final", "raised"),
+    [
+        (
+            {"state": "failed", "error": {"type": "JobFailure", "message": "no such column"}},
+            kiln.JobFailed,
+        ),
+        ({"state": "cancelled", "message": "cancelled while running"}, kiln.JobCancelled),
+    ],
+)
+def test_a_handles_wait_raises_the_typed_error_of_how_the_job_ended(
+    api, final: dict, raised: type[Exception]
+) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    for reading in ({"state": "running", "progress": 0.5}, final):
+        api.get(f"{URL}/api/v1/jobs/{JOB['id']}", json={**JOB, **reading})
+    job = Client(URL, "k").submit("train", {})
+    with pytest.raises(raised) as caught:
+        job.wait(progress=False, poll_s=0)
+    assert caught.value.job["state"] == final["state"]
+    assert job["state"] == final["state"]  # the handle holds the final reading
+    if raised is kiln.JobFailed:
+        assert (caught.value.error_type, caught.value.reason) == ("JobFailure", "no such column")
+
+
+def test_a_handles_wait_gives_up_after_its_timeout(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    api.get(f"{URL}/api/v1/jobs/{JOB['id']}", json={**JOB, "state": "running"})
+    with pytest.raises(kiln.WaitTimeout):
+        Client(URL, "k").submit("train", {}).wait(progress=False, poll_s=0, timeout_s=0)
+
+
+def test_schedule_methods_call_the_schedule_routes(api) -> None:
+    schedule = {"id": "s1", "name": "n", "cron": "0 2 * * *", "kind": "echo", "enabled": True}
+    create = api.post(f"{URL}/api/v1/schedules", json=schedule, status=201)
+    api.get(f"{URL}/api/v1/schedules", json={"schedules": [schedule]})
+    api.post(f"{URL}/api/v1/schedules/s1/pause", json={**schedule, "enabled": False})
+    api.delete(f"{URL}/api/v1/schedules/s1", status=204)
+    client = Client(URL, "k")
+    client.create_schedule("n", "0 2 * * *", "echo", {"message": "m"}, priority=4, enabled=False)
+    assert json.loads(create.calls[0].request.body) == {
+        "name": "n", "cron": "0 2 * * *", "kind": "echo", "spec": {"message": "m"},
+        "priority": 4, "enabled": False,
+    }  # fmt: skip
+    assert client.schedules() == [schedule]
+    assert client.pause_schedule("s1")["enabled"] is False
+    assert client.delete_schedule("s1") is None
+
+
+def test_the_async_client_maps_errors_as_the_sync_one() -> None:
+    """One mapping (kiln.client_core.api_error) for both transports."""
+    import asyncio
+
+    import httpx
+
+    from kiln import AsyncClient
+
+    answers = {
+        "/api/v1/jobs/gone": (404, {"code": "not_found", "detail": "no such job"}),
+        "/api/v1/keys": (403, {"code": "forbidden", "detail": "admin only"}),
+        "/api/v1/jobs/odd": (502, None),
+    }
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        status, body = answers[request.url.path]
+        return httpx.Response(status, json=body) if body else httpx.Response(status, text="<html>")
+
+    async def errors() -> list[tuple[type, int, str]]:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(reply))
+        async with AsyncClient(URL, "k", http=http) as client:
+            seen = []
+            for call in (client.job("gone"), client.keys(), client.job("odd")):
+                try:
+                    await call
+                except ApiError as exc:
+                    seen.append((type(exc), exc.status, exc.code))
+            return seen
+
+    assert asyncio.run(errors()) == [
+        (NotFoundError, 404, "not_found"),
+        (AuthError, 403, "forbidden"),
+        (ApiError, 502, "http_502"),
+    ]
+
+
+def test_a_non_finite_number_is_refused_by_the_async_client_too() -> None:
+    import asyncio
+
+    from kiln import AsyncClient
+    from kiln.client import InvalidInput
+
+    async def submit() -> None:
+        async with AsyncClient(URL, "k") as client:
+            await client.submit("train", {"lr": float("nan")})
+
+    with pytest.raises(InvalidInput):
+        asyncio.run(submit())

@@ -36,8 +36,8 @@ EXEMPT = {
 }
 #: Listings without a path parameter that show no owner's rows.
 NOT_LISTINGS = {
-    "api.openapi", "api.list_keys", "health.healthz", "health.readyz", "metrics",
-    "ui.home", "ui.signin", "ui.new_job_menu",
+    "api.openapi", "api.list_keys", "api.list_workers", "health.healthz", "health.readyz",
+    "metrics", "ui.home", "ui.signin", "ui.new_job_menu",
 }  # fmt: skip
 
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -258,6 +258,13 @@ def _paths() -> dict[str, Any]:
             ),
             "get": _op("List API keys (admin)", 200, schemas.KeyList),
         },
+        "/api/v1/workers": {
+            "get": _op(
+                "The live workers: host, devices, queues, current job, last heartbeat (admin)",
+                200,
+                schemas.WorkerList,
+            )
+        },
         "/api/v1/keys/{key_id}": {
             "delete": _op(
                 "Revoke an API key (admin)", 200, schemas.KeyOut, params=[_path("key_id")]

@@ -12,12 +12,12 @@ from flask import g, redirect, request, session, url_for
 from db import keys
 from db.models import ApiKey
 from web import session as db_session
-from web.auth import Principal
+from web.auth import SESSION_KEY_ID, Principal
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_KEY = "api_key_id"
+_KEY = SESSION_KEY_ID
 
 
 def sign_in(plaintext: str) -> bool:
