@@ -18,11 +18,12 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db import owned
+from db import owned, webhooks
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
 from kiln.errors import IllegalTransition, InvalidRequest
 from kiln.states import JobState, sources_of
+from kiln.webhooks import Webhook
 
 T = TypeVar("T")
 
@@ -38,6 +39,7 @@ def create(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Insert a queued job; the caller commits, then sends its id to the broker."""
     job = Job(
@@ -49,6 +51,8 @@ def create(
         preemptible=preemptible,
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook else None,
         state=JobState.QUEUED,
         attempt=0,
         progress=0.0,
@@ -63,9 +67,20 @@ def create(
 def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
     """UPDATE the job only if `where` holds; True if this caller won. A write that moves the
     job to another state also requires a state the machine allows that move from
-    (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`."""
+    (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`,
+    and queues the move's webhook event in the same transaction (db.webhooks)."""
     if "state" in values:
         where = and_(where, Job.state.in_(sources_of(JobState(values["state"]))))
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == job_id, where)
+            .values(**values)
+            .returning(*webhooks.RETURNED),
+            execution_options={"synchronize_session": False},
+        ).one_or_none()
+        if moved is not None:
+            webhooks.on_transition(session, moved)
+        return moved is not None
     result = session.execute(
         update(Job).where(Job.id == job_id, where).values(**values),
         execution_options={"synchronize_session": False},
@@ -184,10 +199,14 @@ def report(
         update(Job)
         .where(Job.id == job_id, _holds(attempt))
         .values(progress=clamped, message=message, heartbeat_at=utcnow())
-        .returning(Job.cancel_requested, Job.preempt_for),
+        .returning(Job.cancel_requested, Job.preempt_for, *webhooks.RETURNED),
         execution_options={"synchronize_session": False},
     ).one_or_none()
-    return StopFlags(bool(row[0]), row[1]) if row is not None else None
+    if row is None:
+        return None
+    if row.webhook_url is not None:
+        webhooks.on_progress(session, row)
+    return StopFlags(bool(row.cancel_requested), row.preempt_for)
 
 
 def report_progress(

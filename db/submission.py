@@ -21,6 +21,7 @@ from kiln import routing
 from kiln.broker import Sender
 from kiln.errors import QueueQuotaExceeded
 from kiln.specs import Spec
+from kiln.webhooks import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def queue_job(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
     but not committed; commit_and_send() then makes it real."""
@@ -60,6 +62,7 @@ def queue_job(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
+        webhook=webhook,
     )
 
 

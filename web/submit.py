@@ -13,6 +13,7 @@ from db import submission
 from db.models import Job
 from kiln.settings import Settings
 from kiln.specs import Spec
+from kiln.webhooks import Webhook
 from web import dispatch
 
 
@@ -26,6 +27,7 @@ def submit(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
 
@@ -43,6 +45,7 @@ def submit(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
+        webhook=webhook,
     )
     submission.commit_and_send(db, dispatch.sender(), job)
     return job
