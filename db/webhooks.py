@@ -18,7 +18,7 @@ import functools
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Unpack, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Insert, Row, Table, and_, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -49,7 +49,7 @@ RETURNED = (
 )
 
 #: A row of RETURNED columns (any more columns before them, as db.jobs.report adds).
-JobRow = Row[Unpack[tuple[Any, ...]]]
+JobRow = Row[*tuple[Any, ...]]
 
 #: The event each state a job moves to announces (queued, after a lost worker or a
 #: transient error, announces nothing: the job is still on its way).

@@ -30,6 +30,8 @@ DEFAULT_EVENTS: tuple[Event, ...] = ("succeeded", "failed", "cancelled")
 #: The prefix of every secret (the spec's convention): the rest is base64 of the key bytes.
 SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 _SECRET_BYTES = 32
+#: Spreads retries apart (not a secret: no cryptographic randomness needed).
+_JITTER = random.Random()  # noqa: S311
 #: The longest webhook_url accepted.
 MAX_URL_LENGTH = 2048
 
@@ -90,9 +92,8 @@ def retry_delay_s(
     """How long to wait after the `attempts`-th failed attempt: base * 2**(attempts-1),
     capped at max_s, with "equal jitter" (between half and all of it), so receivers that
     came back are not hit by every waiting message at once."""
-    ceiling = min(max_s, base_s * 2 ** min(max(attempts - 1, 0), 62))
-    uniform = rng.uniform if rng is not None else random.uniform  # jitter, not a secret
-    return ceiling / 2 + uniform(0, ceiling / 2)
+    ceiling = min(max_s, base_s * 2.0 ** min(max(attempts - 1, 0), 62))
+    return ceiling / 2 + (rng or _JITTER).uniform(0, ceiling / 2)
 
 
 def subscribed(events: Iterable[str] | None, event: str) -> bool:
