@@ -3,11 +3,17 @@
     PYTHONPATH=. python bench/chaos.py [--jobs 500] [--kills 10] [--redis-restarts 2]
 
 Starts its own Redis (no persistence, on --redis-port), a fresh PostgreSQL schema (or
---database-url), two real Celery workers and an in-process reconciler, submits the jobs
-through the real Flask API, and meanwhile SIGKILLs a worker (the whole worker, or only its
-pool process) at random moments and kill -9s Redis. Then it waits for quiet and prints:
-jobs lost, jobs stuck, duplicate model versions, batch outputs with missing or duplicated
-rows. Every one must be 0 (exit code 1 otherwise).
+--database-url), two real Celery workers, a real `kiln deliver` process and an in-process
+reconciler, submits the jobs through the real Flask API, and meanwhile SIGKILLs a worker
+(the whole worker, or only its pool process) at random moments, kill -9s Redis, and
+SIGKILLs the delivery process now and then. Then it waits for quiet and prints: jobs lost,
+jobs stuck, duplicate model versions, batch outputs with missing or duplicated rows, and
+terminal jobs whose webhook never reached the test receiver with a valid signature. Every
+one must be 0 (exit code 1 otherwise).
+
+Every job names a webhook on a receiver in this process (tests/webhook_receiver.py), which
+answers 500 to the first try of one message in ten, so retries happen too; signatures are
+checked with the `standardwebhooks` package.
 
 Batch jobs score an uploaded CSV of BATCH_ROWS rows in small chunks (so kills land
 mid-job) and pass its `row_id` through; every succeeded batch output must hold each
@@ -41,12 +47,13 @@ from sqlalchemy.engine import make_url
 
 from db import keys, migrate
 from db.engine import make_engine, make_sessionmaker
-from db.models import Job, ModelVersion
+from db.models import Job, ModelVersion, WebhookMessage
 from kiln import datasets, routing
 from kiln.artifacts import open_store
 from kiln.broker import make_celery
 from kiln.settings import Settings
 from kiln.states import TERMINAL_STATES
+from tests.webhook_receiver import Received, Receiver
 from web import create_app
 from workers.launch import WorkerProcess
 from workers.scheduler import reconcile_once
@@ -77,9 +84,17 @@ def main() -> int:
         rate_limit="",
         max_queued_per_owner=100_000,
         chaos=True,
+        webhook_allow_private=True,  # the receiver is on 127.0.0.1
+        webhook_timeout_s=2.0,
+        webhook_lease_s=3.0,
+        webhook_retry_base_s=0.2,
+        webhook_retry_max_s=1.0,
+        webhook_poll_s=0.2,
     )
     started = time.monotonic()
+    receiver = Receiver(_flaky_receiver)
     workers = [_Worker(f"chaos{n}", settings, work) for n in range(args.workers)]
+    deliverer = _Deliverer(settings, work)
     stop_reconciler = threading.Event()
     reconciler = threading.Thread(target=_reconcile_loop, args=(settings, stop_reconciler))
     reconciler.start()
@@ -91,29 +106,37 @@ def main() -> int:
             _, key = keys.create(session, owner="chaos")
             session.commit()
         headers = {"Authorization": f"Bearer {key}"}
+        secret = client.get("/api/v1/webhooks/secret", headers=headers).get_json()["secret"]
+        receiver.secrets = [secret]  # verified on arrival: the timestamp window is 5 min
         _seed_model(client, headers, sessions)
         dataset_id = _seed_dataset(client, headers, rng)
         plan = mix(rng, args.jobs, dataset_id)
         submitted: list[str] = []
         rejected: list[int] = []
         submitter = threading.Thread(
-            target=_submit_all, args=(client, headers, plan, submitted, rejected, args.rate)
+            target=_submit_all,
+            args=(client, headers, plan, submitted, rejected, args.rate, receiver.url),
         )
         submitter.start()
-        events = _chaos(rng, workers, redis_server, args, submitter, sessions)
+        events = _chaos(rng, workers, redis_server, args, submitter, sessions, deliverer)
         submitter.join()
         quiet = _wait_for_quiet(sessions, submitted, args.quiet_timeout)
+        drained = _wait_for_outbox(sessions, submitted, args.quiet_timeout)
         report = verify(sessions, settings, submitted, rejected)
+        report |= verify_webhooks(sessions, submitted, receiver.snapshot())
     finally:
         stop_reconciler.set()
         reconciler.join()
         for worker in workers:
             worker.stop()
+        deliverer.stop()
+        receiver.close()
         redis_server.stop()
         drop_schema()
     elapsed = time.monotonic() - started
     print(f"chaos: {len(plan)} jobs {dict(collections.Counter(k for k, _ in plan))}")
-    print(f"chaos: events {events}; quiet after {quiet:.1f} s; total {elapsed:.1f} s")
+    print(f"chaos: events {events}; quiet after {quiet:.1f} s; webhooks drained after "
+          f"{drained:.1f} s more; total {elapsed:.1f} s")  # fmt: skip
     print(f"chaos: reconciler {dict(RECONCILED)}")
     for name, value in report.items():
         print(f"  {name:<34} {value}")
@@ -151,6 +174,7 @@ MUST_BE_ZERO = (
     "duplicate model versions",
     "train jobs without a version",
     "batch outputs missing/dup rows",
+    "terminal jobs without a signed webhook",
 )
 
 
@@ -184,6 +208,50 @@ def verify(
         "batch outputs checked": len(scored),
         "batch outputs missing/dup rows": sum(1 for j in scored if not _whole(store, j)),
     }
+
+
+def verify_webhooks(
+    sessions: Any, submitted: list[str], received: list[Received]
+) -> dict[str, Any]:
+    """Every terminal job's terminal event reached the receiver at least once, with a
+    signature the reference library accepts; duplicates (at least once) are counted."""
+    with sessions() as session:
+        ended = dict(
+            session.execute(
+                select(Job.id, Job.state).where(
+                    Job.id.in_(submitted), Job.state.in_(list(TERMINAL_STATES))
+                )
+            ).all()
+        )
+        outbox = collections.Counter(
+            state
+            for (state,) in session.execute(
+                select(WebhookMessage.state).where(WebhookMessage.job_id.in_(submitted))
+            )
+        )
+    arrived: set[tuple[str, str]] = set()
+    bad_signatures = 0
+    for request in received:
+        body = request.verified_on_arrival
+        if body is None:
+            bad_signatures += 1
+            continue
+        arrived.add((body["data"]["id"], body["type"]))
+    ids = collections.Counter(r.webhook_id for r in received)
+    return {
+        "webhook messages by state": dict(outbox),
+        "webhook requests received": len(received),
+        "webhook requests with a bad signature": bad_signatures,
+        "webhook messages received twice or more": sum(1 for n in ids.values() if n > 1),
+        "terminal jobs without a signed webhook": sum(
+            1 for job_id, state in ended.items() if (job_id, f"job.{state}") not in arrived
+        ),
+    }
+
+
+def _flaky_receiver(request: Received, earlier: int) -> int:
+    """500 to the first try of one message in ten (decided by its id), 200 otherwise."""
+    return 500 if earlier == 0 and int(request.webhook_id[-2:], 16) % 10 == 0 else 200
 
 
 def _whole(store: Any, job: Job) -> bool:
@@ -227,11 +295,12 @@ def _submit_all(
     submitted: list[str],
     rejected: list[int],
     rate: float,
+    webhook_url: str,
 ) -> None:
     for kind, spec in plan:
         response = client.post(
             "/api/v1/jobs",
-            json={"kind": kind, "spec": spec},
+            json={"kind": kind, "spec": spec, "webhook_url": webhook_url},
             headers={**headers, "Idempotency-Key": uuid.uuid4().hex},
         )
         if response.status_code == 202:
@@ -248,8 +317,10 @@ def _chaos(
     args: argparse.Namespace,
     submitter: threading.Thread,
     sessions: Any,
+    deliverer: _Deliverer,
 ) -> dict[str, int]:
-    """Kill workers at random moments (and restart Redis twice) until the quotas are met."""
+    """Kill workers at random moments (and restart Redis twice, and the delivery process
+    now and then) until the quotas are met."""
     events = collections.Counter[str]()
     redis_at = sorted(rng.sample(range(1, args.kills), min(args.redis_restarts, args.kills - 1)))
     kills = 0
@@ -264,6 +335,9 @@ def _chaos(
         else:
             continue  # that worker is still starting: no pool process to kill yet
         kills += 1
+        if rng.random() < 0.3:
+            deliverer.kill_and_restart()
+            events["deliverer SIGKILL"] += 1
         if kills in redis_at:
             server.restart()
             events["redis kill -9 + restart"] += 1
@@ -277,6 +351,22 @@ def _busy_worker(rng: random.Random, workers: list[_Worker], sessions: Any) -> _
         running = set(session.scalars(select(Job.worker).where(Job.state == "running")))
     busy = [w for w in workers if any(str(h).startswith(f"{w.name}@") for h in running)]
     return rng.choice(busy or workers)
+
+
+def _wait_for_outbox(sessions: Any, ids: list[str], timeout_s: float) -> float:
+    """Wait until no message of these jobs is pending (delivered, or given up)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        with sessions() as session:
+            pending = session.scalar(
+                select(func.count())
+                .select_from(WebhookMessage)
+                .where(WebhookMessage.job_id.in_(ids), WebhookMessage.state == "pending")
+            )
+        if not pending:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
 
 
 def _wait_for_quiet(sessions: Any, ids: list[str], timeout_s: float) -> float:
@@ -373,6 +463,35 @@ class _Worker:
         for child in children:
             child.kill()
         return 1 if children else 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
+
+
+class _Deliverer:
+    """A real `kiln deliver` process in its own process group."""
+
+    def __init__(self, settings: Settings, work: Path) -> None:
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for field, value in settings.model_dump().items():
+            if value is not None:
+                self.env[f"KILN_{field.upper()}"] = str(value)
+        self.log = (work / "deliver.log").open("ab")
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "deliver"], cwd=ROOT, env=self.env,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def kill_and_restart(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = self._start()
 
     def stop(self) -> None:
         if self.process.poll() is None:

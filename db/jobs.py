@@ -18,11 +18,12 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db import owned
+from db import owned, webhooks
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
 from kiln.errors import IllegalTransition, InvalidRequest
 from kiln.states import JobState, sources_of
+from kiln.webhooks import Webhook
 
 T = TypeVar("T")
 
@@ -39,6 +40,7 @@ def create(
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
     expires_after_s: int | None = None,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Insert a queued job; the caller commits, then sends its id to the broker.
     `expires_after_s`: how long its outputs and log lines outlive it (see Job)."""
@@ -52,6 +54,8 @@ def create(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         expires_after_s=expires_after_s,
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook else None,
         state=JobState.QUEUED,
         attempt=0,
         progress=0.0,
@@ -66,11 +70,22 @@ def create(
 def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
     """UPDATE the job only if `where` holds; True if this caller won. A write that moves the
     job to another state also requires a state the machine allows that move from
-    (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`."""
+    (kiln.states.TRANSITIONS), so no caller can make an illegal move by a loose `where`,
+    and queues the move's webhook event in the same transaction (db.webhooks)."""
     if "state" in values:
         where = and_(where, Job.state.in_(sources_of(JobState(values["state"]))))
         if "finished_at" in values:
             values["expires_at"] = _expiry(session, job_id, values["finished_at"])
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == job_id, where)
+            .values(**values)
+            .returning(*webhooks.RETURNED),
+            execution_options={"synchronize_session": False},
+        ).one_or_none()
+        if moved is not None:
+            webhooks.on_transition(session, moved)
+        return moved is not None
     result = session.execute(
         update(Job).where(Job.id == job_id, where).values(**values),
         execution_options={"synchronize_session": False},
@@ -197,10 +212,14 @@ def report(
         update(Job)
         .where(Job.id == job_id, _holds(attempt))
         .values(progress=clamped, message=message, heartbeat_at=utcnow())
-        .returning(Job.cancel_requested, Job.preempt_for),
+        .returning(Job.cancel_requested, Job.preempt_for, *webhooks.RETURNED),
         execution_options={"synchronize_session": False},
     ).one_or_none()
-    return StopFlags(bool(row[0]), row[1]) if row is not None else None
+    if row is None:
+        return None
+    if row.webhook_url is not None:
+        webhooks.on_progress(session, row)
+    return StopFlags(bool(row.cancel_requested), row.preempt_for)
 
 
 def report_progress(

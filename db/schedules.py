@@ -9,7 +9,7 @@ several slots fires once when it comes back, not once per missed slot.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from croniter import croniter
 from sqlalchemy import select, update
@@ -20,6 +20,7 @@ from db.base import utcnow
 from db.models import ApiKey, Job, Schedule
 from kiln.errors import InvalidSpec
 from kiln.specs import parse_spec
+from kiln.webhooks import DEFAULT_EVENTS, Event, Webhook
 
 
 def check_cron(expression: str) -> str:
@@ -58,6 +59,7 @@ def create(
     spec: dict[str, Any],
     priority: int,
     enabled: bool,
+    webhook: Webhook | None = None,
 ) -> Schedule:
     """Validate the cron line and the job template (the kind's spec, as POST /jobs does)."""
     check_cron(cron)
@@ -71,6 +73,8 @@ def create(
         spec=template,
         priority=priority,
         enabled=enabled,
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook else None,
         next_run_at=next_after(cron, now),
         created_at=now,
     )
@@ -140,6 +144,7 @@ def fire(
         priority=schedule.priority,
         max_queued=max_queued,
         expires_after_s=expires_after_s,
+        webhook=template_webhook(schedule),
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
     session.execute(
@@ -147,6 +152,14 @@ def fire(
         execution_options={"synchronize_session": False},
     )
     return job
+
+
+def template_webhook(schedule: Schedule) -> Webhook | None:
+    """The webhook the schedule's jobs get (its URL is checked again at each delivery)."""
+    if schedule.webhook_url is None:
+        return None
+    events = cast(tuple[Event, ...], tuple(schedule.webhook_events or DEFAULT_EVENTS))
+    return Webhook(schedule.webhook_url, events)
 
 
 def skip(session: Session, schedule: Schedule, was_due: datetime, next_run_at: datetime) -> bool:

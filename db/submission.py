@@ -21,6 +21,7 @@ from kiln import routing
 from kiln.broker import Sender
 from kiln.errors import QueueQuotaExceeded
 from kiln.specs import Spec
+from kiln.webhooks import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def queue_job(
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
     expires_after_s: int | None = None,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
     but not committed; commit_and_send() then makes it real. `expires_after_s`: the
@@ -63,6 +65,7 @@ def queue_job(
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
         expires_after_s=expires_after_s,
+        webhook=webhook,
     )
 
 

@@ -56,6 +56,13 @@ class NoOutput(NotFound):
     code = "no_output"
 
 
+class WebhookRefused(KilnError):
+    """A webhook_url that may not be requested: not http(s), unresolvable, or an address
+    the operator's policy refuses (private, loopback, link-local…)."""
+
+    status, code = 422, "webhook_url_refused"
+
+
 class QueueQuotaExceeded(KilnError):
     """The owner already has max_queued_per_owner jobs waiting (API jobs and schedules)."""
 

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from kiln import egress, webhooks
 from kiln.specs import ARCH_PARAMS
 
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
@@ -35,7 +36,55 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class JobSubmission(BaseModel):
+class WebhookFields(BaseModel):
+    """A job's (or a schedule's job template's) webhook, beside kind and spec
+    (docs/webhooks.md). Only the URL's form is checked here; where it points is checked
+    against the operator's policy by the web (kiln.egress), and again at every delivery."""
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=webhooks.MAX_URL_LENGTH,
+        description="An http(s) URL to POST the job's events to, signed per Standard Webhooks "
+        "with the owner's secret (GET /api/v1/webhooks/secret). Private and loopback "
+        "addresses are refused unless the operator allows them.",
+    )
+    webhook_events: list[webhooks.Event] | None = Field(
+        default=None,
+        min_length=1,
+        description="Which events to send (default: succeeded, failed, cancelled). progress "
+        "events come at most every 5 s, when the whole percent changed.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            egress.check_syntax(url)  # egress.Refused is a ValueError: a field error
+        return url
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct_events(cls, events: list[str] | None) -> list[str] | None:
+        if events is not None and len(set(events)) != len(events):
+            raise ValueError("events must be distinct")
+        return events
+
+    @model_validator(mode="after")
+    def _events_need_a_url(self) -> WebhookFields:
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
+
+    @property
+    def webhook(self) -> webhooks.Webhook | None:
+        """The webhook asked for, with the default events filled in; None if none."""
+        if self.webhook_url is None:
+            return None
+        events = tuple(self.webhook_events or webhooks.DEFAULT_EVENTS)
+        return webhooks.Webhook(self.webhook_url, events)
+
+
+class JobSubmission(WebhookFields):
     model_config = _REQUEST
 
     kind: str = Field(
@@ -80,6 +129,8 @@ class JobOut(Out):
     device: str | None
     result: dict[str, Any] | None
     error: JobError | None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None
@@ -330,7 +381,7 @@ class Problem(BaseModel):
     errors: list[ProblemDetail] = Field(default_factory=list)
 
 
-class ScheduleRequest(BaseModel):
+class ScheduleRequest(WebhookFields):
     """A cron schedule that submits a job from this template."""
 
     model_config = _REQUEST
@@ -354,6 +405,8 @@ class ScheduleOut(Out):
     spec: dict[str, Any]
     priority: int
     enabled: bool
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
     last_run_at: datetime | None
     last_job_id: str | None
@@ -365,3 +418,49 @@ class ScheduleOut(Out):
 
 class ScheduleList(BaseModel):
     schedules: list[ScheduleOut]
+
+
+class DeliveryAttemptOut(Out):
+    """One attempt to deliver a webhook message."""
+
+    number: int = Field(description="1 for the first attempt.")
+    at: datetime = Field(description="When the attempt started (or, for a lost one, was found).")
+    outcome: Literal["delivered", "failed"] = Field(
+        description="delivered: the receiver answered 2xx; failed: anything else."
+    )
+    status_code: int | None = Field(description="The receiver's HTTP status; null: no answer.")
+    latency_ms: float | None
+    error: str | None = Field(description="Why the attempt failed (a timeout, a refusal…).")
+
+
+class WebhookMessageOut(Out):
+    """One event of a job and its delivery so far."""
+
+    id: str = Field(description="The webhook-id header: the same on every attempt.")
+    event: str
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending (to be tried, again), delivered, or failed (given up)."
+    )
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="When it is tried next, if pending.")
+    delivered_at: datetime | None
+    deliveries: list[DeliveryAttemptOut]
+
+
+class DeliveryList(BaseModel):
+    job_id: str
+    messages: list[WebhookMessageOut]
+
+
+class WebhookSecretOut(BaseModel):
+    """The caller's webhook signing secret (a receiver verifies with it)."""
+
+    secret: str = Field(description="whsec_… : signs every delivery.")
+    previous_secret: str | None = Field(
+        description="The secret before the last rotation, still signing (a second "
+        "signature in webhook-signature) until previous_valid_until."
+    )
+    previous_valid_until: datetime | None
+    rotated_at: datetime | None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kiln import routing
+from kiln import egress, routing
 
 
 class Settings(BaseSettings):
@@ -106,6 +106,28 @@ class Settings(BaseSettings):
     #: A scratch folder or artifact that nothing refers to is removed only once it is this
     #: old: an upload being recorded, or a job output not yet written to its job, is young.
     sweep_grace_s: float = Field(default=86400.0, ge=0)
+    #: Webhooks (docs/webhooks.md). A webhook_url must resolve to public addresses only;
+    #: allow_private lifts that (tests, a receiver on the operator's own network), and
+    #: allowed_cidrs ("10.1.0.0/16,fd00::/8") allows just those networks.
+    webhook_allow_private: bool = False
+    webhook_allowed_cidrs: str = ""
+    #: One delivery attempt's deadline (connect, send, the answer's headers).
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: Retries: base * 2**(n-1) after the n-th failure, capped at max, with jitter; a
+    #: message still undelivered max_age_s after its event is given up.
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    webhook_max_age_s: float = Field(default=72 * 3600.0, gt=0)
+    #: A delivery process holds the messages it is sending this long; one that dies
+    #: leaves them to another (or to itself, restarted) once the lease runs out. Must be
+    #: longer than webhook_timeout_s.
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    #: Messages one delivery process sends at once (threads).
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    #: How often an idle delivery process looks for due messages.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
+    #: After a secret rotation the old secret still signs (beside the new) this long.
+    webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
     #: Signs the browser UI's session cookie; empty means one generated once and kept in
     #: data_dir/secret_key (mode 0600), so every web process and restart shares it.
     secret_key: str = Field(default="", repr=False)
@@ -120,6 +142,23 @@ class Settings(BaseSettings):
     def lane_sizes(self) -> dict[routing.Lane, int]:
         """KILN_LANES parsed: worker processes per device for each lane."""
         return routing.parse_lanes(self.lanes)
+
+    @field_validator("webhook_allowed_cidrs")
+    @classmethod
+    def _check_cidrs(cls, setting: str) -> str:
+        egress.Policy.parse(False, setting)  # ValueError names the bad network
+        return setting
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_delivery(self) -> Settings:
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError("KILN_WEBHOOK_LEASE_S must be longer than KILN_WEBHOOK_TIMEOUT_S")
+        return self
+
+    @property
+    def egress_policy(self) -> egress.Policy:
+        """Where webhooks may go (kiln.egress)."""
+        return egress.Policy.parse(self.webhook_allow_private, self.webhook_allowed_cidrs)
 
     @field_validator("database_url")
     @classmethod

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from celery import Celery
 from flask import Flask, Response, current_app, g, request
@@ -189,9 +190,7 @@ def _broker_depths(celery: Celery, queues_in_use: list[str]) -> list[Metric]:
         with celery.connection_for_read() as connection:
             # Fail fast when Redis is down: a scrape must not hang on reconnect attempts.
             connection.ensure_connection(max_retries=1, timeout=2)
-            consumed = [
-                q for w in presence.live(connection.default_channel.client) for q in w.queues
-            ]
+            consumed = _consumed_queues(connection)
         names = sorted({*shared, *queues_in_use, *consumed})
         for name in names:
             depth.add_metric([name], queue_length(celery, name))
@@ -200,6 +199,15 @@ def _broker_depths(celery: Celery, queues_in_use: list[str]) -> list[Metric]:
         return [up]
     up.add_metric([], 1)
     return [depth, up]
+
+
+def _consumed_queues(connection: Any) -> list[str]:
+    """The queues live workers consume, from their presence records in Redis; none on a
+    broker that is not Redis (the in-memory one of tests and single-process runs)."""
+    client = getattr(connection.default_channel, "client", None)
+    if client is None:
+        return []
+    return [q for w in presence.live(client) for q in w.queues]
 
 
 def _age(then: datetime, now: datetime) -> float:

@@ -13,6 +13,7 @@ from db import submission
 from db.models import Job
 from kiln.settings import Settings
 from kiln.specs import Spec
+from kiln.webhooks import Webhook
 from web import dispatch
 
 
@@ -27,6 +28,7 @@ def submit(
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
     expires_after_s: int | None = None,
+    webhook: Webhook | None = None,
 ) -> Job:
     """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
 
@@ -46,6 +48,7 @@ def submit(
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
         expires_after_s=expires_after_s or settings.retention_s,
+        webhook=webhook,
     )
     submission.commit_and_send(db, dispatch.sender(), job)
     return job

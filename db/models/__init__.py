@@ -5,5 +5,18 @@ from db.models.datasets import Dataset
 from db.models.jobs import Job, JobEvent, Metric
 from db.models.registry import Model, ModelVersion
 from db.models.schedules import Schedule
+from db.models.webhooks import WebhookDelivery, WebhookMessage, WebhookSecret
 
-__all__ = ["ApiKey", "Dataset", "Job", "JobEvent", "Metric", "Model", "ModelVersion", "Schedule"]
+__all__ = [
+    "ApiKey",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "Metric",
+    "Model",
+    "ModelVersion",
+    "Schedule",
+    "WebhookDelivery",
+    "WebhookMessage",
+    "WebhookSecret",
+]

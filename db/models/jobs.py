@@ -98,6 +98,9 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     #: sha256 of the canonical submission body sent with the Idempotency-Key.
     idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    #: Where the job's events are POSTed (docs/webhooks.md), and which events; None: none.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,5 +1,5 @@
 """The server commands of `kiln`: they run Kiln's processes on its own hosts (run, web,
-worker, scheduler, migrate) and manage keys in the database. The one module of `kiln`
+worker, scheduler, deliver, migrate) and manage keys in the database. The one module of `kiln`
 allowed to import `db` and `workers` (tests/unit/test_boundaries.py enforces it); it does
 so inside the commands, so `kiln --help` and the client commands load neither."""
 
@@ -35,14 +35,15 @@ def _settings() -> Settings:
 
 
 @server_command
-@click.command(short_help="Web, workers and scheduler together (foreground).")
+@click.command(short_help="Web, workers, scheduler and deliverer together (foreground).")
 @click.option(
     "--outlive-parent",
     is_flag=True,
     help="Keep running when the process that started it (a shell, make) dies.",
 )
 def run(outlive_parent: bool) -> None:
-    """Web, workers and scheduler together, in the foreground; Ctrl-C stops them all.
+    """Web, workers, scheduler and webhook deliverer together, in the foreground; Ctrl-C
+    stops them all.
 
     They stop with it however it dies, and it stops (gracefully, as on SIGTERM) when the
     process that started it dies, unless --outlive-parent."""
@@ -66,7 +67,7 @@ def run(outlive_parent: bool) -> None:
     try:
         _migrate(settings)
         supervisor = Supervisor(restart=True)
-        for role in ("web", "worker", "scheduler"):
+        for role in ("web", "worker", "scheduler", "deliver"):
             supervisor.add(role, [sys.executable, "-m", "kiln.cli", role], env)
         log.info("event=serving url=http://%s:%d (Ctrl-C stops it)", settings.host, settings.port)
         code = supervisor.run()
@@ -163,6 +164,16 @@ def sweep(dry_run: bool) -> None:
         f"{report.count(kind)} {kind}" for kind in ("job", "artifact", "scratch", "stored")
     )
     click.echo(f"{verb}: {counts}", err=True)
+
+
+@server_command
+@click.command(short_help="Send job webhooks from the outbox.")
+def deliver() -> None:
+    """Send job webhooks: due messages of the outbox, signed, retried with back-off
+    (docs/webhooks.md). Any number may run."""
+    from workers.deliver import run_forever as deliver_forever
+
+    deliver_forever(_settings())
 
 
 @server_command
@@ -263,4 +274,4 @@ def _database() -> Iterator[Any]:
 
 
 #: What kiln.cli adds to the `kiln` group.
-COMMANDS = [run, web, worker, scheduler, migrate, sweep, keys_group]
+COMMANDS = [run, web, worker, scheduler, deliver, migrate, sweep, keys_group]

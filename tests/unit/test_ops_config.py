@@ -33,9 +33,9 @@ def procfile() -> dict[str, str]:
     return entries
 
 
-def test_procfile_runs_web_worker_and_scheduler_through_kiln_commands() -> None:
+def test_procfile_runs_web_worker_scheduler_and_deliver_through_kiln_commands() -> None:
     entries = procfile()
-    assert set(entries) == {"web", "worker", "scheduler"}
+    assert set(entries) == {"web", "worker", "scheduler", "deliver"}
     for name, command in entries.items():
         program, subcommand = command.split()
         assert program == "kiln"
@@ -49,7 +49,7 @@ def test_honcho_accepts_the_procfile() -> None:
         [sys.executable, "-m", "honcho", "check"], cwd=ROOT, capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stderr
-    assert "web, worker, scheduler" in checked.stderr + checked.stdout
+    assert "web, worker, scheduler, deliver" in checked.stderr + checked.stdout
 
 
 def exported_names(client: FlaskClient) -> set[str]:

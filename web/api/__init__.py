@@ -24,5 +24,6 @@ from web.api import (  # noqa: E402, F401  (register routes)
     models,
     openapi,
     schedules,
+    webhooks,
     workers,
 )

@@ -23,7 +23,7 @@ from kiln.schemas import (
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
-from web import session, storage
+from web import session, storage, webhooks
 from web.api import bp
 from web.api.body import answer, json_body, parse
 from web.auth import principal
@@ -54,6 +54,7 @@ def submit_job() -> Response:
     db = session.get()
     if key and (earlier := jobs.find_idempotent(db, owner, key)) is not None:
         return _replay(earlier, fingerprint)
+    webhook = webhooks.checked(submission.webhook)
     try:
         job = submit(
             db,
@@ -65,6 +66,7 @@ def submit_job() -> Response:
             expires_after_s=submission.expires_after,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
+            webhook=webhook,
         )
     except IntegrityError:
         # A concurrent request with the same key won the unique (owner, key) constraint.
@@ -165,6 +167,12 @@ def job_events(job_id: str) -> Response:
     limit = _int_arg("limit", 500, 1, 5000)
     found = jobs.events(session.get(), job.id, after=after, limit=limit)
     return answer(EventPage(events=[EventOut.model_validate(e) for e in found]))
+
+
+@bp.get("/jobs/<job_id>/deliveries")
+def job_deliveries(job_id: str) -> Response:
+    """The job's webhook messages and every attempt to deliver each (docs/webhooks.md)."""
+    return answer(webhooks.deliveries(session.get(), _owned(job_id).id))
 
 
 @bp.get("/jobs/<job_id>/output")

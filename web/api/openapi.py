@@ -158,6 +158,24 @@ def _paths() -> dict[str, Any]:
                 params=[*job, _query("after", "integer"), _query("limit", "integer")],
             )
         },
+        "/api/v1/jobs/{job_id}/deliveries": {
+            "get": _op(
+                "A job's webhook messages and every delivery attempt",
+                200,
+                schemas.DeliveryList,
+                params=job,
+            )
+        },
+        "/api/v1/webhooks/secret": {
+            "get": _op("Your webhook signing secret", 200, schemas.WebhookSecretOut)
+        },
+        "/api/v1/webhooks/secret/rotate": {
+            "post": _op(
+                "Rotate your webhook signing secret (the old one signs too for a grace period)",
+                200,
+                schemas.WebhookSecretOut,
+            )
+        },
         "/api/v1/jobs/{job_id}/output": {
             "get": _file_op("A job's output file (batch_predict predictions)", job)
         },

@@ -7,7 +7,7 @@ from flask import Response
 from db import schedules
 from db.models import Schedule
 from kiln.schemas import ScheduleList, ScheduleOut, ScheduleRequest
-from web import session
+from web import session, webhooks
 from web.api import bp
 from web.api.body import answer, parse
 from web.auth import principal
@@ -28,6 +28,7 @@ def create_schedule() -> Response:
         spec=wanted.spec,
         priority=wanted.priority,
         enabled=wanted.enabled,
+        webhook=webhooks.checked(wanted.webhook),
     )
     db.commit()
     return answer(_out(schedule), 201, {"Location": f"/api/v1/schedules/{schedule.id}"})

@@ -1,5 +1,5 @@
-"""Jobs pages: the list (live, a page at a time), one job (live status, log, chart data),
-cancel, delete, downloads."""
+"""Jobs pages: the list (live, a page at a time), one job (live status, log, chart data,
+webhook deliveries), cancel, delete, downloads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from db.models import Job
 from kiln.errors import KilnError
 from kiln.specs import KINDS
 from kiln.states import JobState
-from web import session, storage
+from web import session, storage, webhooks
 from web.ui import auth, bp
 
 _LIST_LIMIT = 100
@@ -73,6 +73,7 @@ def job(job_id: str) -> str:
         spec_json=json.dumps(found.spec, indent=2),
         **_status(found),
         **_log(found),
+        **_webhooks(found),
         # Charts for a training job, or for any job that has points to draw.
         has_metrics=job_store.has_metrics(session.get(), found.id),
     )
@@ -93,6 +94,25 @@ def job_log(job_id: str) -> str:
     found = _owned(job_id)
     terminal = JobState(found.state).is_terminal
     return render_template("_job_log.html", job=found, terminal=terminal, **_log(found))
+
+
+@bp.get("/jobs/<job_id>/webhooks")
+@auth.signed_in
+def job_webhooks(job_id: str) -> str:
+    """The webhook deliveries: what the job page's third htmx poll swaps in."""
+    found = _owned(job_id)
+    return render_template("_job_webhooks.html", job=found, **_webhooks(found))
+
+
+def _webhooks(found: Job) -> dict[str, Any]:
+    if found.webhook_url is None:
+        return {}
+    listed = webhooks.deliveries(session.get(), found.id)
+    waiting = any(m.state == "pending" for m in listed.messages)
+    return {
+        "deliveries": listed,
+        "webhooks_polling": waiting or not JobState(found.state).is_terminal,
+    }
 
 
 def _status(found: Job) -> dict[str, Any]:
