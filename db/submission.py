@@ -46,6 +46,8 @@ def queue_job(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     preemptible: bool = True,
+    tags: dict[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
     but not committed; commit_and_send() then makes it real."""
@@ -60,6 +62,8 @@ def queue_job(
         idempotency_key=idempotency_key,
         idempotency_fingerprint=idempotency_fingerprint,
         preemptible=preemptible,
+        tags=tags,
+        deadline_s=deadline_s,
     )
 
 

@@ -92,10 +92,19 @@ class Client:
         spec: dict[str, Any],
         priority: int = 0,
         idempotency_key: str | None = None,
+        *,
+        tags: dict[str, str] | None = None,
+        deadline_s: float | None = None,
     ) -> dict[str, Any]:
         """Queue a job; the server validates `spec` with the kind's schema (422 if wrong).
-        With an `idempotency_key`, retrying the same call returns the same job."""
-        body = {"kind": kind, "spec": spec, "priority": priority}
+        With an `idempotency_key`, retrying the same call returns the same job. `tags`
+        label it (at most 16; list by them with jobs(tags=...)); past `deadline_s` seconds
+        from now it is cancelled, queued or running."""
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
+        if tags:
+            body["tags"] = tags
+        if deadline_s is not None:
+            body["deadline_s"] = deadline_s
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json("POST", "/jobs", json=body, headers=headers)
 
@@ -103,10 +112,18 @@ class Client:
         return self._json("GET", f"/jobs/{job_id}")
 
     def jobs(
-        self, state: str | None = None, kind: str | None = None, limit: int | None = None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        *,
+        tags: list[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Your jobs, newest first, following the pages until `limit` (or the end)."""
+        """Your jobs, newest first, following the pages until `limit` (or the end); `tags`
+        (["team:nlp", "env"]) keeps those carrying every one (`key` alone: any value)."""
         params: dict[str, Any] = {"state": state, "kind": kind, "limit": min(limit or 200, 200)}
+        if tags:
+            params["tag"] = list(tags)
         seen = 0
         while True:
             page = self._json("GET", "/jobs", params=params)

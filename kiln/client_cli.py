@@ -89,6 +89,21 @@ def _print_json(value: Any) -> None:
     help="A YAML or JSON file: {kind, spec, priority}, or the spec alone.",
 )
 @click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
+@click.option(
+    "--tag",
+    "tag_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Label the job (repeat, at most 16): --tag team=nlp; list by it with "
+    "`kiln jobs --tag team:nlp`.",
+)
+@click.option(
+    "--deadline",
+    "deadline_s",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Cancel the job if it has not finished this many seconds after submission.",
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
 @click.option(
     "--idempotency-key",
@@ -99,6 +114,8 @@ def submit(
     ctx: click.Context,
     spec_file: Path | None,
     priority: int | None,
+    tag_pairs: tuple[str, ...],
+    deadline_s: float | None,
     then_wait: bool,
     idempotency_key: str | None,
 ) -> None:
@@ -115,12 +132,17 @@ def submit(
     kind = kind or body.get("kind")
     if not kind:
         raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
+    tags = dict(body.get("tags") or {}) | _tags(tag_pairs)
+    if deadline_s is None:
+        deadline_s = body.get("deadline_s")
     remote = _remote()
     job = remote.client().submit(
         kind,
         spec,
         priority if priority is not None else body.get("priority", 0),
         idempotency_key=idempotency_key,
+        tags=tags or None,
+        deadline_s=deadline_s,
     )
     if remote.as_json and not then_wait:
         _print_json(job)
@@ -134,6 +156,17 @@ def submit(
         _report(finished, result_to_stdout=remote.as_json)
 
 
+def _tags(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--tag KEY=VALUE flags as a mapping (the server checks what a tag may hold)."""
+    tags: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--tag {pair!r}: give KEY=VALUE, e.g. --tag team=nlp")
+        tags[key] = value
+    return tags
+
+
 def _read_spec_file(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -144,7 +177,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise click.UsageError(f"{path} must hold a mapping")
     if "spec" in loaded or "kind" in loaded:
-        unknown = set(loaded) - {"kind", "spec", "priority"}
+        unknown = set(loaded) - {"kind", "spec", "priority", "tags", "deadline_s"}
         if unknown:
             raise click.UsageError(f"{path}: unknown keys {sorted(unknown)}; put them in spec")
         return loaded
@@ -205,6 +238,12 @@ def status(job_id: str) -> None:
     message = "" if _repeats_state(job) else job["message"]
     line = f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {message}"
     click.echo(line.rstrip())
+    if job.get("tags"):
+        click.echo("tags " + " ".join(f"{k}={v}" for k, v in job["tags"].items()))
+    if standing := queue_standing(job):
+        click.echo(standing)
+    if job.get("deadline_at"):
+        click.echo(f"deadline {job['deadline_at']} ({job['deadline_s']:g} s after submission)")
     if job.get("worker"):
         click.echo(f"worker {job['worker']} device {job['device']} attempt {job['attempt']}")
     if job.get("error"):
@@ -213,19 +252,54 @@ def status(job_id: str) -> None:
         click.echo("result " + json.dumps(job["result"]))
 
 
+def queue_standing(job: dict[str, Any]) -> str:
+    """A queued job's place and estimated start ("3rd in queue gpu, starts in about 2 min");
+    empty for any other job."""
+    position = job.get("queue_position")
+    if job.get("state") != JobState.QUEUED or position is None:
+        return ""
+    line = f"position {position} in queue {job.get('queue', '')}".rstrip()
+    start = job.get("estimated_start_at")
+    if start:
+        from datetime import UTC, datetime
+
+        wait_s = (datetime.fromisoformat(start) - datetime.now(UTC)).total_seconds()
+        line += ", starts in about " + _duration(wait_s) if wait_s > 1 else ", starts soon"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @click.command(name="jobs")
 @click.option("--state", type=click.Choice([s.value for s in JobState]))
 @click.option("--kind")
+@click.option(
+    "--tag",
+    "tag_filters",
+    multiple=True,
+    metavar="KEY:VALUE",
+    help="Only jobs with this tag (repeat: all of them); KEY alone matches any value.",
+)
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
-def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
+def list_jobs(
+    state: str | None, kind: str | None, tag_filters: tuple[str, ...], limit: int
+) -> None:
     """Your jobs, newest first."""
     remote = _remote()
-    found = list(remote.client().jobs(state=state, kind=kind, limit=limit))
+    found = list(remote.client().jobs(state=state, kind=kind, limit=limit, tags=list(tag_filters)))
     if remote.as_json:
         _print_json(found)
         return
     for job in found:
-        click.echo(f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}")
+        tags = " ".join(f"{k}={v}" for k, v in (job.get("tags") or {}).items())
+        line = f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}  {tags}"
+        click.echo(line.rstrip())
 
 
 @click.command(short_help="Wait for a job (progress bar); exit 0 if it succeeded.")
@@ -259,7 +333,7 @@ def status_line(job: dict[str, Any], latest: str = "") -> str:
     """The state, the job's message and its latest metrics, each said once: a finished
     job's message is often its state again ("succeeded")."""
     message = "" if _repeats_state(job) else job.get("message") or ""
-    return " ".join(filter(None, [job["state"], message, latest]))
+    return " ".join(filter(None, [job["state"], message, queue_standing(job), latest]))
 
 
 def _repeats_state(job: dict[str, Any]) -> bool:

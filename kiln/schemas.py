@@ -19,6 +19,10 @@ from pydantic import (
 )
 
 from kiln.specs import ARCH_PARAMS
+from kiln.tags import MAX_TAGS, TagKey, TagValue
+
+#: The longest deadline_s a job may ask for (30 days): longer is no deadline at all.
+MAX_DEADLINE_S = 30 * 24 * 3600.0
 
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
 #: refused as "finite number" errors, never stored as null).
@@ -41,6 +45,21 @@ class JobSubmission(BaseModel):
         default=True,
         description="Whether a bulk job may be stopped (and later resumed where it stopped) "
         "for a waiting job of higher priority; false opts out.",
+    )
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict,
+        max_length=MAX_TAGS,
+        description=f"Up to {MAX_TAGS} key-value labels (team: nlp); list jobs by them with "
+        "GET /jobs?tag=team:nlp. Keys: 1-64 letters, digits, _ . - /; values: 1-128 of "
+        "those or : @ +.",
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        description="Seconds from submission after which the job is cancelled: a queued "
+        "job never starts, a running one stops at its next step (the job's error says "
+        "'deadline of N s passed'). Separate from the server's KILN_JOB_TIME_LIMIT_S.",
     )
 
 
@@ -67,6 +86,22 @@ class JobOut(Out):
     device: str | None
     result: dict[str, Any] | None
     error: JobError | None
+    tags: dict[str, str] = Field(default_factory=dict)
+    deadline_s: float | None = None
+    deadline_at: datetime | None = Field(
+        default=None, description="created_at + deadline_s: when the job is cancelled."
+    )
+    queue_position: int | None = Field(
+        default=None,
+        description="While queued, when read alone (GET /jobs/<id>): 1 when it is next on "
+        "its queue; jobs of higher priority, then older ones, go first.",
+    )
+    estimated_start_at: datetime | None = Field(
+        default=None,
+        description="While queued, when read alone: when it should start, from the recent "
+        "durations of the jobs ahead of it and the workers serving its queue; null when "
+        "no durations are recorded yet.",
+    )
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None

@@ -2,8 +2,18 @@
 
 from db.models.auth import ApiKey
 from db.models.datasets import Dataset
-from db.models.jobs import Job, JobEvent, Metric
+from db.models.jobs import Job, JobEvent, JobTag, Metric
 from db.models.registry import Model, ModelVersion
 from db.models.schedules import Schedule
 
-__all__ = ["ApiKey", "Dataset", "Job", "JobEvent", "Metric", "Model", "ModelVersion", "Schedule"]
+__all__ = [
+    "ApiKey",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "JobTag",
+    "Metric",
+    "Model",
+    "ModelVersion",
+    "Schedule",
+]

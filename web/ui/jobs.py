@@ -10,9 +10,11 @@ from flask import abort, jsonify, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import jobs as job_store
+from db import queue_estimate
 from db.models import Job
 from kiln.specs import KINDS
 from kiln.states import JobState
+from kiln.tags import MAX_TAGS, parse_filter
 from web import session, storage
 from web.ui import auth, bp
 
@@ -38,19 +40,40 @@ def jobs_table() -> str:
     return render_template("_jobs_table.html", **_listing())
 
 
+def _tag_filters() -> tuple[list[str], str]:
+    """The list's tag filters: `tag` arguments (repeatable; the form's field may hold
+    several separated by spaces), and what was wrong with any left out."""
+    given = [text for arg in request.args.getlist("tag") for text in arg.split()]
+    kept, problems = [], []
+    for text in given[:MAX_TAGS]:
+        try:
+            parse_filter(text)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            kept.append(text)
+    if len(given) > MAX_TAGS:
+        problems.append(f"at most {MAX_TAGS} tag filters; the rest were left out")
+    return kept, "; ".join(problems)
+
+
 def _listing() -> dict[str, Any]:
     state = request.args.get("state", "")
     kind = request.args.get("kind", "")
     cursor = request.args.get("cursor") or None
+    tags, tag_error = _tag_filters()
     page = job_store.listed(
         session.get(),
         auth.current().visible_owner,
         state=JobState(state) if state in _STATES else None,
         kind=kind or None,
+        tags=[parse_filter(text) for text in tags],
         cursor=cursor,
         limit=_LIST_LIMIT,
     )
     return {
+        "tags": tags,
+        "tag_error": tag_error,
         "jobs": page.jobs,
         "cursor": cursor,
         "next_cursor": page.next_cursor,
@@ -97,6 +120,7 @@ def job_log(job_id: str) -> str:
 def _status(found: Job) -> dict[str, Any]:
     return {
         "terminal": JobState(found.state).is_terminal,
+        "standing": queue_estimate.estimate(session.get(), found),
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
     }
