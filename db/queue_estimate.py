@@ -56,20 +56,8 @@ def estimate(session: Session, job: Job, now: datetime | None = None) -> QueueEs
         )
     ).all()
     kinds = set(ahead) | {kind for kind, _, _ in running}
-    durations: dict[str, list[float]] = {}
-    workers = {worker for _, _, worker in running if worker}
-
-    def sample(kind: str) -> None:
-        for started, finished, worker in _recent(session, job.queue, kind):
-            durations.setdefault(kind, []).append((finished - started).total_seconds())
-            if worker and now - finished <= WORKERS_SEEN:
-                workers.add(worker)
-
-    for kind in sorted(kinds):
-        sample(kind)
-    if not kinds <= set(durations):  # a kind with no history borrows the queue's median
-        for kind in sorted(set(KINDS) - kinds):
-            sample(kind)
+    durations, workers = _history(session, job.queue, kinds, now)
+    workers |= {worker for _, _, worker in running if worker}
     position = sum(ahead.values()) + 1
     if not kinds:
         return QueueEstimate(position, now)  # nothing ahead, nothing running: next up
@@ -82,6 +70,29 @@ def estimate(session: Session, job: Job, now: datetime | None = None) -> QueueEs
         elapsed = (now - began).total_seconds() if began else 0.0
         work += max(median[kind] - elapsed, 0.0)
     return QueueEstimate(position, now + timedelta(seconds=work / max(len(workers), 1)))
+
+
+def _history(
+    session: Session, queue: str, kinds: set[str], now: datetime
+) -> tuple[dict[str, list[float]], set[str]]:
+    """Recent durations of `kinds` on `queue` (and, when one of them has none, of the
+    queue's other kinds, whose median it borrows), and the workers that finished them
+    within WORKERS_SEEN."""
+    durations: dict[str, list[float]] = {}
+    workers: set[str] = set()
+
+    def sample(kind: str) -> None:
+        for started, finished, worker in _recent(session, queue, kind):
+            durations.setdefault(kind, []).append((finished - started).total_seconds())
+            if worker and now - finished <= WORKERS_SEEN:
+                workers.add(worker)
+
+    for kind in sorted(kinds):
+        sample(kind)
+    if not kinds <= set(durations):
+        for kind in sorted(set(KINDS) - kinds):
+            sample(kind)
+    return durations, workers
 
 
 def _ahead_by_kind(session: Session, job: Job) -> dict[str, int]:
