@@ -58,6 +58,8 @@ def create(
     spec: dict[str, Any],
     priority: int,
     enabled: bool,
+    tags: dict[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> Schedule:
     """Validate the cron line and the job template (the kind's spec, as POST /jobs does)."""
     check_cron(cron)
@@ -71,6 +73,8 @@ def create(
         spec=template,
         priority=priority,
         enabled=enabled,
+        tags=tags or None,
+        deadline_s=deadline_s,
         next_run_at=next_after(cron, now),
         created_at=now,
     )
@@ -138,6 +142,8 @@ def fire(
         spec=spec,
         priority=schedule.priority,
         max_queued=max_queued,
+        tags=schedule.tags,
+        deadline_s=schedule.deadline_s,
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
     session.execute(

@@ -317,6 +317,15 @@ class ScheduleRequest(BaseModel):
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
     priority: int = Field(default=0, ge=0, le=9)
     enabled: bool = True
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict, max_length=MAX_TAGS, description="Tags of each job it submits."
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        description="Each job it submits is cancelled this many seconds after it was queued.",
+    )
 
 
 class ScheduleOut(Out):
@@ -328,6 +337,8 @@ class ScheduleOut(Out):
     spec: dict[str, Any]
     priority: int
     enabled: bool
+    tags: dict[str, str] = Field(default_factory=dict)
+    deadline_s: float | None = None
     next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
     last_run_at: datetime | None
     last_job_id: str | None
@@ -335,6 +346,11 @@ class ScheduleOut(Out):
     upcoming: list[datetime] = Field(
         default_factory=list, description="The next few run times (UTC)."
     )
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _no_tags(cls, tags: dict[str, str] | None) -> dict[str, str]:
+        return tags or {}  # schedules made before tags existed hold NULL
 
 
 class ScheduleList(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, Integer, String
+from sqlalchemy import JSON, Float, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, UTCDateTime, new_id, utcnow
@@ -24,6 +24,9 @@ class Schedule(Base):
     kind: Mapped[str] = mapped_column(String(32))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: The tags and deadline_s each job it submits carries (as POST /jobs takes them).
+    tags: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    deadline_s: Mapped[float | None] = mapped_column(Float)
     enabled: Mapped[bool] = mapped_column(default=True)
     #: When the schedule fires next; moved forward (compare-and-set) each time it fires.
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)

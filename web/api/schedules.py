@@ -28,6 +28,8 @@ def create_schedule() -> Response:
         spec=wanted.spec,
         priority=wanted.priority,
         enabled=wanted.enabled,
+        tags=wanted.tags,
+        deadline_s=wanted.deadline_s,
     )
     db.commit()
     return answer(_out(schedule), 201, {"Location": f"/api/v1/schedules/{schedule.id}"})

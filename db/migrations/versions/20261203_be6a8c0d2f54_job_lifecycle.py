@@ -1,4 +1,5 @@
-"""job lifecycle: job_tags, deadline_s and deadline_at on jobs, queue-estimate index
+"""job lifecycle: job_tags, deadline_s and deadline_at on jobs, queue-estimate index,
+tags and deadline_s on schedules
 
 Revision ID: be6a8c0d2f54
 Revises: 5e1a7c3b9d20
@@ -30,6 +31,9 @@ def upgrade() -> None:
             ["queue", "kind", "state", "finished_at"],
             unique=False,
         )
+    with op.batch_alter_table("schedules", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("tags", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("deadline_s", sa.Float(), nullable=True))
     op.create_table(
         "job_tags",
         sa.Column("job_id", sa.String(length=32), nullable=False),
@@ -48,6 +52,9 @@ def downgrade() -> None:
     with op.batch_alter_table("job_tags", schema=None) as batch_op:
         batch_op.drop_index("ix_job_tags_key_value")
     op.drop_table("job_tags")
+    with op.batch_alter_table("schedules", schema=None) as batch_op:
+        batch_op.drop_column("deadline_s")
+        batch_op.drop_column("tags")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_queue_kind_state_finished")
         batch_op.drop_index("ix_jobs_state_deadline")
