@@ -158,6 +158,27 @@ def test_other_columns_than_the_source_output_fail_the_merge_with_the_reason(
     assert "same passthrough and probabilities" in retry.error_message
 
 
+@SQLITE_ONLY
+def test_a_retry_past_the_error_fraction_fails_with_its_error_file_in_dataset_numbers(
+    runtime, sessions, tmp_path
+):
+    register(sessions, runtime.store, tmp_path)
+    bad = _with_bad_rows(feature_table(30), (4, 25))
+    dataset = _dataset(runtime, sessions, tmp_path, bad, "a.parquet")
+    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
+    source = _run(runtime, sessions, {**spec, "max_error_fraction": 0.1})
+
+    # Nothing was fixed, and the retry allows no bad row at all.
+    retry = _run(runtime, sessions, {**spec, "max_error_fraction": 0.0, "retry_of": source.id})
+
+    assert retry.state == "failed"
+    assert retry.error_message.startswith("2 of the 2 rows retried still cannot be scored")
+    assert "max_error_fraction=0.0 of the dataset's 30 rows" in retry.error_message
+    errors = _read(runtime, retry.result["error_file"]).to_pylist()
+    assert [(e["row"], e["id"]) for e in errors] == [(4, 1004), (25, 1025)]
+    assert all("_kiln_source_row" not in e for e in errors)
+
+
 # --- checked at submission ------------------------------------------------------------------
 
 

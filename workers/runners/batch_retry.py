@@ -95,11 +95,24 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     )
     progress = batch_parts.Progress()
     scratch_output = batch_parts.Output(work / "retried.parquet", "parquet")
-    with contextlib.closing(scratch_output):
-        if plan.family == "hf":
-            batch._score_text_chunks(scoring, ctx, work, sub_plan, progress, scratch_output)
-        else:
-            batch._score_chunks(scoring, ctx, work, sub_plan, progress, scratch_output)
+    try:
+        with contextlib.closing(scratch_output):
+            if plan.family == "hf":
+                batch._score_text_chunks(scoring, ctx, work, sub_plan, progress, scratch_output)
+            else:
+                batch._score_chunks(scoring, ctx, work, sub_plan, progress, scratch_output)
+    except JobFailure:
+        if progress.errors <= int(scoring.max_error_fraction * count):
+            raise
+        # Past max_error_fraction: the error file attached so far numbers the retried rows
+        # among themselves, and the reason counts them as the dataset; say it as a retry.
+        errors = _renumber_errors(work, progress.chunks)
+        ctx.attach_result({"error_file": batch._store(ctx, errors, "jsonl", progress.errors)})
+        raise JobFailure(
+            f"{progress.errors} of the {count} rows retried still cannot be scored, more "
+            f"than max_error_fraction={spec.max_error_fraction} of the dataset's "
+            f"{source.rows} rows allows; GET /api/v1/jobs/<id>/errors lists them"
+        ) from None
     new_rows = pa.Table.from_batches(list(batch_parts.parts(work, "out", progress.chunks)))
     ctx.progress(1.0, f"merging into the output of job {source.job_id}", force=True)
     merged = _merge(spec, ctx, source, new_rows, work / f"output.{spec.output_format}")
