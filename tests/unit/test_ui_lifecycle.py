@@ -75,3 +75,47 @@ def test_the_job_page_shows_tags_deadline_and_queue_standing(as_alice, submit) -
 def test_a_finished_job_shows_no_queue_standing(as_alice, create_job) -> None:
     job = create_job(owner="alice", state="succeeded")
     assert 'id="queue-standing"' not in as_alice.get(f"/jobs/{job.id}").text
+
+
+def _token(client: FlaskClient) -> str:
+    page = client.get("/jobs/new/echo").text
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+def test_the_job_form_takes_tags_and_a_deadline(as_alice, sessions) -> None:
+    form = {"csrf_token": _token(as_alice), "message": "hi", "tags": "team=nlp env=prod"}
+    form["deadline_s"] = "90"
+    response = as_alice.post("/jobs/new/echo", data=form)
+
+    assert response.status_code == 302, response.text
+    job_id = response.headers["Location"].rsplit("/", 1)[-1]
+    page = as_alice.get(f"/jobs/{job_id}").text
+    assert re.search(r'id="job-tags">.*env:prod.*team:nlp', page)
+    assert "(90 s after submission)" in page
+    resubmit = as_alice.get(f"/jobs/new/echo?from={job_id}").text
+    assert 'value="env=prod team=nlp"' in resubmit
+    assert 'name="deadline_s" type="text" inputmode="decimal" value="90"' in resubmit
+
+
+@pytest.mark.parametrize(
+    ("tags", "deadline", "field", "says"),
+    [
+        ("team", "", "tags", "key=value"),
+        ("bad:key=x", "", "tags", "bad:key"),
+        ("", "-3", "deadline_s", "greater than 0"),
+    ],
+)
+def test_bad_tags_or_deadline_give_the_form_back_with_the_reason(
+    as_alice, tags, deadline, field, says
+) -> None:
+    form = {"csrf_token": _token(as_alice), "tags": tags, "deadline_s": deadline}
+    response = as_alice.post("/jobs/new/echo", data=form)
+
+    assert response.status_code == 422
+    block = response.text[response.text.index(f'id="f-{field}"') :]
+    error = re.search(r'<p class="error" role="alert">([^<]*)</p>', block)
+    assert error is not None
+    assert says in error.group(1).replace("&#39;", "'")
+    assert '<details class="form-group" data-group="advanced" open>' in response.text
