@@ -21,7 +21,7 @@ from pydantic import (
 from kiln.specs import ARCH_PARAMS
 from kiln.tags import MAX_TAGS, TagKey, TagValue
 
-#: The longest deadline_s a job may ask for (30 days): longer is no deadline at all.
+#: The longest deadline_s a job may ask for: 30 days, past any job worth a deadline.
 MAX_DEADLINE_S = 30 * 24 * 3600.0
 
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
