@@ -16,9 +16,10 @@ from typing import Any, NamedTuple, TypeVar, cast
 from sqlalchemy import ColumnElement, Insert, Table, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from db import owned, webhooks
+from db import tags as job_tags
 from db.base import utcnow
 from db.models import Job, JobEvent, Metric
 from kiln.errors import IllegalTransition, InvalidRequest
@@ -41,9 +42,12 @@ def create(
     preemptible: bool = True,
     expires_after_s: int | None = None,
     webhook: Webhook | None = None,
+    tags: dict[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> Job:
     """Insert a queued job; the caller commits, then sends its id to the broker.
     `expires_after_s`: how long its outputs and log lines outlive it (see Job)."""
+    now = utcnow()
     job = Job(
         kind=kind,
         owner=owner,
@@ -60,7 +64,10 @@ def create(
         attempt=0,
         progress=0.0,
         message="queued",
-        created_at=utcnow(),
+        created_at=now,
+        deadline_s=deadline_s,
+        deadline_at=now + timedelta(seconds=deadline_s) if deadline_s is not None else None,
+        tag_rows=job_tags.rows(tags or {}),
     )
     session.add(job)
     session.flush()
@@ -292,6 +299,36 @@ def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
     )
 
 
+def expire(session: Session, job_id: str, attempt: int | None, reason: str) -> bool:
+    """Cancel a job whose deadline passed: a running attempt that saw it (attempt given), or
+    (attempt None) a job still queued. Its error says why, so a client can tell it from a
+    cancel the user asked for."""
+    where = _holds(attempt) if attempt is not None else Job.state == JobState.QUEUED
+    return _cas(
+        session,
+        job_id,
+        where,
+        state=JobState.CANCELLED,
+        cancel_requested=True,
+        message=f"cancelled: {reason}"[:1000],
+        error_type="DeadlineExceeded",
+        error_message=reason,
+        finished_at=utcnow(),
+    )
+
+
+def past_deadline(session: Session, limit: int = 1000) -> list[Job]:
+    """Queued jobs whose deadline has passed, oldest deadline first, `limit` at most."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.state == JobState.QUEUED, Job.deadline_at <= utcnow())
+            .order_by(Job.deadline_at)
+            .limit(limit)
+        )
+    )
+
+
 def request_cancel(session: Session, job: Job) -> Job:
     """Cancel a queued job at once, or ask a running one to stop at its next step."""
     if JobState(job.state).is_terminal:
@@ -480,12 +517,17 @@ def listed(
     *,
     state: JobState | None = None,
     kind: str | None = None,
+    tags: list[tuple[str, str | None]] | None = None,
     cursor: str | None = None,
     limit: int = 50,
 ) -> Page:
     """The jobs `owner` may see (None: every owner's), newest first, `limit` at a time;
-    pass a page's next_cursor to get the page after it (InvalidRequest for a bad cursor)."""
+    pass a page's next_cursor to get the page after it (InvalidRequest for a bad cursor).
+    `tags`: only jobs carrying every one ((key, value), or (key, None) for any value)."""
     query = owned.visible(Job, owner, Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = query.options(selectinload(Job.tag_rows))  # one query for the page's tags
+    if tags:
+        query = query.where(job_tags.matching(tags))
     if state is not None:
         query = query.where(Job.state == state)
     if kind:

@@ -60,6 +60,8 @@ def create(
     priority: int,
     enabled: bool,
     webhook: Webhook | None = None,
+    tags: dict[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> Schedule:
     """Validate the cron line and the job template (the kind's spec, as POST /jobs does)."""
     check_cron(cron)
@@ -75,6 +77,8 @@ def create(
         enabled=enabled,
         webhook_url=webhook.url if webhook else None,
         webhook_events=list(webhook.events) if webhook else None,
+        tags=tags or None,
+        deadline_s=deadline_s,
         next_run_at=next_after(cron, now),
         created_at=now,
     )
@@ -145,6 +149,8 @@ def fire(
         max_queued=max_queued,
         expires_after_s=expires_after_s,
         webhook=template_webhook(schedule),
+        tags=schedule.tags,
+        deadline_s=schedule.deadline_s,
     )
     jobs.log(session, job.id, f"submitted by schedule {schedule.name!r} ({schedule.cron})")
     session.execute(

@@ -49,6 +49,8 @@ def queue_job(
     preemptible: bool = True,
     expires_after_s: int | None = None,
     webhook: Webhook | None = None,
+    tags: dict[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> Job:
     """Apply the submit rules (the owner's queue quota) and insert the queued job, flushed
     but not committed; commit_and_send() then makes it real. `expires_after_s`: the
@@ -66,6 +68,8 @@ def queue_job(
         preemptible=preemptible,
         expires_after_s=expires_after_s,
         webhook=webhook,
+        tags=tags,
+        deadline_s=deadline_s,
     )
 
 

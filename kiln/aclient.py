@@ -109,9 +109,24 @@ class AsyncClient:
         spec: dict[str, Any],
         priority: int = 0,
         idempotency_key: str | None = None,
+        *,
+        tags: dict[str, str] | None = None,
+        deadline_s: float | None = None,
         expires_after: int | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> AsyncJob:
-        call = calls.submit(kind, spec, priority, idempotency_key, expires_after)
+        call = calls.submit(
+            kind,
+            spec,
+            priority,
+            idempotency_key,
+            tags=tags,
+            deadline_s=deadline_s,
+            expires_after=expires_after,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         answer = await self._send(call)
         return AsyncJob(self, answer)
 
@@ -119,10 +134,16 @@ class AsyncClient:
         return await self._send(calls.job(job_id))  # type: ignore[no-any-return]
 
     async def jobs(
-        self, state: str | None = None, kind: str | None = None, limit: int | None = None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        *,
+        tags: list[str] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Your jobs, newest first, following the pages until `limit` (or the end)."""
-        params = calls.jobs_params(state, kind, limit)
+        """Your jobs, newest first, following the pages until `limit` (or the end); `tags`
+        as for Client.jobs."""
+        params = calls.jobs_params(state, kind, limit, tags)
         seen = 0
         while True:
             page = await self._send(calls.jobs_page(params))

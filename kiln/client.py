@@ -127,23 +127,47 @@ class Client:
         spec: dict[str, Any],
         priority: int = 0,
         idempotency_key: str | None = None,
+        *,
+        tags: dict[str, str] | None = None,
+        deadline_s: float | None = None,
         expires_after: int | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> Job:
         """Queue a job; the server validates `spec` with the kind's schema (422 if wrong).
-        With an `idempotency_key`, retrying the same call returns the same job.
-        `expires_after`: seconds its output files and log lines outlive it (default: the
-        server's KILN_RETENTION_DAYS). The answer is a `Job`: the job's JSON, with `.wait()`."""
-        call = calls.submit(kind, spec, priority, idempotency_key, expires_after)
+        With an `idempotency_key`, retrying the same call returns the same job. `tags`
+        label it (at most 16; list by them with jobs(tags=...)); past `deadline_s` seconds
+        from now it is cancelled, queued or running; `expires_after`: seconds its output
+        files and log lines outlive it (default: the server's KILN_RETENTION_DAYS); with a
+        `webhook_url`, the server POSTs `webhook_events` to it (docs/webhooks.md). The
+        answer is a `Job`: the job's JSON, with `.wait()`."""
+        call = calls.submit(
+            kind,
+            spec,
+            priority,
+            idempotency_key,
+            tags=tags,
+            deadline_s=deadline_s,
+            expires_after=expires_after,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return Job(self, self._send(call))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._send(calls.job(job_id))  # type: ignore[no-any-return]
 
     def jobs(
-        self, state: str | None = None, kind: str | None = None, limit: int | None = None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        *,
+        tags: list[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Your jobs, newest first, following the pages until `limit` (or the end)."""
-        params = calls.jobs_params(state, kind, limit)
+        """Your jobs, newest first, following the pages until `limit` (or the end); `tags`
+        (["team:nlp", "env"]) keeps those carrying every one (`key` alone: any value)."""
+        params = calls.jobs_params(state, kind, limit, tags)
         seen = 0
         while True:
             page = self._send(calls.jobs_page(params))

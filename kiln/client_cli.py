@@ -97,6 +97,21 @@ def print_json(value: Any) -> None:
     help="Seconds its output files and log lines are kept once it finishes "
     "(default: the server's KILN_RETENTION_DAYS).",
 )
+@click.option(
+    "--tag",
+    "tag_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Label the job (repeat, at most 16): --tag team=nlp; list by it with "
+    "`kiln jobs --tag team:nlp`.",
+)
+@click.option(
+    "--deadline",
+    "deadline_s",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Cancel the job if it has not finished this many seconds after submission.",
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
 @click.option(
     "--idempotency-key",
@@ -108,12 +123,14 @@ def submit(
     spec_file: Path | None,
     priority: int | None,
     expires_after: int | None,
+    tag_pairs: tuple[str, ...],
+    deadline_s: float | None,
     then_wait: bool,
     idempotency_key: str | None,
 ) -> None:
     """Queue a job: `kiln submit train --model-name digits --epochs 20`, or `-f spec.yaml`;
     prints its id."""
-    template = job_template(list(ctx.args), spec_file, priority)
+    template = job_template(list(ctx.args), spec_file, priority, tag_pairs, deadline_s)
     remote = current_remote()
     kind = template.kind
     job = remote.client().submit(
@@ -121,6 +138,8 @@ def submit(
         template.spec,
         template.priority,
         idempotency_key=idempotency_key,
+        tags=template.tags,
+        deadline_s=template.deadline_s,
         expires_after=expires_after,
     )
     if remote.as_json and not then_wait:
@@ -142,11 +161,19 @@ class JobTemplate:
     kind: str
     spec: dict[str, Any]
     priority: int
+    tags: dict[str, str]
+    deadline_s: float | None
 
 
-def job_template(args: list[str], spec_file: Path | None, priority: int | None) -> JobTemplate:
-    """The kind, spec and priority from `[KIND] [--FIELD VALUE]...` and a spec file;
-    the flags override the file's fields, --priority the file's priority."""
+def job_template(
+    args: list[str],
+    spec_file: Path | None,
+    priority: int | None,
+    tag_pairs: tuple[str, ...] = (),
+    deadline_s: float | None = None,
+) -> JobTemplate:
+    """The kind, spec, priority, tags and deadline from `[KIND] [--FIELD VALUE]...`, the
+    flags and a spec file; the flags override the file's fields."""
     # KIND is read here, not by click: as an optional argument it would swallow the
     # value of a spec flag (`-f job.yaml --epochs 7` would make "7" the kind).
     kind = args.pop(0) if args and not args[0].startswith("-") else None
@@ -157,7 +184,24 @@ def job_template(args: list[str], spec_file: Path | None, priority: int | None) 
     kind = kind or body.get("kind")
     if not kind:
         raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
-    return JobTemplate(kind, spec, priority if priority is not None else body.get("priority", 0))
+    return JobTemplate(
+        kind,
+        spec,
+        priority if priority is not None else body.get("priority", 0),
+        tags=dict(body.get("tags") or {}) | _tags(tag_pairs),
+        deadline_s=deadline_s if deadline_s is not None else body.get("deadline_s"),
+    )
+
+
+def _tags(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--tag KEY=VALUE flags as a mapping (the server checks what a tag may hold)."""
+    tags: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--tag {pair!r}: give KEY=VALUE, e.g. --tag team=nlp")
+        tags[key] = value
+    return tags
 
 
 def _read_spec_file(path: Path) -> dict[str, Any]:
@@ -170,7 +214,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise click.UsageError(f"{path} must hold a mapping")
     if "spec" in loaded or "kind" in loaded:
-        unknown = set(loaded) - {"kind", "spec", "priority"}
+        unknown = set(loaded) - {"kind", "spec", "priority", "tags", "deadline_s"}
         if unknown:
             raise click.UsageError(f"{path}: unknown keys {sorted(unknown)}; put them in spec")
         return loaded
@@ -231,6 +275,12 @@ def status(job_id: str) -> None:
     message = "" if client_progress.repeats_state(job) else job["message"]
     line = f"{job['id']}  {job['kind']}  {job['state']}  {job['progress']:.0%}  {message}"
     click.echo(line.rstrip())
+    if job.get("tags"):
+        click.echo("tags " + " ".join(f"{k}={v}" for k, v in job["tags"].items()))
+    if standing := client_progress.queue_standing(job):
+        click.echo(standing)
+    if job.get("deadline_at"):
+        click.echo(f"deadline {job['deadline_at']} ({job['deadline_s']:g} s after submission)")
     if job.get("worker"):
         click.echo(f"worker {job['worker']} device {job['device']} attempt {job['attempt']}")
     if job.get("error"):
@@ -242,16 +292,27 @@ def status(job_id: str) -> None:
 @click.command(name="jobs")
 @click.option("--state", type=click.Choice([s.value for s in JobState]))
 @click.option("--kind")
+@click.option(
+    "--tag",
+    "tag_filters",
+    multiple=True,
+    metavar="KEY:VALUE",
+    help="Only jobs with this tag (repeat: all of them); KEY alone matches any value.",
+)
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
-def list_jobs(state: str | None, kind: str | None, limit: int) -> None:
+def list_jobs(
+    state: str | None, kind: str | None, tag_filters: tuple[str, ...], limit: int
+) -> None:
     """Your jobs, newest first."""
     remote = current_remote()
-    found = list(remote.client().jobs(state=state, kind=kind, limit=limit))
+    found = list(remote.client().jobs(state=state, kind=kind, limit=limit, tags=list(tag_filters)))
     if remote.as_json:
         print_json(found)
         return
     for job in found:
-        click.echo(f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}")
+        tags = " ".join(f"{k}={v}" for k, v in (job.get("tags") or {}).items())
+        line = f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}  {tags}"
+        click.echo(line.rstrip())
 
 
 @click.command(short_help="Wait for a job (progress bar); exit 0 if it succeeded.")

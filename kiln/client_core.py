@@ -156,12 +156,13 @@ def submit(
     spec: dict[str, Any],
     priority: int,
     idempotency_key: str | None,
-    expires_after: int | None = None,
+    **fields: Any,
 ) -> Call:
+    """POST /jobs; `fields` are the submission's optional top-level fields (tags,
+    deadline_s, expires_after, webhook_url, webhook_events), sent only when given."""
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
-    if expires_after is not None:
-        body["expires_after"] = expires_after
+    body |= {name: value for name, value in fields.items() if value not in (None, {}, [])}
     return Call("POST", "/jobs", json=body, headers=headers)
 
 
@@ -169,9 +170,15 @@ def job(job_id: str) -> Call:
     return Call("GET", f"/jobs/{job_id}")
 
 
-def jobs_params(state: str | None, kind: str | None, limit: int | None) -> dict[str, Any]:
-    """The first page's query of a listing that follows pages up to `limit` jobs."""
-    return {"state": state, "kind": kind, "limit": min(limit or 200, 200)}
+def jobs_params(
+    state: str | None, kind: str | None, limit: int | None, tags: list[str] | None = None
+) -> dict[str, Any]:
+    """The first page's query of a listing that follows pages up to `limit` jobs; `tags`
+    (["team:nlp", "env"]) keeps jobs carrying every one (`key` alone: any value)."""
+    params: dict[str, Any] = {"state": state, "kind": kind, "limit": min(limit or 200, 200)}
+    if tags:
+        params["tag"] = list(tags)
+    return params
 
 
 def jobs_page(params: dict[str, Any]) -> Call:

@@ -60,7 +60,32 @@ def status_line(job: dict[str, Any], latest: str = "") -> str:
     """The state, the job's message and its latest metrics, each said once: a finished
     job's message is often its state again ("succeeded")."""
     message = "" if repeats_state(job) else job.get("message") or ""
-    return " ".join(filter(None, [job["state"], message, latest]))
+    standing = queue_standing(job)
+    return " ".join(filter(None, [job["state"], message, standing, latest]))
+
+
+def queue_standing(job: dict[str, Any]) -> str:
+    """A queued job's place and estimated start ("3rd in queue gpu, starts in about 2 min");
+    empty for any other job."""
+    position = job.get("queue_position")
+    if job.get("state") != JobState.QUEUED or position is None:
+        return ""
+    line = f"position {position} in queue {job.get('queue', '')}".rstrip()
+    start = job.get("estimated_start_at")
+    if start:
+        from datetime import UTC, datetime
+
+        wait_s = (datetime.fromisoformat(start) - datetime.now(UTC)).total_seconds()
+        line += ", starts in about " + _duration(wait_s) if wait_s > 1 else ", starts soon"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def repeats_state(job: dict[str, Any]) -> bool:

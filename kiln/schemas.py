@@ -21,6 +21,10 @@ from pydantic import (
 
 from kiln import egress, webhooks
 from kiln.specs import ARCH_PARAMS
+from kiln.tags import MAX_TAGS, TagKey, TagValue
+
+#: The longest deadline_s a job may ask for: 30 days, past any job worth a deadline.
+MAX_DEADLINE_S = 30 * 24 * 3600.0
 
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
 #: refused as "finite number" errors, never stored as null).
@@ -104,6 +108,21 @@ class JobSubmission(WebhookFields):
         description="Seconds after the job finishes that its output files and log lines are "
         "kept (60 to 3650 days' worth); default KILN_RETENTION_DAYS (30 days).",
     )
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict,
+        max_length=MAX_TAGS,
+        description=f"Up to {MAX_TAGS} key-value labels (team: nlp); list jobs by them with "
+        "GET /jobs?tag=team:nlp. Keys: 1-64 letters, digits, _ . - /; values: 1-128 of "
+        "those or : @ +.",
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        description="Seconds from submission after which the job is cancelled: a queued "
+        "job never starts, a running one stops at its next step (the job's error says "
+        "'deadline of N s passed'). Separate from the server's KILN_JOB_TIME_LIMIT_S.",
+    )
 
 
 class JobError(BaseModel):
@@ -131,6 +150,22 @@ class JobOut(Out):
     error: JobError | None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    deadline_s: float | None = None
+    deadline_at: datetime | None = Field(
+        default=None, description="created_at + deadline_s: when the job is cancelled."
+    )
+    queue_position: int | None = Field(
+        default=None,
+        description="While queued, when read alone (GET /jobs/<id>): 1 when it is next on "
+        "its queue; jobs of higher priority, then older ones, go first.",
+    )
+    estimated_start_at: datetime | None = Field(
+        default=None,
+        description="While queued, when read alone: when it should start, from the recent "
+        "durations of the jobs ahead of it and the workers serving its queue; null when "
+        "no durations are recorded yet.",
+    )
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None
@@ -394,6 +429,15 @@ class ScheduleRequest(WebhookFields):
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
     priority: int = Field(default=0, ge=0, le=9)
     enabled: bool = True
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict, max_length=MAX_TAGS, description="Tags of each job it submits."
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        description="Each job it submits is cancelled this many seconds after it was queued.",
+    )
 
 
 class ScheduleOut(Out):
@@ -407,6 +451,8 @@ class ScheduleOut(Out):
     enabled: bool
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    deadline_s: float | None = None
     next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
     last_run_at: datetime | None
     last_job_id: str | None
@@ -414,6 +460,11 @@ class ScheduleOut(Out):
     upcoming: list[datetime] = Field(
         default_factory=list, description="The next few run times (UTC)."
     )
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _no_tags(cls, tags: dict[str, str] | None) -> dict[str, str]:
+        return tags or {}  # schedules made before tags existed hold NULL
 
 
 class ScheduleList(BaseModel):

@@ -419,6 +419,15 @@ class BatchPredictSpec(Spec):
     hf: HfParams | None = Field(
         default=None, description="Task parameters for an hf version (kiln/families.py)."
     )
+    retry_of: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="The id of an earlier batch_predict job of yours that succeeded with an "
+        "error file: score only the rows it lists (by row number, from this spec's dataset: "
+        "that job's dataset or a corrected copy with the same rows in the same order) and "
+        "write that job's output with those rows replaced, plus a new error file.",
+    )
 
 
 class EchoSpec(Spec):

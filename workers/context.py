@@ -18,7 +18,7 @@ from db.engine import session_scope
 from db.models import Dataset, Job, ModelVersion
 from kiln import job_files
 from kiln.errors import JobFailure, NotFound
-from workers.reconcile import time_limit_reason
+from workers.reconcile import deadline_reason, time_limit_reason
 from workers.runtime import Runtime
 
 #: What a runner reports (progress, log lines, metric points) reaches the database in one
@@ -29,6 +29,16 @@ _THROTTLE_S = 0.5
 
 class JobCancelled(Exception):
     """Raised inside a runner when the user cancelled the job."""
+
+
+class DeadlinePassed(JobCancelled):
+    """Raised inside a runner once the job's own deadline (POST /jobs `deadline_s`) passed:
+    the job is cancelled, its error saying so. A JobCancelled, so a runner that tidies up on
+    a cancel does the same here."""
+
+    def __init__(self, deadline_s: float) -> None:
+        super().__init__(deadline_reason(deadline_s))
+        self.reason = deadline_reason(deadline_s)
 
 
 class ClaimLost(Exception):
@@ -90,6 +100,10 @@ class RunContext:
     deadline: float | None = None
     #: What the job's failure says past the deadline (the lane's wording); None: the usual.
     deadline_reason: str | None = None
+    #: time.monotonic() past which the job's own deadline (deadline_s) cancels it; None: none.
+    expires_at: float | None = None
+    #: The job's deadline_s, for the reason its cancellation gives.
+    deadline_s: float | None = None
     _next_sync: float = field(default=0.0, repr=False)
     _progress: tuple[float, str] | None = field(default=None, repr=False)
     _lines: list[tuple[str, str]] = field(default_factory=list, repr=False)
@@ -168,13 +182,16 @@ class RunContext:
 
     def raise_if_cancelled(self) -> None:
         """Call between steps: raises WorkerShutdown when the worker is stopping, JobTimeout
-        past the time limit, JobCancelled once the user asked to cancel, and JobPreempted
-        once the scheduler asked the job to make way for one of higher priority."""
+        past the time limit, DeadlinePassed past the job's own deadline, JobCancelled once
+        the user asked to cancel, and JobPreempted once the scheduler asked the job to make
+        way for one of higher priority."""
         if SHUTDOWN.is_set():
             raise WorkerShutdown(self.job_id)
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             raise JobTimeout(self.runtime.settings.job_time_limit_s or 0.0, self.deadline_reason)
+        if self.expires_at is not None and now >= self.expires_at:
+            raise DeadlinePassed(self.deadline_s or 0.0)
         if now >= self._next_sync:
             self.sync()
         if self._cancel_requested:

@@ -8,6 +8,8 @@ How an attempt ends, and what it costs the job:
 - WorkerShutdown (SIGTERM) → re-queued at once, the attempt refunded (shutdown_attempts);
 - JobPreempted (a waiting job of higher priority) → the same, counted in `preemptions`;
 - JobTimeout (soft limit) or Celery's SoftTimeLimitExceeded → failed with the limit;
+- DeadlinePassed (the job's own deadline_s) → cancelled, its error saying so; a job whose
+  deadline passed while it waited is cancelled before it is claimed;
 - the process dies (SIGKILL, OOM killer, Celery's hard time limit) → nothing is written
   here; the heartbeat stops and the reconciler re-queues or fails the job.
 """
@@ -19,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery.exceptions import Reject
@@ -28,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import jobs, submission
+from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
 from kiln import logs
@@ -39,6 +43,7 @@ from workers import lanes
 from workers.context import (
     SHUTDOWN,
     ClaimLost,
+    DeadlinePassed,
     JobCancelled,
     JobPreempted,
     JobTimeout,
@@ -47,6 +52,7 @@ from workers.context import (
     TransientError,
     WorkerShutdown,
 )
+from workers.reconcile import deadline_reason
 from workers.runners import RUNNERS
 from workers.runtime import Runtime
 
@@ -72,6 +78,12 @@ def execute_attempt(
             log.info("job=%s attempt=%d event=dropped reason=stale_message", job_id, queued_attempt)
             return
         kind, owner, oom_retries, queue = job.kind, job.owner, job.oom_retries, job.queue
+        deadline_s, deadline_at = job.deadline_s, job.deadline_at
+        if deadline_s is not None and deadline_at is not None and utcnow() >= deadline_at:
+            reason = deadline_reason(deadline_s)
+            if jobs.expire(session, job_id, None, reason):
+                jobs.log(session, job_id, f"cancelled: {reason} before it started", "warning")
+            return
         try:
             spec = parse_spec(kind, job.spec)
             device = runtime.device_for(spec.device)
@@ -93,11 +105,20 @@ def execute_attempt(
         oom_retries=oom_retries,
         deadline=time.monotonic() + limit.seconds if limit else None,
         deadline_reason=limit.reason if limit else None,
+        expires_at=_monotonic_at(deadline_at),
+        deadline_s=deadline_s,
     )
     tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
     with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
         log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
         _run(ctx, kind, spec, send)
+
+
+def _monotonic_at(when: datetime | None) -> float | None:
+    """The time.monotonic() reading at wall-clock time `when` (None stays None)."""
+    if when is None:
+        return None
+    return time.monotonic() + (when - utcnow()).total_seconds()
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -113,10 +134,8 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Sender) -> None:
     job_id, attempt = ctx.job_id, ctx.attempt
     try:
         result = RUNNERS[kind](spec, ctx)
-    except JobCancelled:
-        with ctx.transaction() as session:
-            jobs.mark_cancelled(session, job_id, attempt)
-        log.info("job=%s attempt=%d event=cancelled", job_id, attempt)
+    except JobCancelled as exc:
+        _cancel(ctx, exc)
     except ClaimLost:
         log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
     except JobPreempted as exc:
@@ -143,6 +162,17 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Sender) -> None:
         with ctx.transaction() as session:
             jobs.succeed(session, job_id, attempt, result)
         log.info("job=%s attempt=%d event=succeeded", job_id, attempt)
+
+
+def _cancel(ctx: RunContext, exc: JobCancelled) -> None:
+    """The runner stopped for a cancel request, or (DeadlinePassed) for the job's deadline."""
+    with ctx.transaction() as session:
+        if not isinstance(exc, DeadlinePassed):
+            jobs.mark_cancelled(session, ctx.job_id, ctx.attempt)
+        elif jobs.expire(session, ctx.job_id, ctx.attempt, exc.reason):
+            jobs.log(session, ctx.job_id, f"cancelled: {exc.reason}", "warning")
+    event = "deadline_passed" if isinstance(exc, DeadlinePassed) else "cancelled"
+    log.info("job=%s attempt=%d event=%s", ctx.job_id, ctx.attempt, event)
 
 
 def _retry_transient(ctx: RunContext, send: Sender, exc: Exception) -> None:

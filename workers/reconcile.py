@@ -48,6 +48,8 @@ class Report:
     resent: int = 0
     cancelled: int = 0
     timed_out: int = 0
+    #: Jobs cancelled because their own deadline (deadline_s) passed.
+    expired: int = 0
 
 
 def reconcile(
@@ -63,6 +65,7 @@ def reconcile(
     sent before then and is not in the broker is resent without waiting `resend_after_s`.
     """
     stalled = _recover_stalled(sessions, settings, send)
+    stalled["expired"] += _expire_queued(sessions)
     resent = _resend_orphans(sessions, settings, send, waiting, started_at)
     return Report(resent=resent, **stalled)
 
@@ -81,10 +84,15 @@ def time_limit_reason(limit_s: float) -> str:
     return f"exceeded its time limit of {limit_s:g} s"
 
 
+def deadline_reason(deadline_s: float) -> str:
+    """The one wording of a job cancelled by its own deadline (worker and scheduler)."""
+    return f"deadline of {deadline_s:g} s passed"
+
+
 def _recover_stalled(
     sessions: sessionmaker[Session], settings: Settings, send: Sender
 ) -> dict[str, int]:
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "expired": 0}
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     with session_scope(sessions) as session:
         stalled = jobs.stalled(session, timeout)
@@ -104,6 +112,12 @@ def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
     if limit and job.started_at and utcnow() - job.started_at >= timedelta(seconds=limit):
         if jobs.fail(session, job.id, job.attempt, "TimeLimitExceeded", time_limit_reason(limit)):
             return "timed_out"
+        return None
+    if job.deadline_s is not None and job.deadline_at and utcnow() >= job.deadline_at:
+        reason = deadline_reason(job.deadline_s)
+        if jobs.expire(session, job.id, job.attempt, reason):
+            jobs.log(session, job.id, f"cancelled: {reason} (its worker was lost)", "warning")
+            return "expired"
         return None
     if job.cancel_requested:
         if jobs.mark_cancelled(session, job.id, job.attempt):
@@ -125,6 +139,19 @@ def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
         jobs.log(session, job.id, f"failed: {reason}", "error")
         return "failed"
     return None
+
+
+def _expire_queued(sessions: sessionmaker[Session]) -> int:
+    """Cancel queued jobs whose deadline passed before any worker took them: they would
+    only run to be stopped. (A message still in the broker is dropped by the claim.)"""
+    expired = 0
+    with session_scope(sessions) as session:
+        for job in jobs.past_deadline(session):
+            reason = deadline_reason(job.deadline_s or 0.0)
+            if jobs.expire(session, job.id, None, reason):
+                jobs.log(session, job.id, f"cancelled: {reason} before it started", "warning")
+                expired += 1
+    return expired
 
 
 def _resend_orphans(

@@ -2,7 +2,7 @@
 
 from db.models.auth import ApiKey
 from db.models.datasets import Dataset
-from db.models.jobs import Job, JobEvent, Metric
+from db.models.jobs import Job, JobEvent, JobTag, Metric
 from db.models.registry import Model, ModelVersion
 from db.models.schedules import Schedule
 from db.models.webhooks import WebhookDelivery, WebhookMessage, WebhookSecret
@@ -12,6 +12,7 @@ __all__ = [
     "Dataset",
     "Job",
     "JobEvent",
+    "JobTag",
     "Metric",
     "Model",
     "ModelVersion",

@@ -16,7 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import true as sa_true
 
 from db.base import Base, UTCDateTime, new_id, utcnow
@@ -56,6 +56,11 @@ class Job(Base):
         Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
         # The sweeper's question: finished jobs not yet expired whose time has come.
         Index("ix_jobs_expired_expires", "expired_at", "expires_at"),
+        # The scheduler's sweep of queued jobs whose deadline passed (db.deadlines).
+        Index("ix_jobs_state_deadline", "state", "deadline_at"),
+        # Recent durations of a kind on a queue, for a queued job's estimated start
+        # (db.queue_estimate): newest finished first, bounded by a LIMIT.
+        Index("ix_jobs_queue_kind_state_finished", "queue", "kind", "state", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -95,6 +100,10 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The user's deadline in seconds from submission (POST /jobs `deadline_s`); None: none.
+    deadline_s: Mapped[float | None] = mapped_column(Float)
+    #: created_at + deadline_s: past it a queued job is cancelled and a running one stops.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     #: sha256 of the canonical submission body sent with the Idempotency-Key.
     idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -119,6 +128,16 @@ class Job(Base):
     def expired(self) -> bool:
         return self.expired_at is not None
 
+    #: The job's tags (key → value), loaded when first read; written once, at submission.
+    tag_rows: Mapped[list[JobTag]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="JobTag.key"
+    )
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The tags as the API shows them."""
+        return {row.key: row.value for row in self.tag_rows}
+
     @property
     def charged_attempts(self) -> int:
         """Attempts that count against max_attempts (graceful shutdowns do not)."""
@@ -130,6 +149,18 @@ class Job(Base):
         if self.error_type is None:
             return None
         return {"type": self.error_type, "message": self.error_message or ""}
+
+
+class JobTag(Base):
+    """One key-value tag of a job (team=nlp): a table of its own, so that a filter on
+    (key, value) is an indexed lookup on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (Index("ix_job_tags_key_value", "key", "value"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
 
 
 class JobEvent(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, Integer, String, Text
+from sqlalchemy import JSON, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, UTCDateTime, new_id, utcnow
@@ -27,6 +27,9 @@ class Schedule(Base):
     #: The template's webhook (its jobs get these), or None.
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
+    #: The tags and deadline_s each job it submits carries (as POST /jobs takes them).
+    tags: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    deadline_s: Mapped[float | None] = mapped_column(Float)
     enabled: Mapped[bool] = mapped_column(default=True)
     #: When the schedule fires next; moved forward (compare-and-set) each time it fires.
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)

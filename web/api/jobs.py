@@ -9,7 +9,7 @@ import json
 from flask import Response, request
 from sqlalchemy.exc import IntegrityError
 
-from db import jobs
+from db import jobs, queue_estimate
 from db.models import Job
 from kiln.errors import InvalidRequest, KilnError
 from kiln.schemas import (
@@ -23,6 +23,7 @@ from kiln.schemas import (
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
+from kiln.tags import MAX_TAGS, parse_filter
 from web import session, storage, webhooks
 from web.api import bp
 from web.api.body import answer, json_body, parse
@@ -64,6 +65,8 @@ def submit_job() -> Response:
             priority=submission.priority,
             preemptible=submission.preemptible,
             expires_after_s=submission.expires_after,
+            tags=submission.tags,
+            deadline_s=submission.deadline_s,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
             webhook=webhook,
@@ -118,6 +121,7 @@ def list_jobs() -> Response:
         principal().visible_owner,
         state=JobState(state) if state else None,
         kind=request.args.get("kind"),
+        tags=_tag_filters(),
         cursor=request.args.get("cursor"),
         limit=limit,
     )
@@ -126,9 +130,26 @@ def list_jobs() -> Response:
     )
 
 
+def _tag_filters() -> list[tuple[str, str | None]]:
+    """?tag=team:nlp&tag=env (repeatable; every one must match)."""
+    given = request.args.getlist("tag")
+    if len(given) > MAX_TAGS:
+        raise InvalidRequest(f"at most {MAX_TAGS} tag filters")
+    try:
+        return [parse_filter(text) for text in given]
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return answer(JobOut.model_validate(_owned(job_id)))
+    """The job; while it is queued, with its queue position and estimated start."""
+    job = _owned(job_id)
+    out = JobOut.model_validate(job)
+    if (standing := queue_estimate.estimate(session.get(), job)) is not None:
+        out.queue_position = standing.position
+        out.estimated_start_at = standing.estimated_start_at
+    return answer(out)
 
 
 @bp.post("/jobs/<job_id>/cancel")

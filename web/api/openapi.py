@@ -129,7 +129,23 @@ def _paths() -> dict[str, Any]:
             "encoding": {"config": {"contentType": "application/json"}},
         }
     }
-    listing = [_query("state"), _query("kind"), _query("cursor"), _query("limit", "integer")]
+    tag_filter = {
+        "name": "tag",
+        "in": "query",
+        "required": False,
+        "description": "key:value (or key alone: any value); repeat it, and a job must carry "
+        "every tag given.",
+        "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+        "style": "form",
+        "explode": True,
+    }
+    listing = [
+        _query("state"),
+        _query("kind"),
+        tag_filter,
+        _query("cursor"),
+        _query("limit", "integer"),
+    ]
     return {
         "/api/v1/jobs": {
             "post": _op("Submit a job", 202, schemas.JobOut, submission, [_idempotency_key()]),

@@ -29,6 +29,8 @@ def create_schedule() -> Response:
         priority=wanted.priority,
         enabled=wanted.enabled,
         webhook=webhooks.checked(wanted.webhook),
+        tags=wanted.tags,
+        deadline_s=wanted.deadline_s,
     )
     db.commit()
     return answer(_out(schedule), 201, {"Location": f"/api/v1/schedules/{schedule.id}"})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import abort, current_app, redirect, render_template, request, url_for
+from pydantic import ValidationError
 from werkzeug import Response
 
 from db import datasets as dataset_store
@@ -18,6 +19,7 @@ from db import jobs as job_store
 from db import registry
 from db.models import Job
 from kiln.errors import InvalidSpec
+from kiln.schemas import JobSubmission
 from kiln.specs import KINDS, Spec, parse_spec
 from web import session
 from web.limits import QueueQuotaExceeded
@@ -43,6 +45,8 @@ class Filled:
     general: list[str]
     spec: Spec | None
     priority: int
+    tags: dict[str, str] | None = None
+    deadline_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,6 +84,8 @@ def new_job(kind: str) -> Response | str | tuple[str, int]:
             kind=kind,
             spec=filled.spec,
             priority=filled.priority,
+            tags=filled.tags,
+            deadline_s=filled.deadline_s,
         )
     except QueueQuotaExceeded as exc:
         # The API answers 429 with Retry-After; a person gets the form back, values kept.
@@ -107,11 +113,13 @@ def initial_values(fields: list[forms.FormField], extra: Iterable[str] = ()) -> 
     """A new form's values: the spec's defaults, or a job's (?from=<id>), then ?field=value."""
     values = {f.name: f.default for f in fields}
     values.update({name: "" for name in extra})
-    values["priority"] = "0"
+    values.update(priority="0", tags="", deadline_s="")
     if source_id := request.args.get("from"):
         source = _owned(source_id)
         values.update(forms.values_from_spec(fields, source.spec))
         values["priority"] = str(source.priority)
+        values["tags"] = " ".join(f"{key}={value}" for key, value in source.tags.items())
+        values["deadline_s"] = f"{source.deadline_s:g}" if source.deadline_s else ""
     # Links elsewhere pre-fill single fields: /jobs/new/train?dataset=<id>.
     values.update({k: v for k, v in request.args.items() if k in values})
     return values
@@ -122,16 +130,53 @@ def read_form(kind: str, fields: list[forms.FormField], extra: Iterable[str] = (
     values = {f.name: request.form.get(f.name, "") for f in fields}
     values.update({name: request.form.get(name, "") for name in extra})
     values["priority"] = request.form.get("priority", "0")
+    values["tags"] = request.form.get("tags", "")
+    values["deadline_s"] = request.form.get("deadline_s", "")
     raw, errors = forms.spec_from_form(fields, request.form)
     general: list[str] = []
     priority = _priority(values["priority"], errors)
+    tags, deadline_s = _tags_and_deadline(values["tags"], values["deadline_s"], errors)
     spec = None
     try:
         spec = parse_spec(kind, raw)
     except InvalidSpec as exc:
         placed, general = forms.errors_by_field(fields, exc)
         errors = {**placed, **errors}
-    return Filled(values=values, errors=errors, general=general, spec=spec, priority=priority)
+    return Filled(
+        values=values,
+        errors=errors,
+        general=general,
+        spec=spec,
+        priority=priority,
+        tags=tags,
+        deadline_s=deadline_s,
+    )
+
+
+def _tags_and_deadline(
+    tags_text: str, deadline_text: str, errors: dict[str, str]
+) -> tuple[dict[str, str], float | None]:
+    """The form's tags ("team=nlp env=prod") and deadline in seconds, checked by the API's
+    own rules (JobSubmission); what is wrong goes to `errors` by field."""
+    tags: dict[str, str] = {}
+    for pair in tags_text.replace(",", " ").split():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            errors["tags"] = f"{pair!r}: write key=value, separated by spaces"
+            return {}, None
+        tags[key] = value
+    body: dict[str, Any] = {"kind": "echo", "tags": tags}
+    if deadline_text.strip():
+        body["deadline_s"] = deadline_text.strip()
+    try:
+        checked = JobSubmission.model_validate(body)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0])
+            where = " ".join(str(part) for part in error["loc"][1:2])
+            errors.setdefault(field, f"{where}: {error['msg']}" if where else error["msg"])
+        return {}, None
+    return checked.tags, checked.deadline_s
 
 
 def _priority(text: str, errors: dict[str, str]) -> int:

@@ -10,10 +10,12 @@ from flask import abort, flash, jsonify, redirect, render_template, request, url
 from werkzeug import Response
 
 from db import jobs as job_store
+from db import queue_estimate
 from db.models import Job
 from kiln.errors import KilnError
 from kiln.specs import KINDS
 from kiln.states import JobState
+from kiln.tags import MAX_TAGS, parse_filter
 from web import session, storage, webhooks
 from web.ui import auth, bp
 
@@ -39,19 +41,40 @@ def jobs_table() -> str:
     return render_template("_jobs_table.html", **_listing())
 
 
+def _tag_filters() -> tuple[list[str], str]:
+    """The list's tag filters: `tag` arguments (repeatable; the form's field may hold
+    several separated by spaces), and what was wrong with any left out."""
+    given = [text for arg in request.args.getlist("tag") for text in arg.split()]
+    kept, problems = [], []
+    for text in given[:MAX_TAGS]:
+        try:
+            parse_filter(text)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            kept.append(text)
+    if len(given) > MAX_TAGS:
+        problems.append(f"at most {MAX_TAGS} tag filters; the rest were left out")
+    return kept, "; ".join(problems)
+
+
 def _listing() -> dict[str, Any]:
     state = request.args.get("state", "")
     kind = request.args.get("kind", "")
     cursor = request.args.get("cursor") or None
+    tags, tag_error = _tag_filters()
     page = job_store.listed(
         session.get(),
         auth.current().visible_owner,
         state=JobState(state) if state in _STATES else None,
         kind=kind or None,
+        tags=[parse_filter(text) for text in tags],
         cursor=cursor,
         limit=_LIST_LIMIT,
     )
     return {
+        "tags": tags,
+        "tag_error": tag_error,
         "jobs": page.jobs,
         "cursor": cursor,
         "next_cursor": page.next_cursor,
@@ -118,6 +141,7 @@ def _webhooks(found: Job) -> dict[str, Any]:
 def _status(found: Job) -> dict[str, Any]:
     return {
         "terminal": JobState(found.state).is_terminal,
+        "standing": queue_estimate.estimate(session.get(), found),
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
     }

@@ -74,6 +74,8 @@ def new_schedule(kind: str) -> Response | str | tuple[str, int]:
         spec=filled.spec.model_dump(mode="json"),
         priority=filled.priority,
         enabled=True,
+        tags=filled.tags,
+        deadline_s=filled.deadline_s,
     )
     db.commit()
     flash(f"Schedule {created.name} created; it runs next at {filters.when(created.next_run_at)}.")

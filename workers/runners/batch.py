@@ -90,6 +90,11 @@ class Chunk:
 
 
 def run(spec: BatchPredictSpec, ctx: RunContext) -> dict[str, Any]:
+    if spec.retry_of is not None:
+        # Imported here: batch_retry scores through this module's functions.
+        from workers.runners import batch_retry
+
+        return batch_retry.run(spec, ctx)
     work = ctx.scratch_dir / "batch"
     try:
         return _run(spec, ctx, work)
