@@ -17,4 +17,4 @@ def _authenticate() -> None:
         authenticate_request()
 
 
-from web.api import datasets, jobs, keys, models, openapi, schedules  # noqa: E402, F401  (register routes)
+from web.api import datasets, jobs, keys, models, openapi, schedules, streams  # noqa: E402, F401  (register routes)

@@ -17,7 +17,8 @@ from web.auth import Principal
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_KEY = "api_key_id"
+#: The session entry naming the signed-in API key.
+SESSION_KEY = "api_key_id"
 
 
 def sign_in(plaintext: str) -> bool:
@@ -28,7 +29,7 @@ def sign_in(plaintext: str) -> bool:
         return False
     db.commit()  # last_used_at
     session.clear()  # a fresh session (and CSRF token) for the new identity
-    session[_KEY] = key.id
+    session[SESSION_KEY] = key.id
     session.permanent = False
     return True
 
@@ -40,12 +41,12 @@ def sign_out() -> None:
 def load_principal() -> None:
     """before_request: g.principal from the session's key, unless it was revoked since."""
     g.principal = None
-    key_id = session.get(_KEY)
+    key_id = session.get(SESSION_KEY)
     if key_id is None:
         return
     key = db_session.get().get(ApiKey, key_id)
     if key is None or key.revoked_at is not None:
-        session.pop(_KEY, None)
+        session.pop(SESSION_KEY, None)
         return
     g.principal = Principal(owner=key.owner, role=key.role)
 

@@ -7,13 +7,14 @@ import json
 from typing import Any
 
 from flask import abort, jsonify, redirect, render_template, request, url_for
+from flask import session as flask_session
 from werkzeug import Response
 
 from db import jobs as job_store
 from db.models import Job
 from kiln.specs import KINDS
 from kiln.states import JobState
-from web import session, storage
+from web import job_streams, session, storage
 from web.ui import auth, bp
 
 _LIST_LIMIT = 100
@@ -92,6 +93,16 @@ def job_log(job_id: str) -> str:
     found = _owned(job_id)
     terminal = JobState(found.state).is_terminal
     return render_template("_job_log.html", job=found, terminal=terminal, **_log(found))
+
+
+@bp.get("/jobs/<job_id>/stream")
+@auth.signed_in
+def job_stream(job_id: str) -> Response:
+    """The job's live stream for the page's EventSource (the API's, on the session's key)."""
+    found = _owned(job_id)
+    caller = "ui:" + str(flask_session.get(auth.SESSION_KEY, ""))
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after")
+    return job_streams.respond(found.id, caller, raw)
 
 
 def _status(found: Job) -> dict[str, Any]:
