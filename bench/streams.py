@@ -9,7 +9,8 @@ processes, gthread) and --workers Celery workers on the interactive CPU queue, t
    seconds with no stream open: requests/s and p50/p99 latency;
 2. submits --jobs `echo` jobs sleeping --job-s (each reports its progress every 0.5 s, as
    every runner does) and opens --streams streams spread over them;
-3. while the jobs run, the same API load again for --window-s;
+3. once every stream has its first event, while the jobs run, the same API load again
+   for --window-s;
 4. reads every stream to its end. For each progress and state event the latency is the
    client's receipt time minus the event's `at` (the time the worker's report was
    committed: both clocks are this host's), reported as p50/p99.
@@ -186,7 +187,9 @@ async def measure(args: argparse.Namespace, port: int, key: str) -> dict[str, An
         asyncio.create_task(read_stream(port, job_ids[i % len(job_ids)], key, result))
         for i, result in enumerate(results)
     ]
-    await asyncio.sleep(2.0)  # let them connect
+    # Measure once every stream is open and has caught up (its first event came).
+    while not all(r.events or (r.status and r.status != 200) for r in results):
+        await asyncio.sleep(0.2)
     loaded = await api_load(port, key, probe, args.api_clients, args.window_s)
     await asyncio.gather(*streams)
     return {"baseline": baseline, "loaded": loaded, "streams": results}

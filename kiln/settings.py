@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     #: Live job streams (GET /api/v1/jobs/<id>/stream): open at once per API key (across
     #: web processes; 429 beyond), and per web process, where each holds one of gunicorn's
     #: threads: `kiln web` gives every process this many threads on top of its 4 for
-    #: ordinary requests (503 beyond, and clients poll instead).
+    #: ordinary requests (503 beyond, and clients poll instead). Threads start on demand;
+    #: 512 a process, because the kernel does not share connections evenly between them.
     streams_per_key: int = Field(default=16, ge=1)
-    stream_threads: int = Field(default=256, ge=0, le=4096)
+    stream_threads: int = Field(default=512, ge=0, le=4096)
     #: Seconds between keep-alive comments on an idle stream.
     stream_keepalive_s: float = Field(default=15.0, gt=0, le=300)
 

@@ -257,3 +257,29 @@ def test_a_stream_of_an_idle_job_sends_keep_alive_comments(
         received += next(chunks)
     response.close()
     assert b"event: state" in received
+
+
+def test_the_ui_follows_an_unfinished_jobs_stream_on_its_session(
+    stream_app: Flask,
+    create_job: Callable[..., Job],
+    create_key: Callable[..., str],
+) -> None:
+    from tests.unit.test_ui import _sign_in
+
+    client = stream_app.test_client()
+    _sign_in(client, create_key("alice"))
+    running, done = create_job(state=JobState.RUNNING), create_job(state=JobState.SUCCEEDED)
+    page = client.get(f"/jobs/{running.id}").text
+    assert f'data-url="/jobs/{running.id}/stream"' in page
+    assert "kiln-stream.js" in page
+    assert 'data-url="/jobs/' + done.id + '/stream"' not in client.get(f"/jobs/{done.id}").text
+    listing = client.get("/jobs").text
+    assert f'data-stream="/jobs/{running.id}/stream"' in listing
+    assert f'data-stream="/jobs/{done.id}/stream"' not in listing
+
+    response = client.get(f"/jobs/{running.id}/stream", buffered=False)
+    assert response.mimetype == "text/event-stream"
+    stream = Stream(response)
+    first = stream.take(1)[0]
+    stream.close()
+    assert (first["type"], first["state"]) == ("state", "running")
