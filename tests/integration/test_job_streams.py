@@ -5,15 +5,18 @@ connection mid-stream; and polling where the key is at its stream limit."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from werkzeug.serving import make_server
 
 from kiln import Client
+from kiln.cli import main
 from kiln.settings import Settings
 from web import create_app
 
@@ -161,3 +164,27 @@ def _all_lines(client: Client, job_id: str) -> list[dict[str, Any]]:
     while batch := client.events(job_id, lines[-1]["id"] if lines else 0):
         lines += batch
     return lines
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_kiln_follow_prints_a_jobs_events_and_exits_by_its_state(
+    server: str, worker: Any, create_key: Any
+) -> None:
+    env = {"KILN_URL": server, "KILN_API_KEY": create_key("alice")}
+    client = Client(server, env["KILN_API_KEY"])
+    ok = client.submit("train", {**_TRAIN, "epochs": 3})
+    followed = CliRunner().invoke(main, ["follow", ok["id"]], env=env, catch_exceptions=False)
+    assert followed.exit_code == 0, followed.output
+    lines = followed.stdout.splitlines()
+    assert lines[-1].startswith("state succeeded")
+    assert any(line.startswith("metric ") for line in lines)
+
+    failing = client.submit("echo", {"fail_with": "no luck"})
+    as_json = CliRunner().invoke(main, ["--json", "follow", failing["id"]], env=env)
+    assert as_json.exit_code == 1
+    final = json.loads(as_json.stdout.splitlines()[-1])
+    assert (final["type"], final["state"], final["error"]["message"]) == (
+        "state",
+        "failed",
+        "no luck",
+    )
