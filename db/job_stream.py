@@ -18,8 +18,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, overload
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -218,12 +218,12 @@ def items(delta: Delta, cursor: Cursor) -> list[Item]:
         if logs and (not points or logs[0].at <= points[0].at):
             line = logs.pop(0)
             cursor = replace(cursor, log_id=line.id)
-            data = {"id": line.id, "at": line.at.isoformat(), "level": line.level}
+            data = {"id": line.id, "at": _iso(line.at), "level": line.level}
             found.append(Item("log", {**data, "message": line.message}, cursor))
         else:
             point = points.pop(0)
             cursor = replace(cursor, metric_id=point.id)
-            data = {"id": point.id, "at": point.at.isoformat(), "name": point.name}
+            data = {"id": point.id, "at": _iso(point.at), "name": point.name}
             found.append(Item("metric", {**data, "step": point.step, "value": point.value}, cursor))
     if delta.complete:
         found += snapshot_items(delta.snapshot, cursor)
@@ -257,5 +257,13 @@ def _state_data(snapshot: Snapshot, at: str | None) -> dict[str, Any]:
     }
 
 
+@overload
+def _iso(when: datetime) -> str: ...
+@overload
+def _iso(when: None) -> None: ...
 def _iso(when: datetime | None) -> str | None:
-    return when.isoformat() if when is not None else None
+    """A time as the API's JSON writes it (pydantic): UTC with a `Z`, so a stream's log
+    line reads exactly as the same line from /events."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -119,6 +119,7 @@ def test_a_stream_sends_state_progress_metrics_and_logs_and_ends_after_the_final
     sessions: sessionmaker[Session],
     create_job: Callable[..., Job],
     open_stream: Reader,
+    stream_app: Flask,
     alice: dict[str, str],
 ) -> None:
     job_id = _running(sessions, create_job)
@@ -141,6 +142,12 @@ def test_a_stream_sends_state_progress_metrics_and_logs_and_ends_after_the_final
     assert [e["type"] for e in final] == ["log", "state"]
     assert final[-1]["state"] == "succeeded"
     assert stream.ended
+
+    # A log event reads exactly as the same line from /events.
+    page = stream_app.test_client().get(f"/api/v1/jobs/{job_id}/events", headers=alice)
+    lines = [{"type": "log", **line} for line in page.get_json()["events"]]
+    streamed = [{k: v for k, v in e.items() if k != "event_id"} for e in first + final]
+    assert [e for e in streamed if e["type"] == "log"] == lines
 
 
 def test_a_dropped_stream_resumed_with_last_event_id_gets_exactly_the_missed_events(
