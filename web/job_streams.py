@@ -38,9 +38,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.extensions["kiln.stream_slots"] = StreamSlots(
         redis_client(settings.redis_url),
         per_key=settings.streams_per_key,
-        # Under a server that is not `kiln web` (the dev server, a test client) at least
-        # one stream may open, so the endpoint works everywhere.
-        per_process=max(settings.stream_threads, 1),
+        per_process=settings.stream_threads,  # 0: no streams (503), clients poll
     )
 
 

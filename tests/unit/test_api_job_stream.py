@@ -290,3 +290,15 @@ def test_the_ui_follows_an_unfinished_jobs_stream_on_its_session(
     first = stream.take(1)[0]
     stream.close()
     assert (first["type"], first["state"]) == ("state", "running")
+
+
+def test_a_web_process_with_no_stream_threads_answers_503_and_keeps_no_lease(
+    make_app: Callable[..., Flask], create_job: Callable[..., Job], alice: dict[str, str]
+) -> None:
+    app = make_app(stream_threads=0, streams_per_key=1)
+    job = create_job(owner="alice")
+    for _ in range(2):  # the refusal gave the key's one lease back
+        busy = app.test_client().get(f"/api/v1/jobs/{job.id}/stream", headers=alice)
+        assert busy.status_code == 503
+        assert busy.get_json()["code"] == "streams_busy"
+        assert int(busy.headers["Retry-After"]) > 0
