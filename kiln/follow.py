@@ -62,10 +62,12 @@ def follow(
             requests.ConnectionError,
             requests.Timeout,
             requests.exceptions.ChunkedEncodingError,
-        ):
+        ) as exc:
             failures += 1
             if failures > MAX_RECONNECTS:
-                raise
+                from kiln.client import ConnectionFailed  # kiln.client imports this module
+
+                raise ConnectionFailed(f"lost the stream of job {job_id}: {exc}") from None
         # Dropped, or ended before the final state: reconnect from the last event seen.
         sleep(min(poll_s * 2 ** (failures - 1), 30.0) if failures else poll_s)
 
