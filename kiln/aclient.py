@@ -31,6 +31,10 @@ from kiln.client_core import ConnectionFailed, InvalidInput, ProgressCallback
 OnUpdate = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
+#: What a final state event carries (as kiln/follow.py sends it).
+_STATE_FIELDS = ("state", "attempt", "progress", "message", "error")
+
+
 class AsyncJob(dict[str, Any]):
     """A submitted job, as kiln.client.Job, whose methods are awaited."""
 
@@ -169,14 +173,17 @@ class AsyncClient:
         return await self._send(calls.events(job_id, after))  # type: ignore[no-any-return]
 
     async def follow(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[dict[str, Any]]:
-        """Every log line of the job as it is written, until the job has finished."""
+        """The job's log lines as they are written (`type` "log"), then its final state
+        (`type` "state"), by polling: Client.follow's events less the live stream's
+        progress and metric points."""
         after = 0
         while True:
-            finished = calls.finished(await self.job(job_id))  # state first: see Client.follow
+            job = await self.job(job_id)  # state first: see Client.follow
             for event in await self.events(job_id, after):
                 after = event["id"]
-                yield event
-            if finished:
+                yield {"type": "log", **event}
+            if calls.finished(job):
+                yield {"type": "state", **{k: job.get(k) for k in _STATE_FIELDS}}
                 return
             await asyncio.sleep(poll_s)
 

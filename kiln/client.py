@@ -37,6 +37,7 @@ from kiln.client_core import (
     ProgressCallback,
     WaitTimeout,
 )
+from kiln.follow import follow as follow_job
 
 __all__ = [
     "ApiError",
@@ -197,18 +198,11 @@ class Client:
         return self._send(calls.events(job_id, after))  # type: ignore[no-any-return]
 
     def follow(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
-        """Every log line of the job as it is written, until the job has finished."""
-        after = 0
-        while True:
-            # Read the state before the lines: lines written before it finished are then
-            # all in this batch or an earlier one.
-            finished = calls.finished(self.job(job_id))
-            for event in self.events(job_id, after):
-                after = event["id"]
-                yield event
-            if finished:
-                return
-            time.sleep(poll_s)
+        """The job's events as they happen, until its final state: dicts with a `type`
+        (`state`, `progress`, `metric`, `log`), from its live stream (reconnecting after
+        a dropped connection without losing or repeating an event), or by polling where
+        the server offers no stream (kiln/follow.py)."""
+        return follow_job(self, job_id, poll_s=poll_s)
 
     def wait(
         self,

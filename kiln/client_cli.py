@@ -362,7 +362,7 @@ def logs(job_id: str, follow: bool) -> None:
     remote = current_remote()
     client = remote.client()
     if follow:
-        events: Any = client.follow(job_id)
+        events: Any = (e for e in client.follow(job_id) if e["type"] == "log")
     else:
         events = _all_events(client, job_id)
     for event in events:
@@ -370,6 +370,37 @@ def logs(job_id: str, follow: bool) -> None:
             click.echo(json.dumps(event))
         else:
             click.echo(f"{event['at']} {event['level']:<7} {event['message']}")
+
+
+@click.command(name="follow", short_help="A job's live events until it ends.")
+@click.argument("job_id")
+def follow_job(job_id: str) -> None:
+    """Print a job's state changes, progress, metric points and log lines as they happen
+    (its live stream, or polling where the server has none); exit 0 only if it succeeded."""
+    remote = current_remote()
+    final: dict[str, Any] = {}
+    for event in remote.client().follow(job_id):
+        if remote.as_json:
+            click.echo(json.dumps(event))
+        else:
+            click.echo(_event_line(event))
+        if event["type"] == "state":
+            final = event
+    if final.get("state") != JobState.SUCCEEDED:
+        raise SystemExit(ExitCode.JOB_NOT_SUCCEEDED)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    kind = event["type"]
+    if kind == "log":
+        return f"{event['at']} {event['level']:<7} {event['message']}"
+    if kind == "metric":
+        return f"metric {event['name']} step {event['step']} = {event['value']:.6g}"
+    if kind == "progress":
+        return f"progress {event['progress']:.0%} {event.get('message') or ''}".rstrip()
+    error = event.get("error")
+    reason = f" {error['type']}: {error['message']}" if error else ""
+    return f"state {event['state']} (attempt {event.get('attempt')}){reason}"
 
 
 def _all_events(client: Any, job_id: str) -> Iterator[dict[str, Any]]:
@@ -593,4 +624,16 @@ def _transfer_bar(verb: str) -> Iterator[Any]:
             progress.stop()
 
 
-COMMANDS = [submit, status, list_jobs, wait, logs, cancel, delete, download, datasets, models]
+COMMANDS = [
+    submit,
+    status,
+    list_jobs,
+    wait,
+    logs,
+    follow_job,
+    cancel,
+    delete,
+    download,
+    datasets,
+    models,
+]

@@ -109,3 +109,15 @@ class UnsupportedDataset(KilnError):
 
 class JobFailure(Exception):
     """Raised inside a runner for a failure the user caused: the job fails, no retry."""
+
+
+class TooManyStreams(KilnError):
+    """The API key already has streams_per_key live job streams open."""
+
+    status, code = 429, "too_many_streams"
+
+
+class StreamsBusy(KilnError):
+    """This web process holds as many live streams as it has threads set aside for them."""
+
+    status, code = 503, "streams_busy"

@@ -131,6 +131,15 @@ class Settings(BaseSettings):
     #: Signs the browser UI's session cookie; empty means one generated once and kept in
     #: data_dir/secret_key (mode 0600), so every web process and restart shares it.
     secret_key: str = Field(default="", repr=False)
+    #: Live job streams (GET /api/v1/jobs/<id>/stream): open at once per API key (across
+    #: web processes; 429 beyond), and per web process, where each holds one of gunicorn's
+    #: threads: `kiln web` gives every process this many threads on top of its 4 for
+    #: ordinary requests (503 beyond, and clients poll instead). Threads start on demand;
+    #: 512 a process, because the kernel does not share connections evenly between them.
+    streams_per_key: int = Field(default=16, ge=1)
+    stream_threads: int = Field(default=512, ge=0, le=4096)
+    #: Seconds between keep-alive comments on an idle stream.
+    stream_keepalive_s: float = Field(default=15.0, gt=0, le=300)
 
     @field_validator("lanes")
     @classmethod

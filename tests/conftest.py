@@ -119,6 +119,7 @@ def make_app(settings: Settings, sent: Sent) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
+        app.extensions["kiln.stream_hub"].stop()  # its reads end before the engine goes
         app.extensions["kiln.engine"].dispose()
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 from flask import Flask
 
 from kiln.settings import Settings
-from web import dispatch, errors, headers, limits, metrics, request_guard, session, ui
+from web import (
+    dispatch,
+    errors,
+    headers,
+    job_streams,
+    limits,
+    metrics,
+    request_guard,
+    session,
+    ui,
+)
 from web.api import bp as api_bp
 from web.health import bp as health_bp
 
@@ -19,6 +29,7 @@ def create_app(settings: Settings | None = None, sender: dispatch.Sender | None 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024
     session.init_app(app, settings)
     dispatch.init_app(app, settings, sender)
+    job_streams.init_app(app, settings)
     errors.init_app(app)
     request_guard.init_app(app)
     metrics.init_app(app)

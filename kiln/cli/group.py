@@ -20,7 +20,7 @@ it calls the API with an admin key; without one it writes to the database direct
 \b
 Exit codes:
   0  success (for wait: the job succeeded)
-  1  the job failed or was cancelled (wait, submit --wait)
+  1  the job failed or was cancelled (wait, submit --wait, follow)
   2  usage error (bad flags, unreadable spec file)
   3  the API refused the request (4xx other than below, 5xx)
   4  not found (no such job, model, dataset or key; or not yours)

@@ -77,6 +77,10 @@ def run(outlive_parent: bool) -> None:
     sys.exit(code)
 
 
+#: gunicorn threads per web process for ordinary requests (streams get their own on top).
+REQUEST_THREADS = 4
+
+
 @server_command
 @click.command(short_help="The web server (gunicorn).")
 def web() -> None:
@@ -97,7 +101,10 @@ def web() -> None:
             # Kiln's JSON log lines, workers that die with the master (kiln/cli/gunicorn_config.py)
             "--config", "python:kiln.cli.gunicorn_config",
             "--bind", f"{settings.host}:{settings.port}",
-            "--workers", "2", "--threads", "4", "--access-logfile", "-",
+            # gthread: 4 threads for ordinary requests, plus one per live stream a process
+            # admits (KILN_STREAM_THREADS; web/job_streams.py), so streams never take them.
+            "--workers", "2", "--threads", str(REQUEST_THREADS + settings.stream_threads),
+            "--access-logfile", "-",
             *_control_socket(settings.data_dir),
         ],
     )  # fmt: skip

@@ -285,5 +285,6 @@ def api(live_settings: Settings, create_key: Callable[..., str]) -> Iterator[Api
     app = create_app(live_settings)
     app.config["TESTING"] = True
     yield Api(app.test_client(), create_key("alice"))
+    app.extensions["kiln.stream_hub"].stop()
     app.extensions["kiln.engine"].dispose()
     app.extensions["kiln.celery"].close()

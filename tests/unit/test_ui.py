@@ -351,7 +351,7 @@ def test_job_page_shows_state_progress_log_and_cancel(
     assert "epoch 5/12, ETA 33s" in page
     assert "epoch 5: train_loss=0.5" in page
     assert "Cancel job" in page
-    assert 'hx-trigger="every 2s"' in as_alice.get(f"/jobs/{job.id}/live").text
+    assert 'hx-trigger="every 2s, kiln:update"' in as_alice.get(f"/jobs/{job.id}/live").text
     metrics = as_alice.get(f"/jobs/{job.id}/metrics.json").get_json()
     assert metrics == {
         "state": "running",

@@ -24,6 +24,7 @@ from web.api import (  # noqa: E402, F401  (register routes)
     models,
     openapi,
     schedules,
+    streams,
     webhooks,
     workers,
 )

@@ -67,6 +67,28 @@ def _file_op(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _stream_op(params: list[dict[str, Any]]) -> dict[str, Any]:
+    """GET /jobs/<id>/stream: Server-Sent Events (docs/architecture.md, "Live streams")."""
+    resume = {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "The id of the last event received: the stream resumes after it.",
+        "schema": {"type": "string"},
+    }
+    after = {**_query("after"), "description": "Like Last-Event-ID, or a log line id."}
+    events = {"schema": {"type": "string"}}
+    return {
+        "summary": "A job's state, progress, metric points and log lines as Server-Sent "
+        "Events (event: state | progress | metric | log; data: JSON), until it ends",
+        "parameters": [*params, resume, after],
+        "responses": {
+            "200": {"description": "The event stream", "content": {"text/event-stream": events}},
+            "default": _problem(),
+        },
+    }
+
+
 def _no_content_op(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "summary": summary,
@@ -192,6 +214,7 @@ def _paths() -> dict[str, Any]:
                 schemas.WebhookSecretOut,
             )
         },
+        "/api/v1/jobs/{job_id}/stream": {"get": _stream_op(job)},
         "/api/v1/jobs/{job_id}/output": {
             "get": _file_op("A job's output file (batch_predict predictions)", job)
         },

@@ -17,8 +17,6 @@ from web.auth import SESSION_KEY_ID, Principal
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_KEY = SESSION_KEY_ID
-
 
 def sign_in(plaintext: str) -> bool:
     """Start a session for the key, if it is live; False leaves the session signed out."""
@@ -28,7 +26,7 @@ def sign_in(plaintext: str) -> bool:
         return False
     db.commit()  # last_used_at
     session.clear()  # a fresh session (and CSRF token) for the new identity
-    session[_KEY] = key.id
+    session[SESSION_KEY_ID] = key.id
     session.permanent = False
     return True
 
@@ -40,12 +38,12 @@ def sign_out() -> None:
 def load_principal() -> None:
     """before_request: g.principal from the session's key, unless it was revoked since."""
     g.principal = None
-    key_id = session.get(_KEY)
+    key_id = session.get(SESSION_KEY_ID)
     if key_id is None:
         return
     key = db_session.get().get(ApiKey, key_id)
     if key is None or key.revoked_at is not None:
-        session.pop(_KEY, None)
+        session.pop(SESSION_KEY_ID, None)
         return
     g.principal = Principal(owner=key.owner, role=key.role)
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from flask import abort, flash, jsonify, redirect, render_template, request, url_for
+from flask import session as flask_session
 from werkzeug import Response
 
 from db import jobs as job_store
@@ -16,7 +17,8 @@ from kiln.errors import KilnError
 from kiln.specs import KINDS
 from kiln.states import JobState
 from kiln.tags import MAX_TAGS, parse_filter
-from web import session, storage, webhooks
+from web import job_streams, session, storage, webhooks
+from web.auth import SESSION_KEY_ID
 from web.ui import auth, bp
 
 _LIST_LIMIT = 100
@@ -136,6 +138,16 @@ def _webhooks(found: Job) -> dict[str, Any]:
         "deliveries": listed,
         "webhooks_polling": waiting or not JobState(found.state).is_terminal,
     }
+
+
+@bp.get("/jobs/<job_id>/stream")
+@auth.signed_in
+def job_stream(job_id: str) -> Response:
+    """The job's live stream for the page's EventSource (the API's, on the session's key)."""
+    found = _owned(job_id)
+    caller = "ui:" + str(flask_session.get(SESSION_KEY_ID, ""))
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after")
+    return job_streams.respond(found.id, caller, raw)
 
 
 def _status(found: Job) -> dict[str, Any]:
