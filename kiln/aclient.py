@@ -313,8 +313,26 @@ class AsyncClient:
         spec: dict[str, Any],
         priority: int = 0,
         enabled: bool = True,
+        *,
+        tags: dict[str, str] | None = None,
+        deadline_s: float | None = None,
+        expires_after: int | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> dict[str, Any]:
-        call = calls.create_schedule(name, cron, kind, spec, priority, enabled)
+        call = calls.create_schedule(
+            name,
+            cron,
+            kind,
+            spec,
+            priority,
+            enabled,
+            tags=tags,
+            deadline_s=deadline_s,
+            expires_after=expires_after,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return await self._send(call)  # type: ignore[no-any-return]
 
     async def schedules(self) -> list[dict[str, Any]]:

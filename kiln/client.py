@@ -339,10 +339,28 @@ class Client:
         spec: dict[str, Any],
         priority: int = 0,
         enabled: bool = True,
+        *,
+        tags: dict[str, str] | None = None,
+        deadline_s: float | None = None,
+        expires_after: int | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> dict[str, Any]:
         """A cron schedule (five fields, UTC) that submits `kind` with `spec` at each slot;
         its jobs count against your queue quota like submitted ones."""
-        call = calls.create_schedule(name, cron, kind, spec, priority, enabled)
+        call = calls.create_schedule(
+            name,
+            cron,
+            kind,
+            spec,
+            priority,
+            enabled,
+            tags=tags,
+            deadline_s=deadline_s,
+            expires_after=expires_after,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return self._send(call)  # type: ignore[no-any-return]
 
     def schedules(self) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import click
 
 from kiln import client_progress
 from kiln.states import JobState
+from kiln.webhooks import EVENTS as webhook_events_known
 
 
 class ExitCode(IntEnum):
@@ -112,6 +113,19 @@ def print_json(value: Any) -> None:
     metavar="SECONDS",
     help="Cancel the job if it has not finished this many seconds after submission.",
 )
+@click.option(
+    "--webhook",
+    "webhook_url",
+    metavar="URL",
+    help="POST the job's events to this http(s) URL, signed (docs/webhooks.md).",
+)
+@click.option(
+    "--webhook-event",
+    "webhook_events",
+    multiple=True,
+    type=click.Choice(webhook_events_known),
+    help="An event to send (repeat); default: succeeded, failed and cancelled.",
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job and exit by its state.")
 @click.option(
     "--idempotency-key",
@@ -125,12 +139,21 @@ def submit(
     expires_after: int | None,
     tag_pairs: tuple[str, ...],
     deadline_s: float | None,
+    webhook_url: str | None,
+    webhook_events: tuple[str, ...],
     then_wait: bool,
     idempotency_key: str | None,
 ) -> None:
     """Queue a job: `kiln submit train --model-name digits --epochs 20`, or `-f spec.yaml`;
     prints its id."""
-    template = job_template(list(ctx.args), spec_file, priority, tag_pairs, deadline_s)
+    flags = {
+        "tags": _tags(tag_pairs),
+        "deadline_s": deadline_s,
+        "expires_after": expires_after,
+        "webhook_url": webhook_url,
+        "webhook_events": list(webhook_events),
+    }
+    template = job_template(list(ctx.args), spec_file, priority, flags)
     remote = current_remote()
     kind = template.kind
     job = remote.client().submit(
@@ -138,9 +161,7 @@ def submit(
         template.spec,
         template.priority,
         idempotency_key=idempotency_key,
-        tags=template.tags,
-        deadline_s=template.deadline_s,
-        expires_after=expires_after,
+        **template.options,
     )
     if remote.as_json and not then_wait:
         print_json(job)
@@ -154,6 +175,11 @@ def submit(
         _report(finished, result_to_stdout=remote.as_json)
 
 
+#: A job's optional top-level fields beside kind, spec and priority (POST /jobs), which a
+#: spec file may hold and flags override.
+JOB_OPTIONS = ("tags", "deadline_s", "expires_after", "webhook_url", "webhook_events")
+
+
 @dataclass(frozen=True)
 class JobTemplate:
     """What `submit` sends, and what `schedules create` makes a schedule of."""
@@ -161,19 +187,19 @@ class JobTemplate:
     kind: str
     spec: dict[str, Any]
     priority: int
-    tags: dict[str, str]
-    deadline_s: float | None
+    #: The JOB_OPTIONS given, by name (absent ones left out).
+    options: dict[str, Any]
 
 
 def job_template(
     args: list[str],
     spec_file: Path | None,
     priority: int | None,
-    tag_pairs: tuple[str, ...] = (),
-    deadline_s: float | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> JobTemplate:
-    """The kind, spec, priority, tags and deadline from `[KIND] [--FIELD VALUE]...`, the
-    flags and a spec file; the flags override the file's fields."""
+    """The kind, spec, priority and JOB_OPTIONS from `[KIND] [--FIELD VALUE]...`, the
+    option flags (`flags`, by option name) and a spec file; the flags override the file's
+    fields, except tags, which add to the file's."""
     # KIND is read here, not by click: as an optional argument it would swallow the
     # value of a spec flag (`-f job.yaml --epochs 7` would make "7" the kind).
     kind = args.pop(0) if args and not args[0].startswith("-") else None
@@ -184,12 +210,12 @@ def job_template(
     kind = kind or body.get("kind")
     if not kind:
         raise click.UsageError("name the job kind (train, predict, ...) or give it in the file")
+    options = {name: body[name] for name in JOB_OPTIONS if body.get(name) is not None}
+    for name, value in (flags or {}).items():
+        if value not in (None, (), [], {}):
+            options[name] = dict(options.get("tags") or {}) | value if name == "tags" else value
     return JobTemplate(
-        kind,
-        spec,
-        priority if priority is not None else body.get("priority", 0),
-        tags=dict(body.get("tags") or {}) | _tags(tag_pairs),
-        deadline_s=deadline_s if deadline_s is not None else body.get("deadline_s"),
+        kind, spec, priority if priority is not None else body.get("priority", 0), options
     )
 
 
@@ -214,7 +240,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise click.UsageError(f"{path} must hold a mapping")
     if "spec" in loaded or "kind" in loaded:
-        unknown = set(loaded) - {"kind", "spec", "priority", "tags", "deadline_s"}
+        unknown = set(loaded) - {"kind", "spec", "priority", *JOB_OPTIONS}
         if unknown:
             raise click.UsageError(f"{path}: unknown keys {sorted(unknown)}; put them in spec")
         return loaded

@@ -247,9 +247,16 @@ def revoke_key(key_id: str) -> Call:
 
 
 def create_schedule(
-    name: str, cron: str, kind: str, spec: dict[str, Any], priority: int, enabled: bool
+    name: str,
+    cron: str,
+    kind: str,
+    spec: dict[str, Any],
+    priority: int,
+    enabled: bool,
+    **fields: Any,
 ) -> Call:
-    body = {
+    """POST /schedules; `fields` as for `submit`: the job template's optional fields."""
+    body: dict[str, Any] = {
         "name": name,
         "cron": cron,
         "kind": kind,
@@ -257,6 +264,7 @@ def create_schedule(
         "priority": priority,
         "enabled": enabled,
     }
+    body |= {name: value for name, value in fields.items() if value not in (None, {}, [])}
     return Call("POST", "/schedules", json=body)
 
 

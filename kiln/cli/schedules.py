@@ -61,7 +61,7 @@ def create_schedule(
     job = job_template(list(template), spec_file, priority)
     remote = current_remote()
     schedule = remote.client().create_schedule(
-        name, cron, job.kind, job.spec, job.priority, enabled=not paused
+        name, cron, job.kind, job.spec, job.priority, enabled=not paused, **job.options
     )
     _answer(schedule, remote.as_json)
 

@@ -47,6 +47,38 @@ def test_submit_sends_tags_and_a_deadline_beside_the_spec(api) -> None:
     }
 
 
+def test_submit_sends_a_webhook_and_its_events(api) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    result = invoke(
+        "submit", "echo", "--message", "hi", "--webhook", "https://hooks.example.com/kiln",
+        "--webhook-event", "running", "--webhook-event", "failed",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sent = json.loads(api.calls[0].request.body)
+    assert sent["webhook_url"] == "https://hooks.example.com/kiln"
+    assert sent["webhook_events"] == ["running", "failed"]
+
+
+def test_a_spec_file_may_hold_every_top_level_option(api, tmp_path) -> None:
+    api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
+    path: Path = tmp_path / "job.yaml"
+    path.write_text(
+        "kind: echo\nspec: {message: x}\nexpires_after: 86400\n"
+        "webhook_url: https://hooks.example.com/k\nwebhook_events: [failed]\n"
+    )
+    assert invoke("submit", "-f", str(path), "--webhook-event", "succeeded").exit_code == 0
+    sent = json.loads(api.calls[0].request.body)
+    assert sent["expires_after"] == 86400
+    assert sent["webhook_url"] == "https://hooks.example.com/k"
+    assert sent["webhook_events"] == ["succeeded"]  # the flag overrides the file
+
+
+def test_an_unknown_webhook_event_is_a_usage_error(api) -> None:
+    result = invoke("submit", "echo", "--webhook", "https://h.test", "--webhook-event", "done")
+    assert result.exit_code == 2
+    assert not api.calls
+
+
 def test_a_spec_file_may_hold_tags_and_a_deadline_and_flags_add_to_them(api, tmp_path) -> None:
     api.post(f"{URL}/api/v1/jobs", json=JOB, status=202)
     path: Path = tmp_path / "job.yaml"
