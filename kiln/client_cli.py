@@ -265,10 +265,11 @@ def _wait_for(remote: Remote, job_id: str, *, timeout_s: float | None, poll_s: f
 
 
 def status_line(job: dict[str, Any], latest: str = "") -> str:
-    """The state, the job's message and its latest metrics, each said once: a finished
-    job's message is often its state again ("succeeded")."""
+    """The state, its latest metrics and the job's message, each said once: a finished
+    job's message is often its state again ("succeeded"). The metrics come before the
+    message, so a narrow terminal, which cuts the line's end, still shows them."""
     message = "" if _repeats_state(job) else job.get("message") or ""
-    return " ".join(filter(None, [job["state"], message, latest]))
+    return " ".join(filter(None, [job["state"], latest, message]))
 
 
 def _repeats_state(job: dict[str, Any]) -> bool:
@@ -289,9 +290,28 @@ def _report(job: dict[str, Any], *, result_to_stdout: bool) -> None:
         raise SystemExit(ExitCode.JOB_NOT_SUCCEEDED)
 
 
+#: The metrics a person waits on, first (the wait line is cut at the terminal's width);
+#: any others follow in name order.
+_HEADLINE_METRICS = (
+    "val_accuracy",
+    "val_loss",
+    "train_loss",
+    "accuracy",
+    "loss",
+    "val_mae",
+    "val_f1",
+)
+
+
 def _latest_metrics(series: dict[str, list[dict[str, Any]]]) -> str:
+    def rank(name: str) -> tuple[int, str]:
+        headline = name in _HEADLINE_METRICS
+        return (_HEADLINE_METRICS.index(name) if headline else len(_HEADLINE_METRICS), name)
+
     return " ".join(
-        f"{name}={points[-1]['value']:.4g}" for name, points in series.items() if points
+        f"{name}={series[name][-1]['value']:.4g}"
+        for name in sorted(series, key=rank)
+        if series[name]
     )
 
 
