@@ -14,6 +14,7 @@ from db.models import Job
 from kiln.settings import Settings
 from kiln.specs import Spec
 from web import dispatch
+from web.submit_checks import check_references
 
 
 def submit(
@@ -28,13 +29,16 @@ def submit(
     preemptible: bool = True,
     expires_after_s: int | None = None,
 ) -> Job:
-    """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota.
+    """Create, commit and send the job; InvalidSpec (422) when the spec names what the
+    owner does not have or cannot use (web.submit_checks), QueueQuotaExceeded (429) when
+    the owner is at quota.
 
     `expires_after_s` None keeps its outputs and log lines KILN_RETENTION_DAYS.
     A commit that loses a unique-key race (IntegrityError) propagates: the API answers it
     with the job that won.
     """
     settings: Settings = current_app.config["KILN_SETTINGS"]
+    check_references(db, owner, spec)
     job = submission.queue_job(
         db,
         owner=owner,
