@@ -57,11 +57,12 @@ def wait_bar(job_id: str, enabled: bool = True) -> Iterator[ShowReading]:
 
 
 def status_line(job: dict[str, Any], latest: str = "") -> str:
-    """The state, the job's message and its latest metrics, each said once: a finished
-    job's message is often its state again ("succeeded")."""
+    """The state, its latest metrics, its place in the queue and the job's message, each
+    said once: a finished job's message is often its state again ("succeeded"). The
+    metrics come before the message, so a narrow terminal, which cuts the line's end,
+    still shows them."""
     message = "" if repeats_state(job) else job.get("message") or ""
-    standing = queue_standing(job)
-    return " ".join(filter(None, [job["state"], message, standing, latest]))
+    return " ".join(filter(None, [job["state"], latest, queue_standing(job), message]))
 
 
 def queue_standing(job: dict[str, Any]) -> str:
@@ -92,8 +93,28 @@ def repeats_state(job: dict[str, Any]) -> bool:
     return bool(str(job.get("message") or "").strip().lower() == str(job["state"]))
 
 
+#: The metrics a person waits on, first (the wait line is cut at the terminal's width);
+#: any others follow in name order.
+HEADLINE_METRICS = (
+    "val_accuracy",
+    "val_loss",
+    "train_loss",
+    "accuracy",
+    "loss",
+    "val_mae",
+    "val_f1",
+)
+
+
 def latest_metrics(series: dict[str, list[dict[str, Any]]]) -> str:
-    """Each metric's newest value, `name=value` separated by spaces."""
+    """Each metric's newest value, `name=value` separated by spaces, headline ones first."""
+
+    def rank(name: str) -> tuple[int, str]:
+        headline = name in HEADLINE_METRICS
+        return (HEADLINE_METRICS.index(name) if headline else len(HEADLINE_METRICS), name)
+
     return " ".join(
-        f"{name}={points[-1]['value']:.4g}" for name, points in series.items() if points
+        f"{name}={series[name][-1]['value']:.4g}"
+        for name in sorted(series, key=rank)
+        if series[name]
     )

@@ -34,6 +34,16 @@ _BUILTIN_DATASETS = (
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+#: Per-field caps on free text, so a huge string is a field error (422), never stored:
+#: names (a model's, a column's) and ids are short; a message may be a paragraph. The
+#: inputs of a predict job are not capped here: texts are bounded by their count and the
+#: request's size limit, and a long document is a legitimate input.
+ModelName = Annotated[str, Field(min_length=1, max_length=100)]
+#: A dataset id (32 characters) or a built-in's name.
+DatasetRef = Annotated[str, Field(min_length=1, max_length=64)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_MESSAGE = 10_000
+
 
 def check_model_name(name: str) -> str:
     """The one rule for model names; raises ValueError."""
@@ -211,17 +221,17 @@ def _known_arch(arch: Any) -> Any:
 class TrainSpec(Spec):
     """Train a model on a dataset and register it as a new model version."""
 
-    model_name: str = Field(description="Registry name the new version is filed under.")
+    model_name: ModelName = Field(description="Registry name the new version is filed under.")
     arch: ArchName = "mlp"
     arch_params: ArchParams = Field(
         default_factory=MLPParams,
         description="The architecture's own parameters; which fields exist depends on arch.",
     )
-    dataset: str = Field(
+    dataset: DatasetRef = Field(
         default="builtin:digits",
         description=f"One of {', '.join(_BUILTIN_DATASETS)}, or the id of an uploaded dataset.",
     )
-    target: str = Field(default="label", description="Column holding the target.")
+    target: ColumnName = Field(default="label", description="Column holding the target.")
     task: Literal["auto", "classification", "regression"] = Field(
         default="auto",
         description="auto: regression for a float target with fractional values or an "
@@ -257,7 +267,9 @@ class TrainSpec(Spec):
         default=60.0, ge=1, description="Checkpoint at least this often (and every epoch)."
     )
     resume_from: str | None = Field(
-        default=None, description="Id of an earlier job of yours whose checkpoint to start from."
+        default=None,
+        max_length=64,
+        description="Id of an earlier job of yours whose checkpoint to start from.",
     )
     gpus: int = Field(
         default=1,
@@ -347,7 +359,7 @@ class PredictSpec(Spec):
 
     short: ClassVar[bool] = True
 
-    model: str
+    model: ModelName
     version: VersionRef = "latest"
     #: Rows of numbers for zoo versions; strings (or {column: text} rows) for hf versions.
     inputs: list[Row | str] = Field(min_length=1, max_length=10_000)
@@ -362,21 +374,21 @@ class OptimizeSpec(Spec):
 
     #: Dynamically quantized kernels run on the CPU only, so the job always runs there.
     device: Literal["auto", "cpu"] = "cpu"
-    model: str
+    model: ModelName
     version: VersionRef = "latest"
-    dataset: str | None = Field(
+    dataset: DatasetRef | None = Field(
         default=None,
         description="Dataset id to measure accuracy on (every row). Default: the source "
         "version's validation split, recomputed from its lineage (needed for uploads).",
     )
-    target: str = Field(default="label", description="Label column of `dataset`.")
+    target: ColumnName = Field(default="label", description="Label column of `dataset`.")
 
 
 class ExportSpec(Spec):
     """Export a version to TorchScript, stored beside its weights for download."""
 
     device: Literal["auto", "cpu"] = "cpu"
-    model: str
+    model: ModelName
     version: VersionRef = "latest"
     format: Literal["torchscript"] = "torchscript"
 
@@ -384,15 +396,17 @@ class ExportSpec(Spec):
 class BatchPredictSpec(Spec):
     """Score every row of an uploaded dataset into an output file, in resumable chunks."""
 
-    model: str
+    model: ModelName
     version: VersionRef = "latest"
-    dataset: str = Field(description="The id of an uploaded dataset (CSV, Parquet, JSONL, NPZ).")
-    features: list[str] | None = Field(
+    dataset: DatasetRef = Field(
+        description="The id of an uploaded dataset (CSV, Parquet, JSONL, NPZ)."
+    )
+    features: list[ColumnName] | None = Field(
         default=None,
         max_length=100_000,
         description="Columns fed to the model, in order; default: the model's feature names.",
     )
-    passthrough: list[str] = Field(
+    passthrough: list[ColumnName] = Field(
         default_factory=list,
         max_length=100,
         description="Input columns copied into the output beside the predictions (an id).",
@@ -435,10 +449,10 @@ class EchoSpec(Spec):
 
     short: ClassVar[bool] = True
 
-    message: str = Field(default="", max_length=10_000)
+    message: str = Field(default="", max_length=MAX_MESSAGE)
     sleep_s: float = Field(default=0.0, ge=0, le=3600)
     #: Fail with this message instead of succeeding (exercises the failure path).
-    fail_with: str | None = None
+    fail_with: str | None = Field(default=None, max_length=MAX_MESSAGE)
     #: Chaos/smoke helper: SIGKILL the worker's pool process after the sleep (exercises
     #: worker-loss recovery). Honoured only where KILN_CHAOS=1; elsewhere the job fails.
     crash: bool = False

@@ -21,6 +21,8 @@ from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
 from kiln.settings import Settings
 
 _CHUNK = 1024 * 1024
+#: The datasets.name column's size.
+MAX_DATASET_NAME = 255
 
 _MEDIA_TYPES = {
     "parquet": "application/vnd.apache.parquet",
@@ -34,6 +36,13 @@ def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: st
     (CSV, Parquet, JSONL or NPZ), and record it (committed)."""
     if upload is None or not upload.filename:
         raise InvalidRequest("send the file as multipart/form-data field 'file'")
+    name = name or upload.filename
+    if len(name) > MAX_DATASET_NAME:  # the column's size; checked before any byte is stored
+        raise InvalidRequest(
+            f"a dataset's name is at most {MAX_DATASET_NAME} characters (the 'name' field, "
+            "else the file's name)",
+            [{"loc": ["name"], "msg": f"at most {MAX_DATASET_NAME} characters"}],
+        )
     fmt = datasets.format_of(upload.filename)
     settings = _settings()
     store = open_store(settings)
@@ -50,7 +59,7 @@ def upload_dataset(db: Session, owner: str, upload: FileStorage | None, name: st
     dataset = dataset_store.create(
         db,
         owner=owner,
-        name=name or upload.filename,
+        name=name,
         info=info,
         size_bytes=stored.size,
         digest=stored.digest,

@@ -9,14 +9,13 @@ from __future__ import annotations
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from db import jobs, submission
+from db import submission
 from db.models import Job
-from kiln.batch_retry import why_not_retryable
-from kiln.errors import InvalidSpec, NotFound
 from kiln.settings import Settings
-from kiln.specs import BatchPredictSpec, Spec
+from kiln.specs import Spec
 from kiln.webhooks import Webhook
 from web import dispatch
+from web.submit_checks import check_references
 
 
 def submit(
@@ -34,16 +33,16 @@ def submit(
     tags: dict[str, str] | None = None,
     deadline_s: float | None = None,
 ) -> Job:
-    """Create, commit and send the job; QueueQuotaExceeded (429) when the owner is at quota;
-    InvalidSpec (422) when a batch_predict's retry_of names no job it can retry.
+    """Create, commit and send the job; InvalidSpec (422) when the spec names what the
+    owner does not have or cannot use (web.submit_checks), QueueQuotaExceeded (429) when
+    the owner is at quota.
 
     `expires_after_s` None keeps its outputs and log lines KILN_RETENTION_DAYS.
     A commit that loses a unique-key race (IntegrityError) propagates: the API answers it
     with the job that won.
     """
     settings: Settings = current_app.config["KILN_SETTINGS"]
-    if isinstance(spec, BatchPredictSpec) and spec.retry_of is not None:
-        _check_retry_source(db, owner, spec.retry_of)
+    check_references(db, owner, spec)
     job = submission.queue_job(
         db,
         owner=owner,
@@ -61,17 +60,3 @@ def submit(
     )
     submission.commit_and_send(db, dispatch.sender(), job)
     return job
-
-
-def _check_retry_source(db: Session, owner: str, source_id: str) -> None:
-    """A batch_predict's retry_of must name a job of the same owner that can be retried."""
-    try:
-        source = jobs.get_owned(db, source_id, owner)
-    except NotFound:
-        problem: str | None = f"no job {source_id} of yours"
-    else:
-        problem = why_not_retryable(source.id, source.kind, source.state, source.result)
-    if problem is not None:
-        raise InvalidSpec(
-            f"spec.retry_of: {problem}", [{"loc": ["spec", "retry_of"], "msg": problem}]
-        )

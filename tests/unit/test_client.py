@@ -221,6 +221,38 @@ def test_the_wait_bar_keeps_its_percentage_at_narrow_widths(api, columns: str) -
     assert all(len(line) <= int(columns) for line in drawn)
 
 
+def test_the_wait_line_at_80_columns_shows_the_headline_metrics_first(api) -> None:
+    """Alphabetical order after the message once cut val_accuracy away at 80 columns."""
+    metrics = {**LONG_METRICS, "a_rate": [{"step": 3, "value": 5.0}]}
+    metrics["val_accuracy"] = [{"step": 3, "value": 0.9375}]
+    _wait_on(
+        api,
+        {"state": "running", "progress": 0.4, "message": "epoch 8/20, ETA 1m 12s"},
+        {"state": "cancelled", "progress": 0.4, "message": "cancelled while running"},
+        metrics=metrics,
+    )
+    result = CliRunner().invoke(
+        main,
+        ["wait", JOB["id"], "--interval", "0"],
+        env={"KILN_URL": URL, "KILN_API_KEY": "k", "COLUMNS": "80"},
+    )
+    drawn = [line for line in result.stderr.splitlines() if line.startswith(JOB["id"][:12])]
+    assert drawn, result.stderr
+    assert "cancelled val_accuracy=0.9375 val_loss=" in drawn[-1]
+    assert all(len(line) <= 80 for line in drawn)
+
+
+def test_the_wait_metrics_put_the_headline_ones_first_then_the_rest_by_name() -> None:
+    from kiln.client_progress import latest_metrics
+
+    point = [{"step": 1, "value": 0.5}]
+    names = ["zeta", "train_loss_step", "train_loss", "val_loss", "val_accuracy", "alpha"]
+    line = latest_metrics({name: point for name in names} | {"empty": []})
+
+    order = [part.split("=")[0] for part in line.split()]
+    assert order == ["val_accuracy", "val_loss", "train_loss", "alpha", "train_loss_step", "zeta"]
+
+
 def test_wait_says_the_state_once(api) -> None:
     _wait_on(api, {"state": "succeeded", "progress": 1.0, "message": "succeeded", "result": {}})
     result = invoke("wait", JOB["id"], "--interval", "0")

@@ -15,6 +15,7 @@ from hfkit import SENTIMENT, bert_directory
 from modelkit import never_resent
 from sqlalchemy import select
 
+from db import jobs
 from db.models import Job, JobEvent, Metric
 from kiln.errors import InvalidSpec, JobFailure
 from kiln.families import HfParams
@@ -328,7 +329,7 @@ def test_a_warm_shutdown_mid_epoch_resumes_a_lora_run_at_its_step(
 
 
 def test_only_text_classification_and_embedding_versions_are_fine_tuned(
-    directories, api, upload, run_job, tmp_path
+    directories, api, upload, run_job, sessions, tmp_path
 ):
     from hfkit import gpt2_directory
 
@@ -337,7 +338,18 @@ def test_only_text_classification_and_embedding_versions_are_fine_tuned(
     form = {"family": "hf", "task": "text-generation", "files": files}
     api("post", "/models/writer/versions", 201, data=form)
     spec = {"model_name": "x", "arch": "hf", "arch_params": {"base_model": "writer"}}
-    job = run_job("train", spec | {"dataset": upload(reviews()), "target": "sentiment"})
+    spec |= {"dataset": upload(reviews()), "target": "sentiment"}
+
+    # Refused at submit (web.submit_checks), naming the field ...
+    refused = api("post", "/jobs", 422, json={"kind": "train", "spec": spec})
+    assert refused["errors"][0]["loc"] == ["spec", "arch_params", "base_model"]
+    assert "starts from an hf text-classification or embedding version" in refused["detail"]
+    # ... and by the runner, for a base that changed between submit and run.
+    with sessions() as session:
+        queued = jobs.create(session, kind="train", owner="alice", spec=spec, queue="cpu")
+        session.commit()
+        job_id = queued.id
+    job = run_job.again(job_id, 0)
     assert job.state == "failed"
     assert "starts from an hf text-classification or embedding version" in job.error_message
 

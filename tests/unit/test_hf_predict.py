@@ -200,18 +200,45 @@ def test_an_input_past_the_context_fails_or_is_truncated_as_asked(register, pred
     ]
 
 
-def test_parameters_of_another_task_fail_the_job(register, predict):
+@pytest.fixture
+def refused_then_run(client, alice, runtime, sessions):
+    """refused_then_run(spec) -> (the API's 422 body, the Job run without the API's checks):
+    submit refuses what the version cannot take (web.submit_checks), and the runner still
+    fails it, for a version that changed between submit and run."""
+
+    def run(spec: dict) -> tuple[dict, Job]:
+        response = client.post(
+            "/api/v1/jobs", json={"kind": "predict", "spec": spec}, headers=alice
+        )
+        assert response.status_code == 422, response.get_data(as_text=True)
+        with sessions() as session:
+            queued = job_rows.create(session, kind="predict", owner="alice", spec=spec, queue="cpu")
+            session.commit()
+            job_id = queued.id
+        execute_attempt(runtime, job_id, 0, "w1", never_resent)
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            session.expunge(job)
+            return response.get_json(), job
+
+    return run
+
+
+def test_parameters_of_another_task_fail_the_job(register, refused_then_run):
     register("embedding")
-    job = predict({"model": "embedding", "inputs": ["a day"], "hf": {"max_new_tokens": 3}})
+    spec = {"model": "embedding", "inputs": ["a day"], "hf": {"max_new_tokens": 3}}
+    refused, job = refused_then_run(spec)
+    assert refused["errors"][0]["loc"] == ["spec", "hf", "max_new_tokens"]
     assert job.state == "failed"
     assert "max_new_tokens: not a parameter of embedding models" in job.error_message
 
 
-def test_a_zoo_version_refuses_plain_strings(predict, runtime, sessions, tmp_path):
+def test_a_zoo_version_refuses_plain_strings(refused_then_run, runtime, sessions, tmp_path):
     from modelkit import register_model
 
     register_model(sessions, runtime.store, tmp_path)
-    job = predict({"model": "m", "inputs": ["some text"]})
+    refused, job = refused_then_run({"model": "m", "inputs": ["some text"]})
+    assert refused["errors"][0]["loc"] == ["spec", "inputs"]
     assert job.state == "failed"
     assert "zoo model" in job.error_message
 

@@ -169,6 +169,22 @@ def test_a_version_the_lists_do_not_hold_is_kept(as_alice: FlaskClient) -> None:
     assert "Pick a model to see the features" in _field_block(page, "inputs")
 
 
+def test_a_version_that_does_not_exist_is_refused_beside_its_field(
+    as_alice: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """The submit-time checks (web.submit_checks) answer the form as the API: 422, the
+    message beside the field, the values kept, nothing queued."""
+    _register(sessions, "churn", ["tenure"])
+    form = {"csrf_token": _token(as_alice, "/jobs"), "model": "churn", "version": "7",
+            "inputs": '[{"tenure": 3}]'}  # fmt: skip
+    refused = as_alice.post("/jobs/new/predict", data=form)
+
+    assert refused.status_code == 422
+    assert "model &#39;churn&#39; has no version 7" in _field_block(refused.text, "version")
+    with sessions() as session:
+        assert session.query(Job).count() == 0
+
+
 def test_examples_stay_short_for_wide_models_and_name_a_text_column() -> None:
     assert model_hints.example_rows(["a", "b"]) == '[{"a": 0, "b": 0}]'
     wide = [f"pixel_{i}" for i in range(64)]

@@ -91,6 +91,9 @@ def new_job(kind: str) -> Response | str | tuple[str, int]:
         # The API answers 429 with Retry-After; a person gets the form back, values kept.
         page = render_form(kind, fields, filled.values, {}, [exc.message])
         return page, exc.status
+    except InvalidSpec as exc:  # names what this user has not got (web.submit_checks)
+        placed, general = forms.errors_by_field(fields, exc)
+        return render_form(kind, fields, filled.values, placed, general), exc.status
     return redirect(url_for("ui.job", job_id=job.id))
 
 

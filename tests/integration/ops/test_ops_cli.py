@@ -238,7 +238,8 @@ def test_alias_set_points_the_alias_at_a_version(
 def test_worker_metrics_count_the_jobs_it_finished(
     kiln: Callable[..., Result], worker: Worker
 ) -> None:
-    job_id = kiln("submit", "predict", "--model", "no-such-model", "--inputs", "[[1]]").stdout
+    # (A predict of a model that does not exist is refused at submit now, so no job fails.)
+    job_id = kiln("submit", "echo", "--fail-with", "deliberately broken").stdout
     assert kiln("wait", job_id.strip(), "--timeout", "240").exit_code == 1
     port = worker.env["KILN_METRICS_PORT"]
     body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -246,13 +247,13 @@ def test_worker_metrics_count_the_jobs_it_finished(
         line
         for line in body.splitlines()
         if line.startswith("kiln_worker_jobs_total{")
-        and 'kind="predict"' in line
+        and 'kind="echo"' in line
         and 'state="failed"' in line
-        and 'worker="cpu0-i0@' in line  # predict runs in the interactive lane
+        and 'worker="cpu0-i0@' in line  # echo runs in the interactive lane
     ]
     assert failed, body
     assert float(failed[0].split()[-1]) >= 1
-    assert 'kiln_job_duration_seconds_count{kind="predict",state="failed"}' in body
+    assert 'kiln_job_duration_seconds_count{kind="echo",state="failed"}' in body
 
 
 def test_worker_log_lines_are_json_tagged_with_the_job(
