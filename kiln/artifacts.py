@@ -7,6 +7,9 @@ crash leaves no half file under a digest. The same bytes stored twice share one 
 KILN_ARTIFACTS_URL names an fsspec URL (s3://bucket/prefix), a RemoteArtifactStore that
 keeps the artifacts there and this host's copies in the data directory as a cache, so
 workers on several hosts share models and datasets through the URL alone.
+
+`store.job_files(job_id, folder)` is a job's resumable state (checkpoints, committed batch
+chunks) in the same store, under `jobs/<job_id>/<folder>/` (kiln/job_files.py).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import PayloadTooLarge
+from kiln.job_files import JobFiles, LocalJobFiles, RemoteJobFiles, upload
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -30,6 +33,16 @@ if TYPE_CHECKING:
 _CHUNK = 1024 * 1024
 #: Object stores whose single put is atomic: a reader sees the whole object or none.
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
+
+
+#: The folder of jobs' resumable state beside the artifacts (digests sit under two hex digits).
+_JOBS = "jobs"
+
+
+def _part(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"not a job id or folder name: {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,10 @@ class ArtifactStore:
     def discard(self, digest: str) -> None:
         """Remove an artifact nothing refers to (an upload that failed to parse)."""
         self._local(digest).unlink(missing_ok=True)
+
+    def job_files(self, job_id: str, folder: str) -> JobFiles:
+        """Job `job_id`'s resumable state named `folder` (checkpoint, batch)."""
+        return LocalJobFiles(self.root / _JOBS / _part(job_id) / _part(folder))
 
     def put_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> Stored:
         """Store a stream; raises PayloadTooLarge (and keeps nothing) past `max_bytes`."""
@@ -143,18 +160,11 @@ class RemoteArtifactStore(ArtifactStore):
         return stored
 
     def _upload(self, source: Path, key: str) -> None:
-        if self._atomic_put:
-            self.fs.put_file(str(source), key)
-            return
-        # A plain file system shows half-written files: upload beside, then rename.
-        partial = f"{key}.incoming-{uuid.uuid4().hex}"
-        self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            self.fs.put_file(str(source), partial)
-            self.fs.mv(partial, key)
-        finally:
-            if self.fs.exists(partial):
-                self.fs.rm(partial)
+        upload(self.fs, source, key, self._atomic_put)
+
+    def job_files(self, job_id: str, folder: str) -> JobFiles:
+        prefix = f"{self._base}/{_JOBS}/{_part(job_id)}/{_part(folder)}"
+        return RemoteJobFiles(self.fs, prefix, self._atomic_put)
 
     def _fetch(self, digest: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
