@@ -6,8 +6,8 @@ and read back by whichever host runs its next attempt. They live beside the arti
 the same store, so every host that shares KILN_ARTIFACTS_URL can resume any job.
 
 Every put is whole or absent: an object store's PUT is atomic (a reader sees all of the
-object or none); a local or other file system gets a temporary name, then a rename (locally
-after an fsync). A put alone commits nothing: callers write their data objects first and a
+object or none); a local or other file system gets a temporary name, then a rename. A put
+alone commits nothing: callers write their data objects first and a
 small commit object last (a checkpoint's pointer, a chunk's commit marker), and readers
 trust only what a commit object names and checks (sizes, CRCs).
 """
@@ -38,8 +38,10 @@ def _check_name(name: str) -> str:
 class JobFiles:
     """One job's folder of resumable state (the interface; see LocalJobFiles, RemoteJobFiles)."""
 
-    def put_file(self, name: str, source: Path) -> None:
-        """Store the local file `source` as `name`, whole or not at all."""
+    def put_file(self, name: str, source: Path, *, immutable: bool = False) -> None:
+        """Store the local file `source` as `name`, whole or not at all. `immutable`: the
+        caller never writes to `source` again (only replaces or deletes it), so a local
+        store may link it rather than copy it."""
         raise NotImplementedError
 
     def put_bytes(self, name: str, data: bytes) -> None:
@@ -72,26 +74,29 @@ class LocalJobFiles(JobFiles):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def put_file(self, name: str, source: Path) -> None:
-        with source.open("rb") as handle:
-            self._commit(name, lambda out: shutil.copyfileobj(handle, out, _CHUNK))
+    def put_file(self, name: str, source: Path, *, immutable: bool = False) -> None:
+        if immutable:
+            with contextlib.suppress(OSError):  # another file system: copy instead
+                return self._commit(name, lambda tmp: os.link(source, tmp))
+        self._commit(name, lambda tmp: shutil.copyfile(source, tmp))  # copy_file_range
 
     def put_bytes(self, name: str, data: bytes) -> None:
-        self._commit(name, lambda out: out.write(data))
+        self._commit(name, lambda tmp: tmp.write_bytes(data))
 
-    def _commit(self, name: str, write: Callable[[BinaryIO], object]) -> None:
-        # Temporary name, fsync, rename: after a crash the name holds the old or new bytes.
+    def _commit(self, name: str, write: Callable[[Path], object]) -> None:
+        # Temporary name, then rename: a process killed mid-put leaves the old bytes or the
+        # new. No fsync: three per batch chunk cost three times writing the chunk (measured:
+        # 25 ms against 6 ms for 16,384 rows). After a machine crash a name may hold a torn
+        # file; readers check every commit object (JSON, sizes, CRCs) and count a torn one
+        # as not committed, as they do torn scratch files.
         final = self.folder / _check_name(name)
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=".incoming-")
+        tmp = self.folder / f".incoming-{uuid.uuid4().hex}"
         try:
-            with os.fdopen(fd, "wb") as out:
-                write(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_name, final)
+            write(tmp)
+            os.replace(tmp, final)
         finally:
-            Path(tmp_name).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     def get_file(self, name: str, dest: Path) -> bool:
         try:
@@ -128,7 +133,7 @@ class RemoteJobFiles(JobFiles):
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{_check_name(name)}"
 
-    def put_file(self, name: str, source: Path) -> None:
+    def put_file(self, name: str, source: Path, *, immutable: bool = False) -> None:
         upload(self.fs, source, self._key(name), self.atomic_put)
 
     def put_bytes(self, name: str, data: bytes) -> None:

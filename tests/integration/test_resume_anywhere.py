@@ -104,6 +104,8 @@ class Host:
             "KILN_ARTIFACTS_ENDPOINT_URL": self.shared.artifacts_endpoint_url,
             "KILN_DATA_DIR": str(self.data_dir),
             "CUDA_VISIBLE_DEVICES": "",
+            # As the launcher does per lane: three workers on a small machine, one thread each.
+            "OMP_NUM_THREADS": "1",
         }
         argv = [
             sys.executable, "-m", "celery", "-A", "workers.main", "worker",
@@ -180,6 +182,7 @@ def _log(sessions: sessionmaker[Session], job_id: str) -> list[str]:
         return list(session.scalars(query))
 
 
+@pytest.mark.timeout(900)  # worker start-ups and two jobs on a small machine: a safety net
 def test_jobs_whose_host_is_lost_finish_on_another_host_from_what_it_committed(
     shared: Settings,
     hosts: Callable[[str], Host],
@@ -195,28 +198,30 @@ def test_jobs_whose_host_is_lost_finish_on_another_host_from_what_it_committed(
 
     host_a = hosts("hosta")
     host_a.start_worker()
-    train_spec = {
-        "model_name": "digits",
-        "dataset": "builtin:digits",
-        "arch_params": {"hidden": [256, 128]},
-        "epochs": 100,
-        "batch_size": 16,
-        "device": "cpu",
-        "checkpoint_every_s": 1,  # how often a save leaves the host
-    }
-    train_id = _submit(sessions, shared, "train", train_spec)
-    _wait_for("host A to run the train job", lambda: _job(sessions, train_id).worker, tmp_path)
-    host_a.start_worker()  # the first worker is busy: the second takes the batch job
+    host_a.start_worker()
+    # The batch job first: it runs long enough for the train job to start and publish.
     batch_spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": CHUNK}
     batch_id = _submit(sessions, shared, "batch_predict", batch_spec)
-    checkpoint = store.job_files(train_id, ckpt.FOLDER)
     chunks = store.job_files(batch_id, batch_parts.FOLDER)
 
     def committed_chunks() -> int:
         return sum(name.startswith("commit-") for name in chunks.names())
 
-    _wait_for("a published checkpoint", lambda: checkpoint.get_bytes("committed.json"), tmp_path)
     _wait_for("three committed chunks", lambda: committed_chunks() >= 3, tmp_path)
+    train_spec = {
+        "model_name": "digits",
+        "dataset": "builtin:digits",
+        "arch_params": {"hidden": [64]},
+        # A second or two on a fast machine: the first epoch's save is published at once,
+        # so the kill lands mid-training.
+        "epochs": 100,
+        "batch_size": 16,
+        "device": "cpu",
+        "checkpoint_every_s": 1,  # how often a save leaves the host
+    }
+    train_id = _submit(sessions, shared, "train", train_spec)  # to host A's idle worker
+    checkpoint = store.job_files(train_id, ckpt.FOLDER)
+    _wait_for("a published checkpoint", lambda: checkpoint.get_bytes("committed.json"), tmp_path)
     host_a.kill()
     for job_id in (train_id, batch_id):
         killed = _job(sessions, job_id)

@@ -207,14 +207,15 @@ def test_a_save_uploaded_but_not_pointed_to_is_never_read(
     assert json.loads(files.get_bytes("committed.json") or b"")["sequence"] == 2
 
 
-def test_saves_are_published_at_most_every_interval_but_always_when_stopping(
+def test_saves_are_published_first_then_once_an_interval_but_always_when_stopping(
     store: ArtifactStore, tmp_path: Path
 ) -> None:
     files = store.job_files("job-1", ckpt.FOLDER)
     writer = ckpt.Writer(tmp_path / "a" / "checkpoint", on_save=ckpt.Publisher(files, 3600.0))
     writer.save(_checkpoint(1.0))
     writer.save(_checkpoint(2.0))
-    assert files.names() == []  # the interval has not passed
+    assert ckpt.fetch(files, tmp_path / "c" / "checkpoint")
+    assert ckpt.load(tmp_path / "c" / "checkpoint").sequence == 1  # the interval runs
     writer.save(_checkpoint(3.0), stopping=True)
     writer.close()
     assert ckpt.fetch(files, tmp_path / "b" / "checkpoint")
@@ -227,7 +228,7 @@ def test_a_newer_save_on_this_host_wins_over_the_published_one(
     files = store.job_files("job-1", ckpt.FOLDER)
     path = tmp_path / "a" / "checkpoint"
     writer = ckpt.Writer(path, on_save=ckpt.Publisher(files, 3600.0))
-    writer.save(_checkpoint(1.0), stopping=True)  # published
+    writer.save(_checkpoint(1.0))  # the first: published
     writer.save(_checkpoint(2.0))  # only here
     writer.close()
     assert not ckpt.fetch(files, path)
@@ -235,3 +236,29 @@ def test_a_newer_save_on_this_host_wins_over_the_published_one(
     ckpt.discard(path, files)
     assert files.names() == []
     assert not ckpt.exists(path)
+
+
+def test_a_published_save_is_a_copy_that_later_saves_to_its_slot_leave_alone(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    """Slots are overwritten in place: the published save must not share the slot's file."""
+    files = store.job_files("job-1", ckpt.FOLDER)
+    writer = ckpt.Writer(tmp_path / "a" / "checkpoint", on_save=ckpt.Publisher(files, 3600.0))
+    writer.save(_checkpoint(1.0))  # slot 1, published (the first save)
+    writer.save(_checkpoint(2.0))  # slot 0
+    writer.save(_checkpoint(3.0))  # slot 1 again, in place
+    writer.close()
+    there = tmp_path / "b" / "checkpoint"
+    assert ckpt.fetch(files, there)
+    loaded = ckpt.load(there)
+    assert loaded.sequence == 1
+    assert torch.equal(loaded.tensors["model"]["w"], torch.full((64, 64), 1.0))
+
+
+def test_a_local_store_links_batch_parts_instead_of_copying_them(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    files = store.job_files("job-1", batch_parts.FOLDER)
+    work = tmp_path / "work"
+    _commit(work, files, 1)
+    stored = tmp_path / "artifacts" / "jobs" / "job-1" / "batch" / "out-000000.arrow"
+    assert stored.stat().st_ino == (work / "out-000000.arrow").stat().st_ino

@@ -13,10 +13,11 @@ training. A process crash loses nothing (the kernel holds the written pages); af
 machine crash a torn slot fails its CRC and the other slot, or a fresh start, is used.
 
 The slots are this host's copy, a cache. A Publisher copies saves to the job's files in
-the artifact store (kiln/job_files.py), at most every checkpoint_every_s and always when
-the job stops at a step, so an attempt on another host resumes too: each save goes up as
-a new object `<sequence>.safetensors`, then the small pointer `committed.json` is replaced
-to name it (that put is the commit; a save uploaded but not pointed to is never read).
+the artifact store (kiln/job_files.py): the first, then at most every checkpoint_every_s,
+and always when the job stops at a step, so an attempt on another host resumes too. Each
+save goes up as a new object `<sequence>.safetensors`, then the small pointer
+`committed.json` is replaced to name it (that put is the commit; a save uploaded but not
+pointed to is never read).
 fetch() brings the committed save down into a slot when it is newer than this host's."""
 
 from __future__ import annotations
@@ -278,13 +279,14 @@ def optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
 
 
 class Publisher:
-    """An OnSave that copies saves to a job's files: at most every `every_s` seconds (an
-    upload per epoch of a small model would cost more than the epoch), and always when the
-    run stops at a step (shutdown, preemption, cancellation): another host may go on."""
+    """An OnSave that copies saves to a job's files: the first save, then at most every
+    `every_s` seconds (an upload per epoch of a small model would cost more than the
+    epoch), and always when the run stops at a step (shutdown, preemption, cancellation):
+    another host may go on."""
 
     def __init__(self, files: JobFiles, every_s: float) -> None:
         self.files, self.every_s = files, every_s
-        self._due = time.monotonic() + every_s
+        self._due = 0.0  # the first save goes up at once
         self._previous = _committed(files)
 
     def __call__(self, slot: Path, sequence: int, stopping: bool) -> None:

@@ -57,16 +57,15 @@ def commit_chunk(
     """Write chunk `index`: its error rows, then its output rows, whose rename commits it
     here; with `files`, both parts go up and the chunk's commit marker, written last,
     commits it in the store."""
-    _write_part(work / _part_name("err", index), errors)
-    _write_part(work / _part_name("out", index), output)
-    if files is None:
-        return
     marker: dict[str, Any] = {"rows": output.num_rows, "errors": errors.num_rows}
-    for kind in _KINDS:
+    for kind, batch in zip(_KINDS, (errors, output), strict=True):
         path = work / _part_name(kind, index)
-        files.put_file(path.name, path)
-        marker[kind] = _fingerprint(path)
-    files.put_bytes(_marker_name(index), json.dumps(marker).encode())
+        data = _write_part(path, batch)
+        if files is not None:  # a part file is replaced or deleted, never written to again
+            files.put_file(path.name, path, immutable=True)
+            marker[kind] = {"size": len(data), "crc32": zlib.crc32(data)}
+    if files is not None:
+        files.put_bytes(_marker_name(index), json.dumps(marker).encode())
 
 
 def _part_name(kind: str, index: int) -> str:
@@ -148,12 +147,17 @@ def clear(work: Path, files: JobFiles | None = None) -> None:
         files.clear()
 
 
-def _write_part(path: Path, batch: pa.RecordBatch) -> None:
-    """Write the part file under a temporary name, then rename it: it is whole or absent."""
-    tmp = path.with_suffix(".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+def _write_part(path: Path, batch: pa.RecordBatch) -> bytes:
+    """Write the part file under a temporary name, then rename it: it is whole or absent.
+    Returns its bytes (serialised in memory once, for the file and the store alike)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return data
 
 
 def committed(work: Path) -> Progress:
