@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 #: Generous: worker start-up imports torch, and CI machines are small and shared.
 DEADLINE_S = 300
-ROWS, CHUNK = 200_000, 2_000
+ROWS, CHUNK = 400_000, 2_000
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -198,30 +198,32 @@ def test_jobs_whose_host_is_lost_finish_on_another_host_from_what_it_committed(
 
     host_a = hosts("hosta")
     host_a.start_worker()
-    host_a.start_worker()
-    # The batch job first: it runs long enough for the train job to start and publish.
+    host_a.start_worker()  # one job each (prefetch 1, acks late: a busy worker takes no more)
     batch_spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": CHUNK}
     batch_id = _submit(sessions, shared, "batch_predict", batch_spec)
-    chunks = store.job_files(batch_id, batch_parts.FOLDER)
-
-    def committed_chunks() -> int:
-        return sum(name.startswith("commit-") for name in chunks.names())
-
-    _wait_for("three committed chunks", lambda: committed_chunks() >= 3, tmp_path)
     train_spec = {
         "model_name": "digits",
         "dataset": "builtin:digits",
         "arch_params": {"hidden": [64]},
-        # A second or two on a fast machine: the first epoch's save is published at once,
-        # so the kill lands mid-training.
+        # Seconds on a fast machine: the first epoch's save is published at once, so the
+        # kill lands mid-training.
         "epochs": 100,
         "batch_size": 16,
         "device": "cpu",
         "checkpoint_every_s": 1,  # how often a save leaves the host
     }
-    train_id = _submit(sessions, shared, "train", train_spec)  # to host A's idle worker
+    train_id = _submit(sessions, shared, "train", train_spec)
+    chunks = store.job_files(batch_id, batch_parts.FOLDER)
     checkpoint = store.job_files(train_id, ckpt.FOLDER)
-    _wait_for("a published checkpoint", lambda: checkpoint.get_bytes("committed.json"), tmp_path)
+
+    def committed_chunks() -> int:
+        return sum(name.startswith("commit-") for name in chunks.names())
+
+    _wait_for(
+        "a published checkpoint and three committed chunks",
+        lambda: checkpoint.get_bytes("committed.json") and committed_chunks() >= 3,
+        tmp_path,
+    )
     host_a.kill()
     for job_id in (train_id, batch_id):
         killed = _job(sessions, job_id)

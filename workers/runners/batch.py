@@ -14,7 +14,8 @@ input order.
 
 Nothing is fsynced per chunk (that would cost more than scoring a chunk): a killed process
 loses nothing the kernel already holds. After a machine crash a part may be torn or lost;
-a new attempt opens every part and resumes at the first one that does not read back whole.
+a new attempt checks every part against its commit marker (size and CRC) and resumes at the
+first one that matches neither here nor in the store.
 
 Rows that cannot be scored (a missing value, NaN or infinity, a vector of the wrong width)
 still get their output row, with no prediction, and a line in the error file (JSONL: row
