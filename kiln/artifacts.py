@@ -74,6 +74,13 @@ class ArtifactStore:
         """Job `job_id`'s resumable state named `folder` (checkpoint, batch)."""
         return LocalJobFiles(self.root / _JOBS / _part(job_id) / _part(folder))
 
+    def discard_job_files(self, job_id: str) -> None:
+        """Remove every folder of job `job_id`'s resumable state (the job is deleted)."""
+        self._job_folder(job_id).clear()
+
+    def _job_folder(self, job_id: str) -> JobFiles:
+        return LocalJobFiles(self.root / _JOBS / _part(job_id))
+
     def put_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> Stored:
         """Store a stream; raises PayloadTooLarge (and keeps nothing) past `max_bytes`."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -165,6 +172,9 @@ class RemoteArtifactStore(ArtifactStore):
     def job_files(self, job_id: str, folder: str) -> JobFiles:
         prefix = f"{self._base}/{_JOBS}/{_part(job_id)}/{_part(folder)}"
         return RemoteJobFiles(self.fs, prefix, self._atomic_put)
+
+    def _job_folder(self, job_id: str) -> JobFiles:
+        return RemoteJobFiles(self.fs, f"{self._base}/{_JOBS}/{_part(job_id)}", self._atomic_put)
 
     def _fetch(self, digest: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,19 @@ def test_job_files_round_trip_and_are_private_to_their_job_and_folder(
     assert files.names() == []
 
 
+def test_discarding_a_job_removes_all_its_folders_and_no_other_jobs(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    for job_id in ("job-1", "job-2"):
+        for folder in ("batch", "checkpoint"):
+            store.job_files(job_id, folder).put_bytes("a.json", b"{}")
+    store.discard_job_files("job-1")
+    assert store.job_files("job-1", "batch").names() == []
+    assert store.job_files("job-1", "checkpoint").names() == []
+    assert store.job_files("job-2", "batch").names() == ["a.json"]
+    store.discard_job_files("job-3")  # nothing stored: nothing to do
+
+
 def test_job_files_refuse_names_that_leave_their_folder(store: ArtifactStore) -> None:
     with pytest.raises(ValueError, match="not a job id"):
         store.job_files("../other", "batch")
