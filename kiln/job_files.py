@@ -75,10 +75,21 @@ class LocalJobFiles(JobFiles):
         self.folder = folder
 
     def put_file(self, name: str, source: Path, *, immutable: bool = False) -> None:
-        if immutable:
-            with contextlib.suppress(OSError):  # another file system: copy instead
-                return self._commit(name, lambda tmp: os.link(source, tmp))
-        self._commit(name, lambda tmp: shutil.copyfile(source, tmp))  # copy_file_range
+        if not (immutable and self._link(name, source)):
+            self._commit(name, lambda tmp: shutil.copyfile(source, tmp))  # copy_file_range
+
+    def _link(self, name: str, source: Path) -> bool:
+        """Link `source` in as `name`; False where the file system cannot (copy instead)."""
+        final = self.folder / _check_name(name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                os.link(source, final)  # a new name appears whole: no rename needed
+            except FileExistsError:  # put again (a chunk scored anew): replace it
+                self._commit(name, lambda tmp: os.link(source, tmp))
+        except OSError:
+            return False
+        return True
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self._commit(name, lambda tmp: tmp.write_bytes(data))

@@ -275,3 +275,8 @@ def test_a_local_store_links_batch_parts_instead_of_copying_them(tmp_path: Path)
     _commit(work, files, 1)
     stored = tmp_path / "artifacts" / "jobs" / "job-1" / "batch" / "out-000000.arrow"
     assert stored.stat().st_ino == (work / "out-000000.arrow").stat().st_ino
+    # Scored anew (its marker was dropped): the new part replaces the stored one.
+    batch_parts.commit_chunk(work, 0, *_chunk(7), files)
+    assert stored.stat().st_ino == (work / "out-000000.arrow").stat().st_ino
+    assert batch_parts.restore(tmp_path / "elsewhere", files) == 1
+    assert _ids(tmp_path / "elsewhere", 1) == list(range(35, 40))
