@@ -49,10 +49,23 @@ class JobFiles:
 
     def get_file(self, name: str, dest: Path) -> bool:
         """Copy `name` to the local file `dest` (whole or not at all); False if absent."""
-        raise NotImplementedError
+        try:
+            with self._open(name) as source:
+                _write_whole(dest, lambda out: shutil.copyfileobj(source, out, _CHUNK))
+        except FileNotFoundError:
+            return False
+        return True
 
     def get_bytes(self, name: str) -> bytes | None:
         """The object's bytes; None if absent."""
+        try:
+            with self._open(name) as source:
+                return bytes(source.read())
+        except FileNotFoundError:
+            return None
+
+    def _open(self, name: str) -> BinaryIO:
+        """`name` opened for reading; FileNotFoundError if absent."""
         raise NotImplementedError
 
     def names(self) -> list[str]:
@@ -109,19 +122,8 @@ class LocalJobFiles(JobFiles):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get_file(self, name: str, dest: Path) -> bool:
-        try:
-            with (self.folder / _check_name(name)).open("rb") as source:
-                _write_whole(dest, lambda out: shutil.copyfileobj(source, out, _CHUNK))
-        except FileNotFoundError:
-            return False
-        return True
-
-    def get_bytes(self, name: str) -> bytes | None:
-        try:
-            return (self.folder / _check_name(name)).read_bytes()
-        except FileNotFoundError:
-            return None
+    def _open(self, name: str) -> BinaryIO:
+        return (self.folder / _check_name(name)).open("rb")
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
@@ -158,20 +160,9 @@ class RemoteJobFiles(JobFiles):
                 upload(self.fs, staged, key, atomic_put=False)
         self.fs.invalidate_cache(self.prefix)
 
-    def get_file(self, name: str, dest: Path) -> bool:
-        key = self._key(name)
-        try:
-            with self.fs.open(key, "rb") as source:
-                _write_whole(dest, lambda out: shutil.copyfileobj(source, out, _CHUNK))
-        except FileNotFoundError:
-            return False
-        return True
-
-    def get_bytes(self, name: str) -> bytes | None:
-        try:
-            return bytes(self.fs.cat_file(self._key(name)))
-        except FileNotFoundError:
-            return None
+    def _open(self, name: str) -> BinaryIO:
+        opened: BinaryIO = self.fs.open(self._key(name), "rb")
+        return opened
 
     def names(self) -> list[str]:
         # Listings are cached by some fsspec file systems (s3fs): another host's writes
