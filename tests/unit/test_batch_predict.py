@@ -199,8 +199,11 @@ def test_a_torn_part_is_fetched_again_or_scored_again_with_everything_after_it(
     model, table, job_id, scored = _killed_at_chunk(runtime, sessions, tmp_path, monkeypatch, 5)
     part = runtime.settings.data_dir / "work" / job_id / "batch" / "out-000002.arrow"
     stored = runtime.settings.artifacts_dir / "jobs" / job_id / "batch" / part.name
-    for torn in [part, stored] if torn_in_store else [part]:
-        torn.write_bytes(torn.read_bytes()[:-20])  # the third of four committed parts
+    whole = part.read_bytes()
+    part.unlink()  # the local store links the part: the scratch copy becomes its own file
+    part.write_bytes(whole[:-20])  # the third of four committed parts, torn
+    if torn_in_store:
+        stored.write_bytes(whole[:-20])
 
     execute_attempt(runtime, job_id, 1, "w2", never_resent)
 
