@@ -7,6 +7,9 @@ crash leaves no half file under a digest. The same bytes stored twice share one 
 KILN_ARTIFACTS_URL names an fsspec URL (s3://bucket/prefix), a RemoteArtifactStore that
 keeps the artifacts there and this host's copies in the data directory as a cache, so
 workers on several hosts share models and datasets through the URL alone.
+
+`store.job_files(job_id, folder)` is a job's resumable state (checkpoints, committed batch
+chunks) in the same store, under `jobs/<job_id>/<folder>/` (kiln/job_files.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import PayloadTooLarge
+from kiln.job_files import JobFiles, LocalJobFiles, RemoteJobFiles, upload
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -31,6 +34,16 @@ if TYPE_CHECKING:
 _CHUNK = 1024 * 1024
 #: Object stores whose single put is atomic: a reader sees the whole object or none.
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
+
+
+#: The folder of jobs' resumable state beside the artifacts (digests sit under two hex digits).
+_JOBS = "jobs"
+
+
+def _part(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"not a job id or folder name: {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,22 @@ class ArtifactStore:
                     except FileNotFoundError:  # discarded while we looked
                         continue
                     yield path.name, datetime.fromtimestamp(when, UTC)
+
+    def job_files(self, job_id: str, folder: str) -> JobFiles:
+        """Job `job_id`'s resumable state named `folder` (checkpoint, batch)."""
+        return LocalJobFiles(self.root / _JOBS / _part(job_id) / _part(folder))
+
+    def discard_job_files(self, job_id: str, *, dry_run: bool = False) -> list[str]:
+        """Remove (with `dry_run`: only name) every folder of job `job_id`'s resumable
+        state (the job is deleted or expired); returns their keys (`jobs/<id>/<folder>`)."""
+        folder = self._job_folder(job_id)
+        present = [f"{_JOBS}/{job_id}/{name}" for name in folder.names()]
+        if present and not dry_run:
+            folder.clear()
+        return present
+
+    def _job_folder(self, job_id: str) -> JobFiles:
+        return LocalJobFiles(self.root / _JOBS / _part(job_id))
 
     def put_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> Stored:
         """Store a stream; raises PayloadTooLarge (and keeps nothing) past `max_bytes`."""
@@ -174,18 +203,14 @@ class RemoteArtifactStore(ArtifactStore):
         return stored
 
     def _upload(self, source: Path, key: str) -> None:
-        if self._atomic_put:
-            self.fs.put_file(str(source), key)
-            return
-        # A plain file system shows half-written files: upload beside, then rename.
-        partial = f"{key}.incoming-{uuid.uuid4().hex}"
-        self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            self.fs.put_file(str(source), partial)
-            self.fs.mv(partial, key)
-        finally:
-            if self.fs.exists(partial):
-                self.fs.rm(partial)
+        upload(self.fs, source, key, self._atomic_put)
+
+    def job_files(self, job_id: str, folder: str) -> JobFiles:
+        prefix = f"{self._base}/{_JOBS}/{_part(job_id)}/{_part(folder)}"
+        return RemoteJobFiles(self.fs, prefix, self._atomic_put)
+
+    def _job_folder(self, job_id: str) -> JobFiles:
+        return RemoteJobFiles(self.fs, f"{self._base}/{_JOBS}/{_part(job_id)}", self._atomic_put)
 
     def _fetch(self, digest: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs, registry
 from db.models import Dataset, Job, JobEvent, Metric, ModelVersion
-from kiln import job_files
+from kiln import job_space
 from kiln.artifacts import ArtifactStore, Stored
 from kiln.settings import Settings
 from kiln.states import JobState
@@ -150,7 +150,7 @@ def dataset(
 
 def scratch(settings: Settings, job_id: str) -> Path:
     """A job's scratch folder with a checkpoint in it."""
-    folder = job_files.scratch_dir(settings.data_dir, job_id)
+    folder = job_space.scratch_dir(settings.data_dir, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint.safetensors").write_bytes(b"ckpt")
     return folder

@@ -15,7 +15,7 @@ from werkzeug.datastructures import FileStorage
 from db import datasets as dataset_store
 from db import references, registry, retention
 from db.models import Dataset, Job, Model
-from kiln import dataset_probe, datasets, job_files
+from kiln import dataset_probe, datasets, job_space
 from kiln.artifacts import ArtifactStore, open_store
 from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
 from kiln.settings import Settings
@@ -100,7 +100,7 @@ def delete_model(db: Session, model: Model) -> None:
 def delete_job(db: Session, job: Job) -> None:
     """Delete a finished job (IllegalTransition while it is queued or running; InUse while a
     live job resumes from it) with its log lines and metrics, committed; then its output
-    files that nothing else refers to, and its own files (kiln.job_files). A model version it
+    files that nothing else refers to, and its own files (kiln.job_space). A model version it
     registered stays, still naming it as its source job."""
     job_id = job.id
     orphans = retention.delete_job(db, job)
@@ -109,7 +109,7 @@ def delete_job(db: Session, job: Job) -> None:
     store = open_store(settings)
     for digest in orphans:
         store.discard(digest)
-    job_files.remove(settings.data_dir, store, job_id)
+    job_space.remove(settings.data_dir, store, job_id)
 
 
 def stored_file(job: Job, entry: str) -> dict[str, Any] | None:

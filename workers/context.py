@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session
 from db import datasets, jobs, registry
 from db.engine import session_scope
 from db.models import Dataset, Job, ModelVersion
-from kiln import job_files
+from kiln import job_space
 from kiln.errors import JobFailure, NotFound
+from kiln.job_files import JobFiles
 from workers.reconcile import deadline_reason, time_limit_reason
 from workers.runtime import Runtime
 
@@ -208,7 +209,12 @@ class RunContext:
 
     def scratch_dir_of(self, job_id: str) -> Path:
         """Where job `job_id` keeps (or kept) its scratch files; it may not exist."""
-        return job_files.scratch_dir(self.runtime.settings.data_dir, job_id)
+        return job_space.scratch_dir(self.runtime.settings.data_dir, job_id)
+
+    def job_files(self, folder: str, job_id: str | None = None) -> JobFiles:
+        """This job's (or job `job_id`'s) resumable state in the artifact store: what an
+        attempt on any host resumes from. The scratch folder is only this host's cache."""
+        return self.runtime.store.job_files(job_id or self.job_id, folder)
 
     # What a runner reads and writes in the database: the job owner's rows only. The rows
     # come back detached, their columns loaded; a runner only reads them.

@@ -3,7 +3,7 @@
 One sweep (the scheduler runs one every KILN_SWEEP_INTERVAL_S; `kiln sweep` runs one now):
 
 1. expires finished jobs past their `expires_at`: their log lines, output files (unless
-   another row shares the file) and own files (kiln.job_files: scratch folder, per-job
+   another row shares the file) and own files (kiln.job_space: scratch folder, per-job
    store prefix) go; the row stays, marked expired. A job a live job resumes from waits.
 2. removes scratch folders on this host whose job is gone or expired, once older than
    KILN_SWEEP_GRACE_S.
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import references, retention
 from db.base import utcnow
 from db.engine import session_scope
-from kiln import job_files
+from kiln import job_space
 from kiln.artifacts import ArtifactStore
 from kiln.settings import Settings
 
@@ -110,7 +110,7 @@ def _expire_jobs(
         for digest in digests:
             if _discard(sessions, store, digest, report.dry_run):
                 report.removals.append(Removal("artifact", digest, f"output of job {job_id}"))
-        for kind, what in job_files.remove(settings.data_dir, store, job_id, report.dry_run):
+        for kind, what in job_space.remove(settings.data_dir, store, job_id, report.dry_run):
             report.removals.append(Removal(kind, what, f"files of job {job_id}"))
 
 
@@ -122,14 +122,14 @@ def _remove_orphan_scratch(
     now: datetime,
 ) -> None:
     cutoff = now - timedelta(seconds=settings.sweep_grace_s)
-    old = [f for f in job_files.scratch_folders(settings.data_dir) if f.modified <= cutoff]
+    old = [f for f in job_space.scratch_folders(settings.data_dir) if f.modified <= cutoff]
     with session_scope(sessions) as session:
         orphans = retention.expired_or_missing(session, [f.job_id for f in old])
         orphans -= retention.resumed_from(session).keys()
     for folder in old:
         if folder.job_id in orphans:
             why = f"job {folder.job_id} is gone or expired"
-            for kind, what in job_files.remove(
+            for kind, what in job_space.remove(
                 settings.data_dir, store, folder.job_id, report.dry_run
             ):
                 report.removals.append(Removal(kind, what, why))

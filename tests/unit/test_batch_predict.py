@@ -186,20 +186,30 @@ def test_a_killed_attempt_resumes_at_the_last_committed_chunk(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_torn_part_is_scored_again_and_so_is_everything_after_it(
-    runtime, sessions, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("torn_in_store", "scored_again"),
+    [(False, 6), (True, 8)],  # chunks 4-9; or 2-9 when the store's copy is torn too
+)
+def test_a_torn_part_is_fetched_again_or_scored_again_with_everything_after_it(
+    runtime, sessions, tmp_path, monkeypatch, torn_in_store, scored_again
 ):
-    """Parts are not fsynced: after a machine crash the last ones may be torn. The next
-    attempt resumes at the first part that does not read back whole."""
+    """Parts in the scratch folder are not fsynced: after a machine crash the last ones may
+    be torn, and the store's committed copy replaces them. A part the store holds torn
+    (it does not match its commit marker) is scored again, and every chunk after it."""
     model, table, job_id, scored = _killed_at_chunk(runtime, sessions, tmp_path, monkeypatch, 5)
     part = runtime.settings.data_dir / "work" / job_id / "batch" / "out-000002.arrow"
-    part.write_bytes(part.read_bytes()[:-20])  # the third of four committed parts, torn
+    stored = runtime.settings.artifacts_dir / "jobs" / job_id / "batch" / part.name
+    whole = part.read_bytes()
+    part.unlink()  # the local store links the part: the scratch copy becomes its own file
+    part.write_bytes(whole[:-20])  # the third of four committed parts, torn
+    if torn_in_store:
+        stored.write_bytes(whole[:-20])
 
     execute_attempt(runtime, job_id, 1, "w2", never_resent)
 
     job = _state(sessions, job_id)
     assert job.state == "succeeded", job.error_message
-    assert len(scored) == 5 + 8  # chunks 0 and 1 kept; 2 to 9 scored again
+    assert len(scored) == 5 + scored_again
     out = _read(runtime, job.result["output"])
     assert out["id"].to_pylist() == list(range(1000, 1100))
     assert out["prediction"].to_pylist() == expected_labels(model, table, FEATURES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -197,6 +198,28 @@ def test_cancelled_job_keeps_its_checkpoint_and_a_new_job_resumes_from_it(
         "epoch 3",
         "epoch 4",
     ]
+
+
+def test_resume_from_a_job_that_ran_on_another_host_takes_its_published_checkpoint(
+    run_job: Callable[..., Job],
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = {**SMALL, "model_name": "digits", "epochs": 4}
+    with monkeypatch.context() as patch:
+        _cancel_after_epoch(patch, sessions, epoch=2)
+        first = run_job(spec)
+    assert first.state == "cancelled"
+    # This host never saw the first job's scratch folder; the artifact store holds the
+    # save it published when it stopped.
+    shutil.rmtree(settings.data_dir / "work")
+
+    second = run_job({**spec, "resume_from": first.id})
+    assert second.state == "succeeded", second.error_message
+    assert second.result is not None
+    assert second.result["resumed_from_epoch"] == 3
+    assert _series(sessions, second.id)["val_loss"] == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_an_older_kiln_left_for_the_job_is_set_aside_not_fatal(

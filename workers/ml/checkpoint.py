@@ -10,14 +10,24 @@ times the cost of the write itself, paid every epoch.
 
 No fsync: a checkpoint per epoch of a small model would cost more in fsyncs than in
 training. A process crash loses nothing (the kernel holds the written pages); after a
-machine crash a torn slot fails its CRC and the other slot, or a fresh start, is used."""
+machine crash a torn slot fails its CRC and the other slot, or a fresh start, is used.
+
+The slots are this host's copy, a cache. A Publisher copies saves to the job's files in
+the artifact store (kiln/job_files.py): the first, then at most every checkpoint_every_s,
+and always when the job stops at a step, so an attempt on another host resumes too. Each
+save goes up as a new object `<sequence>.safetensors`, then the small pointer
+`committed.json` is replaced to name it (that put is the commit; a save uploaded but not
+pointed to is never read).
+fetch() brings the committed save down into a slot when it is newer than this host's."""
 
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +35,18 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from kiln.job_files import JobFiles
+
 #: The checkpoint's name in a job's scratch folder; its slots sit beside it.
 FILENAME = "checkpoint"
+#: The folder of a job's files (kiln/job_files.py) that holds its published checkpoint.
+FOLDER = "checkpoint"
+_POINTER = "committed.json"
 _META = "kiln_checkpoint"
+
+#: Called after each save with the slot file written, its sequence, and whether the run
+#: stops here (the save must then leave this host at once).
+OnSave = Callable[[Path, int, bool], None]
 
 
 class CheckpointError(Exception):
@@ -97,11 +116,12 @@ class Writer:
     training thread: a background thread would need a copy of every tensor first, and
     then contends with training for the GIL."""
 
-    def __init__(self, path: Path, after: int = 0) -> None:
-        self.path, self.sequence = path, after
+    def __init__(self, path: Path, after: int = 0, on_save: OnSave | None = None) -> None:
+        self.path, self.sequence, self.on_save = path, after, on_save
         self._slots: dict[int, _MappedSlot] = {}
 
-    def save(self, checkpoint: Checkpoint) -> None:
+    def save(self, checkpoint: Checkpoint, stopping: bool = False) -> None:
+        """Write the next save; `stopping`: the run stops after it (publish it now)."""
         self.sequence += 1
         checkpoint.sequence = self.sequence
         keys = [f"{part}/{name}" for part, group in checkpoint.tensors.items() for name in group]
@@ -114,6 +134,8 @@ class Writer:
                 slot.close()
             slot = self._slots[index] = _MappedSlot(slots(self.path)[index], keys, tensors, info)
         slot.write(tensors, info, self.sequence)
+        if self.on_save is not None:
+            self.on_save(slots(self.path)[index], self.sequence, stopping)
 
     def close(self) -> None:
         for slot in self._slots.values():
@@ -254,3 +276,60 @@ def optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = tensor
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+class Publisher:
+    """An OnSave that copies saves to a job's files: the first save, then at most every
+    `every_s` seconds (an upload per epoch of a small model would cost more than the
+    epoch), and always when the run stops at a step (shutdown, preemption, cancellation):
+    another host may go on."""
+
+    def __init__(self, files: JobFiles, every_s: float) -> None:
+        self.files, self.every_s = files, every_s
+        self._due = 0.0  # the first save goes up at once
+        self._previous = _committed(files)
+
+    def __call__(self, slot: Path, sequence: int, stopping: bool) -> None:
+        now = time.monotonic()
+        if not stopping and now < self._due:
+            return
+        name = f"{sequence:09d}.safetensors"
+        self.files.put_file(name, slot)
+        pointer = {"sequence": sequence, "object": name, "size": slot.stat().st_size}
+        self.files.put_bytes(_POINTER, json.dumps(pointer).encode())  # the commit
+        if self._previous is not None and self._previous["object"] != name:
+            self.files.remove(self._previous["object"])
+        self._previous, self._due = pointer, time.monotonic() + self.every_s
+
+
+def _committed(files: JobFiles) -> dict[str, Any] | None:
+    """The pointer to the committed save, if one was published and it reads back."""
+    raw = files.get_bytes(_POINTER)
+    if raw is None:
+        return None
+    try:
+        pointer = json.loads(raw)
+        return pointer if isinstance(pointer, dict) and "object" in pointer else None
+    except ValueError:
+        return None
+
+
+def fetch(files: JobFiles, path: Path) -> bool:
+    """Bring the committed save in `files` down into a slot of `path` when this host has
+    no newer whole save there; True if it did. load() then reads the newest, checking its
+    CRC as for any slot."""
+    pointer = _committed(files)
+    if pointer is None:
+        return False
+    local, _ = load_or_none(path)
+    sequence = int(pointer["sequence"])
+    if local is not None and local.sequence >= sequence:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return files.get_file(pointer["object"], slots(path)[sequence % 2])
+
+
+def discard(path: Path, files: JobFiles) -> None:
+    """Drop the checkpoint: this host's slots and the published saves."""
+    remove(path)
+    files.clear()

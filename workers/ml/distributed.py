@@ -55,6 +55,8 @@ class Job:
     weights_out: Path
     rendezvous: Path
     config_key: str
+    #: Rank 0 publishes its saves through it (a ckpt.Publisher pickles: files and a clock).
+    on_save: ckpt.OnSave | None = None
 
 
 def run(job: Job, world: int, hooks: Hooks) -> FitResult:
@@ -205,7 +207,7 @@ def _train_rank(
     resume = ckpt.load(job.resume) if job.resume is not None else None
     result = fit(
         model, job.train, job.val, job.loop, device, hooks, job.checkpoint, resume,
-        Group(rank, world), job.config_key,
+        Group(rank, world), job.config_key, job.on_save,
     )  # fmt: skip
     if report:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

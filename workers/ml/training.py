@@ -261,8 +261,8 @@ class Trainer:
         else:
             self.history_table[row] = torch.tensor(list(metrics.values()), dtype=torch.float64)
 
-    def save(self, writer: ckpt.Writer, config_key: str) -> None:
-        writer.save(self.state(config_key))
+    def save(self, writer: ckpt.Writer, config_key: str, stopping: bool = False) -> None:
+        writer.save(self.state(config_key), stopping)
 
     def state(self, config_key: str) -> ckpt.Checkpoint:
         optim_tensors, optim_rest = ckpt.optimizer_parts(self.optimizer.state_dict())
@@ -358,16 +358,18 @@ def fit(
     resume: ckpt.Checkpoint | None = None,
     group: Group | None = None,
     config_key: str = "",
+    on_save: ckpt.OnSave | None = None,
 ) -> FitResult:
     """Train `model` in place (restoring the best epoch's weights when early stopping is
-    on); checkpoints to `checkpoint` each epoch and every checkpoint_every_s seconds."""
+    on); checkpoints to `checkpoint` each epoch and every checkpoint_every_s seconds,
+    calling `on_save` after each save (a ckpt.Publisher copies them off this host)."""
     trainer = Trainer(model, train, config, device, group)
     if resume is not None:
         trainer.restore(resume)
     resumed = copy.copy(trainer.position) if resume is not None else None
     writer = save = None
     if checkpoint is not None and (group is None or group.rank == 0):
-        writer = ckpt.Writer(checkpoint, after=resume.sequence if resume else 0)
+        writer = ckpt.Writer(checkpoint, after=resume.sequence if resume else 0, on_save=on_save)
         save = functools.partial(trainer.save, writer, config_key)
     history, position = trainer.history, trainer.position
     try:
@@ -401,7 +403,7 @@ def fit(
     return FitResult(metrics, position.epoch - 1, position.stopped_early, resumed, history)
 
 
-def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None) -> None:
+def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[..., None] | None) -> None:
     """Run the rest of the current epoch's steps (all of them unless resuming mid-epoch);
     `save` is called whenever checkpoint_every_s has passed since the last save."""
     position, config, group = trainer.position, trainer.config, trainer.group
@@ -420,7 +422,7 @@ def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[[], None] | None
             hooks.step(epoch, step, steps)
         except StopAtStep as stop:
             if save is not None:
-                save()
+                save(stopping=True)
             raise stop.cause from None
         rows = order[step * size : (step + 1) * size]
         seen = min(size, rows_total - step * size)

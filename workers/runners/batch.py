@@ -3,16 +3,19 @@
 The input is read in chunks of `chunk_rows` rows (on CUDA a reader thread parses, validates
 and pins the next chunk while the GPU scores this one). Each scored chunk is written as
 two Arrow IPC part files in the job's scratch folder (its error rows, then its output rows),
-each under a temporary name and renamed into place: the output part's rename commits the
-chunk. The same rows are appended to the output file being built, so finishing costs no
-second pass. manifest.json, written once, pins what the job scores with. A new attempt (the
-worker was killed and the job re-queued) counts the committed parts, rebuilds the output
-from them and starts at the first chunk they do not cover, so the final file has every input
-row exactly once, in input order.
+then both go to the job's files in the artifact store and a commit marker written last
+commits the chunk there (workers/runners/batch_parts.py). The same rows are appended to
+the output file being built, so finishing costs no second pass. manifest.json, written
+once, pins what the job scores with. A new attempt (the worker was killed and the job
+re-queued, onto this host or another) brings the scratch folder in line with the committed
+chunks (fetching what this host lacks), rebuilds the output from them and starts at the
+first chunk they do not cover, so the final file has every input row exactly once, in
+input order.
 
 Nothing is fsynced per chunk (that would cost more than scoring a chunk): a killed process
 loses nothing the kernel already holds. After a machine crash a part may be torn or lost;
-a new attempt opens every part and resumes at the first one that does not read back whole.
+a new attempt checks every part against its commit marker (size and CRC) and resumes at the
+first one that matches neither here nor in the store.
 
 Rows that cannot be scored (a missing value, NaN or infinity, a vector of the wrong width)
 still get their output row, with no prediction, and a line in the error file (JSONL: row
@@ -35,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -99,20 +101,25 @@ def run(spec: BatchPredictSpec, ctx: RunContext) -> dict[str, Any]:
     try:
         return _run(spec, ctx, work)
     except (JobCancelled, JobFailure):
-        shutil.rmtree(work, ignore_errors=True)  # finished for good: nothing to resume
+        # Finished for good: nothing to resume.
+        batch_parts.clear(work, ctx.job_files(batch_parts.FOLDER))
         raise
 
 
 def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
-    manifest = batch_parts.read_manifest(work)
+    files = ctx.job_files(batch_parts.FOLDER)
+    manifest = batch_parts.read_manifest(work, files)
     plan = _plan(spec, ctx, manifest)
     if manifest is None or manifest["key"] != plan.key:
-        shutil.rmtree(work, ignore_errors=True)
+        batch_parts.clear(work, files)
         manifest = {"key": plan.key, "version": plan.model_version, "digest": plan.model_digest}
-        batch_parts.write_manifest(work, manifest)
+        batch_parts.write_manifest(work, manifest, files)
+    fetched = batch_parts.restore(work, files)
     progress = batch_parts.committed(work)
     if progress.chunks:
         ctx.log(f"resuming at row {progress.rows} ({progress.chunks} chunks were done)")
+    if fetched:
+        ctx.log(f"fetched {fetched} committed chunks from the artifact store")
     started, first_row = time.monotonic(), progress.rows
     output = batch_parts.Output(work / f"output.{spec.output_format}", spec.output_format)
     with contextlib.closing(output):
@@ -136,7 +143,7 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
         result |= {"task": plan.task, "text_column": plan.text_column}
         result |= {name: round(count / elapsed, 1) for name, count in tokens.items()}
         result["tokens"] = tokens["tokens_per_s"]
-    shutil.rmtree(work, ignore_errors=True)
+    batch_parts.clear(work, files)
     return result
 
 
@@ -248,7 +255,7 @@ def _commit(
 ) -> None:
     """Commit chunk `index`, append its rows to the output, count it; fail the job once
     more rows failed than the spec allows."""
-    batch_parts.commit_chunk(work, index, errors, out)
+    batch_parts.commit_chunk(work, index, errors, out, ctx.job_files(batch_parts.FOLDER))
     output.write(out)
     progress.chunks += 1
     progress.rows += out.num_rows

@@ -89,6 +89,7 @@ def run(spec: TrainSpec, ctx: RunContext) -> dict[str, Any]:
         checkpoint,
         resume,
         config_key=key,
+        on_save=train.publisher(spec, ctx),
     )
     return _register(spec, ctx, model, base, directory, result, dataset_digest) | {
         "method": params.method,
@@ -125,7 +126,8 @@ def _register(
         family="hf",
         task=TASK,
     )
-    ckpt.remove(ctx.scratch_dir / ckpt.FILENAME)  # the version is registered: done with it
+    # The version is registered: done with the checkpoint, here and in the artifact store.
+    ckpt.discard(ctx.scratch_dir / ckpt.FILENAME, ctx.job_files(ckpt.FOLDER))
     shutil.rmtree(saved, ignore_errors=True)
     resumed = result.resumed_from
     return {

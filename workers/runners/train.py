@@ -101,10 +101,11 @@ def _fit(
 ) -> FitResult:
     """Train in this process, or in spec.gpus DistributedDataParallel processes."""
     hooks = job_hooks(spec, ctx)
+    publish = publisher(spec, ctx)
     if spec.gpus == 1:
         model.to(ctx.device)
         return fit(model, train_rows, val_rows, loop, ctx.device, hooks, checkpoint, resume,
-                   config_key=key)  # fmt: skip
+                   config_key=key, on_save=publish)  # fmt: skip
     if ctx.device.type == "cuda" and torch.cuda.device_count() < spec.gpus:
         raise JobFailure(
             f"the job asks for {spec.gpus} GPUs but this worker sees "
@@ -122,6 +123,7 @@ def _fit(
         weights_out=ctx.scratch_dir / "final.safetensors",
         rendezvous=ctx.scratch_dir / "ddp.rendezvous",
         config_key=key,
+        on_save=publish,
     )
     try:
         result = distributed.run(job, spec.gpus, hooks)
@@ -156,7 +158,7 @@ def _register(
         family=plugins.family_of(spec.arch),
     )
     # The version is registered: the checkpoint has served its purpose.
-    ckpt.remove(checkpoint)
+    ckpt.discard(checkpoint, ctx.job_files(ckpt.FOLDER))
     resumed = result.resumed_from
     return {
         "model": spec.model_name,
@@ -238,10 +240,19 @@ def _eta(started: float, first: float, done: float) -> str:
     return f", about {left:.0f}s left"
 
 
+def publisher(spec: TrainSpec, ctx: RunContext) -> ckpt.Publisher:
+    """Copies the run's saves to the artifact store, so any host can resume the job."""
+    return ckpt.Publisher(ctx.job_files(ckpt.FOLDER), spec.checkpoint_every_s)
+
+
 def load_resume(
     spec: TrainSpec, ctx: RunContext, own: Path, key: str
 ) -> tuple[ckpt.Checkpoint | None, Path | None]:
-    """The checkpoint to start from (and its path), checked to fit this run."""
+    """The checkpoint to start from (and its path), checked to fit this run: this job's
+    own (the newer of this host's and the one published from any host), else
+    resume_from's."""
+    if ckpt.fetch(ctx.job_files(ckpt.FOLDER), own):
+        ctx.log("fetched this job's checkpoint from the artifact store")
     path = _resume_source(spec, ctx, own)
     if path is None:
         return None, None
@@ -278,6 +289,8 @@ def _resume_source(spec: TrainSpec, ctx: RunContext, own: Path) -> Path | None:
     if state in (JobState.QUEUED, JobState.RUNNING):
         raise JobFailure(f"cannot resume from job {spec.resume_from}: it is still {state}")
     path = ctx.scratch_dir_of(spec.resume_from) / ckpt.FILENAME
+    # The source may have run on another host: its published save, if newer than any here.
+    ckpt.fetch(ctx.job_files(ckpt.FOLDER, spec.resume_from), path)
     if not ckpt.exists(path):
         raise JobFailure(
             f"cannot resume: job {spec.resume_from} left no checkpoint "
