@@ -203,8 +203,9 @@ class Kiln:
             return session.get(Job, job_id).result  # type: ignore[union-attr, return-value]
 
     @contextmanager
-    def worker(self, **env: str) -> Iterator[subprocess.Popen]:
-        """One real Celery worker (as the launcher starts it), warmed up by an echo job."""
+    def worker(self, name: str = "bench", **env: str) -> Iterator[subprocess.Popen]:
+        """One real Celery worker (as the launcher starts it), warmed up by an echo job;
+        workers up at once need names of their own (Celery tells them apart by name)."""
         environ = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -215,10 +216,10 @@ class Kiln:
             **env,
         }
         argv = [sys.executable, "-m", "celery", "-A", "workers.main", "worker",
-                "--hostname", "bench@%h", "--queues", "cpu", "--concurrency", "1",
+                "--hostname", f"{name}@%h", "--queues", "cpu", "--concurrency", "1",
                 "--prefetch-multiplier", "1", "--pool", "prefork", "--without-mingle",
                 "--without-gossip", "--loglevel", "WARNING"]  # fmt: skip
-        log = (self.folder / "worker.log").open("ab")
+        log = (self.folder / f"{name}.log").open("ab")
         process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=log, stderr=log)
         try:
             warm = self.insert("echo", [{"message": "warm"}])

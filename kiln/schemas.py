@@ -49,6 +49,16 @@ class JobError(BaseModel):
     message: str
 
 
+class ShardOut(BaseModel):
+    """One shard (a child job) of a sharded batch_predict job."""
+
+    id: str
+    index: int
+    state: str
+    rows: int = Field(description="Rows of the dataset this shard scores.")
+    rows_done: int
+
+
 class JobOut(Out):
     id: str
     kind: str
@@ -71,6 +81,15 @@ class JobOut(Out):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+    parent_id: str | None = Field(
+        default=None, description="Of a shard: the sharded job it scores a range of rows for."
+    )
+    shard_index: int | None = None
+    shards: list[ShardOut] | None = Field(
+        default=None,
+        description="Of a sharded job that split (read one job to see them): its shards, in "
+        "order; list them as jobs with GET /api/v1/jobs?parent=<id>.",
+    )
 
 
 class JobPage(BaseModel):

@@ -33,6 +33,8 @@ _BUILTIN_DATASETS = (
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The most child jobs one batch_predict may be split into.
+MAX_SHARDS = 256
 
 
 def check_model_name(name: str) -> str:
@@ -418,6 +420,16 @@ class BatchPredictSpec(Spec):
     )
     hf: HfParams | None = Field(
         default=None, description="Task parameters for an hf version (kiln/families.py)."
+    )
+    shards: Annotated[int, Field(strict=True, ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
+        default=1,
+        description="Split the rows into this many child jobs scored in parallel by any "
+        "workers (1: one job; auto: one per live worker serving the job's device class).",
+    )
+    output_layout: Literal["file", "parts"] = Field(
+        default="file",
+        description="Of a sharded job: file joins the shards' outputs into one file in "
+        "input order; parts lists the shards' files in order (for outputs too large to join).",
     )
 
 

@@ -10,6 +10,7 @@ from flask import abort, jsonify, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import jobs as job_store
+from db import shards as shard_store
 from db.models import Job
 from kiln.specs import KINDS
 from kiln.states import JobState
@@ -99,7 +100,15 @@ def _status(found: Job) -> dict[str, Any]:
         "terminal": JobState(found.state).is_terminal,
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
+        "shards": _shards(found),
     }
+
+
+def _shards(found: Job) -> shard_store.Summary | None:
+    """A sharded job's shards and their combined progress (None for any other job)."""
+    if found.shard_count is None:
+        return None
+    return shard_store.summary(found, shard_store.children(session.get(), found.id))
 
 
 def _downloads(found: Job) -> dict[str, dict[str, Any]]:
