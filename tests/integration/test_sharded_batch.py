@@ -42,6 +42,16 @@ def _dataset(
     return add_dataset(sessions, store, tmp_path / "in.parquet", "parquet")
 
 
+def _download(api: Any, path: str) -> bytes:
+    """A file the API streams, read whole (and the stream closed)."""
+    response = api.client.get(f"/api/v1{path}", headers=api.headers)
+    try:
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return bytes(response.data)
+    finally:
+        response.close()
+
+
 def _spec(dataset: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": CHUNK,
             "max_error_fraction": 0.01, **extra}  # fmt: skip
@@ -71,10 +81,9 @@ def test_a_sharded_job_on_two_workers_writes_the_unsharded_output(
     # Content-addressed: the same digest is the same bytes, row for row in input order.
     assert result["output"]["digest"] == expected["output"]["digest"]
     assert result["error_file"]["digest"] == expected["error_file"]["digest"]
-    errors = api.client.get(f"/api/v1/jobs/{parent['id']}/errors", headers=api.headers)
-    assert [json.loads(line)["row"] for line in errors.data.splitlines()] == BAD_ROWS
-    output = api.client.get(f"/api/v1/jobs/{parent['id']}/output", headers=api.headers)
-    table = pq.read_table(pa.BufferReader(output.data))
+    errors = _download(api, f"/jobs/{parent['id']}/errors")
+    assert [json.loads(line)["row"] for line in errors.splitlines()] == BAD_ROWS
+    table = pq.read_table(pa.BufferReader(_download(api, f"/jobs/{parent['id']}/output")))
     assert table.column("id").to_pylist() == list(range(1000, 1000 + ROWS))
     # The shards are jobs of their own, hidden from the plain listing.
     listed = [j["id"] for j in api.get("/jobs?kind=batch_predict")["jobs"]]
@@ -97,9 +106,9 @@ def test_the_parts_layout_lists_the_shards_files_in_order(
     assert [p["rows"] for p in parts] == [12_000, 14_000, 14_000]
     ids: list[int] = []
     for part in parts:
-        body = api.client.get(f"/api/v1/jobs/{part['job']}/output", headers=api.headers)
+        body = _download(api, f"/jobs/{part['job']}/output")
         assert part["format"] == "csv"
-        ids += [int(line.split(b",")[0]) for line in body.data.splitlines()[1:]]
+        ids += [int(line.split(b",")[0]) for line in body.splitlines()[1:]]
     assert ids == list(range(1000, 1000 + ROWS))
 
 
