@@ -263,12 +263,18 @@ def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
 def request_cancel(session: Session, job: Job) -> Job:
     """Cancel a queued job at once, or ask a running one to stop at its next step. A
     sharded job waiting for its shards is cancelled at once; its unfinished shards are
-    cancelled with it (each as above)."""
+    cancelled with it (each as above). A queued shard cancelled on its own cancels its
+    sharded job (a running one does when it stops: db.shards.settle)."""
     if JobState(job.state).is_terminal:
         raise IllegalTransition(f"job {job.id} is already {job.state}; it cannot be cancelled")
     _cancel_one(session, job.id)
     cancel_shards(session, job.id)
     session.refresh(job)
+    if job.parent_id is not None and job.state == JobState.CANCELLED:
+        reason = f"cancelled: shard {job.shard_index} (job {job.id}) was cancelled"
+        if end_awaiting(session, job.parent_id, JobState.CANCELLED, reason):
+            log(session, job.parent_id, reason, "warning")
+            cancel_shards(session, job.parent_id)
     return job
 
 

@@ -421,7 +421,7 @@ class BatchPredictSpec(Spec):
     hf: HfParams | None = Field(
         default=None, description="Task parameters for an hf version (kiln/families.py)."
     )
-    shards: Annotated[int, Field(strict=True, ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
+    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
         default=1,
         description="Split the rows into this many child jobs scored in parallel by any "
         "workers (1: one job; auto: one per live worker serving the job's device class).",
@@ -431,6 +431,14 @@ class BatchPredictSpec(Spec):
         description="Of a sharded job: file joins the shards' outputs into one file in "
         "input order; parts lists the shards' files in order (for outputs too large to join).",
     )
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _no_bool_shards(cls, shards: Any) -> Any:
+        # JSON true would otherwise pass as the integer 1.
+        if isinstance(shards, bool):
+            raise ValueError("must be a number of shards (1 to 256) or 'auto'")
+        return shards
 
 
 class EchoSpec(Spec):

@@ -18,6 +18,7 @@ from db import jobs, shards
 from db.models import Job
 from kiln import datasets
 from kiln.states import JobState
+from tests.unit.test_ui import _sign_in
 from workers.runners.batch_shards import split_rows
 
 SPEC = {"model": "m", "dataset": "d", "shards": 3}
@@ -58,7 +59,7 @@ def test_split_rows_covers_every_row_once_on_chunk_bounds(rows, shards):
 # --- the spec ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shards", [0, -1, "x", 257, 10**9, True, 1.5, "2", None])
+@pytest.mark.parametrize("shards", [0, -1, "x", "0", 257, 10**9, True, 1.5, None, [2]])
 def test_a_bad_shards_value_is_refused_with_422(client, alice, shards):
     body = {"kind": "batch_predict", "spec": {"model": "m", "dataset": "d", "shards": shards}}
     response = client.post("/api/v1/jobs", json=body, headers=alice)
@@ -69,13 +70,15 @@ def test_a_bad_shards_value_is_refused_with_422(client, alice, shards):
     assert any(e["loc"][:2] == ["spec", "shards"] for e in problem["errors"])
 
 
-@pytest.mark.parametrize("shards", [1, 8, 256, "auto"])
-def test_shards_a_number_or_auto_is_accepted(client, alice, sent, shards):
+@pytest.mark.parametrize(
+    ("shards", "stored"), [(1, 1), (8, 8), (256, 256), ("auto", "auto"), ("4", 4)]
+)
+def test_shards_a_number_or_auto_is_accepted(client, alice, sent, shards, stored):
     body = {"kind": "batch_predict", "spec": {"model": "m", "dataset": "d", "shards": shards}}
     response = client.post("/api/v1/jobs", json=body, headers=alice)
 
     assert response.status_code == 202, response.get_json()
-    assert response.get_json()["spec"]["shards"] == shards
+    assert response.get_json()["spec"]["shards"] == stored
     assert len(sent) == 1  # the parent alone: it splits when a worker runs it
 
 
@@ -279,3 +282,33 @@ def test_the_api_shows_the_shards_and_their_combined_progress(sessions, client, 
     assert all(j["parent_id"] == parent_id for j in children)
     bad = client.get("/api/v1/jobs?include_shards=maybe", headers=alice)
     assert bad.status_code == 400
+
+
+def test_the_job_page_lists_the_shards_and_a_shard_links_its_parent(sessions, client, create_key):
+    parent_id, child_ids = _fan_out(sessions, [(0, 100), (100, 200)])
+    with sessions() as session:
+        _run_child(session, child_ids[0])
+    _sign_in(client, create_key("alice"))
+
+    page = client.get(f"/jobs/{parent_id}").text
+    assert 'id="job-shards"' in page
+    assert "1/2 shards done, 100/200 rows" in page
+    assert all(f"/jobs/{child_id}" in page for child_id in child_ids)
+    shard_page = client.get(f"/jobs/{child_ids[1]}").text
+    assert f'<a href="/jobs/{parent_id}">job {parent_id}</a>' in shard_page
+    assert "Shard 1 (rows 100\u2013200)" in shard_page
+    listed = client.get("/jobs/table").text
+    assert parent_id in listed
+    assert not any(child_id in listed for child_id in child_ids)
+
+
+def test_cancelling_a_queued_shard_cancels_its_parent_and_the_other_shards(sessions):
+    parent_id, child_ids = _fan_out(sessions, [(0, 10), (10, 20)])
+    with sessions() as session:
+        jobs.request_cancel(session, session.get_one(Job, child_ids[1]))
+        session.commit()
+    with sessions() as session:
+        parent = session.get_one(Job, parent_id)
+        assert parent.state == JobState.CANCELLED
+        assert f"shard 1 (job {child_ids[1]}) was cancelled" in parent.message
+        assert [c.state for c in shards.children(session, parent_id)] == ["cancelled"] * 2

@@ -24,7 +24,7 @@ from kiln.schemas import (
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
-from web import dispatch, session, storage
+from web import session, storage
 from web.api import bp
 from web.api.body import answer, json_body, parse
 from web.auth import principal
@@ -153,12 +153,10 @@ def with_shards(db: Session, job: Job) -> JobOut:
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> Response:
     """Cancel a job (a sharded job's shards with it; a shard cancelled alone cancels its
-    sharded job, here or at the reconciler's next sweep)."""
+    sharded job)."""
     db = session.get()
     job = jobs.request_cancel(db, _owned(job_id))
     db.commit()
-    if job.parent_id is not None and job.state == JobState.CANCELLED:
-        shards.settle(db, dispatch.sender(), job.parent_id)
     return answer(JobOut.model_validate(job), 202)
 
 
