@@ -30,15 +30,16 @@ def _spec(dataset: str) -> dict[str, object]:
             "batch_size": BATCH_SIZE, "chunk_rows": CHUNK_ROWS}  # fmt: skip
 
 
-def _rounds(kiln: Kiln, dataset: str, rounds: int) -> tuple[float, str, int]:
-    """Best seconds of `rounds` jobs, the output's digest (the same every round), shards."""
-    best, digests, shards = float("inf"), set(), 0
+def _rounds(kiln: Kiln, dataset: str, rounds: int) -> tuple[float, str, list[int]]:
+    """Best seconds of `rounds` jobs, the output's digest (the same every round), and the
+    shards each round's job split into."""
+    best, digests, shards = float("inf"), set(), []
     for _ in range(rounds):
         [job] = kiln.insert("batch_predict", [_spec(dataset)])
         best = min(best, kiln.run([job]))
         result = kiln.result(job)
         digests.add(result["output"]["digest"])
-        shards = int(result.get("shards", 1))
+        shards.append(int(result.get("shards", 1)))
     if len(digests) != 1:
         raise RuntimeError(f"rounds wrote different outputs: {digests}")
     return best, digests.pop(), shards

@@ -62,8 +62,6 @@ def fan_out(
         child.row_start, child.row_stop = start, stop
         children.append(child)
     session.flush()
-    jobs.log(session, parent.id, f"split into {len(ranges)} shards of about "
-             f"{max(stop - start for start, stop in ranges):,} rows")  # fmt: skip
     return children
 
 

@@ -78,7 +78,8 @@ def split(spec: BatchPredictSpec, ctx: RunContext, rows: int, version: int) -> N
             "output_format": output_format,
         }
     )
-    ctx.log(f"splitting {rows:,} rows into {len(ranges)} shards (shards={spec.shards})")
+    largest = max(stop - start for start, stop in ranges)
+    ctx.log(f"splitting {rows:,} rows into {len(ranges)} shards of up to {largest:,} rows")
     ctx.start_shards(shard_spec.model_dump(mode="json"), ranges)
 
 
