@@ -8,7 +8,7 @@ from celery import Celery
 
 #: How long to wait for the workers' replies: every live worker answers within it, even
 #: one busy with a job (its main process answers; the job runs in its pool process).
-REPLY_TIMEOUT_S = 2.0
+REPLY_TIMEOUT_S = 1.0
 
 
 def serving(celery: Celery, queue: str, timeout_s: float = REPLY_TIMEOUT_S) -> int:
