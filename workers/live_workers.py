@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-#: How long to wait for the workers' replies: every live worker answers within it, even
-#: one busy with a job (its main process answers; the job runs in its pool process).
-REPLY_TIMEOUT_S = 1.0
+#: How long to wait for the workers' replies by default (KILN_SHARDS_AUTO_WAIT_S): a live
+#: worker answers in milliseconds, even one busy with a job (its main process answers; the
+#: job runs in its pool process), and every job that splits with `auto` waits this long. A
+#: worker too loaded to answer in time is not counted: the job gets fewer shards.
+REPLY_TIMEOUT_S = 0.3
 
 
 def serving(celery: Celery, queue: str, timeout_s: float = REPLY_TIMEOUT_S) -> int:
