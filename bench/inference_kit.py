@@ -202,9 +202,18 @@ class Kiln:
         with self.sessions() as session:
             return session.get(Job, job_id).result  # type: ignore[union-attr, return-value]
 
+    def _wait_ready(self, name: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+        """Until the worker answers: with others up, the warm-up job may go to one of them,
+        and a worker still starting (seconds on a loaded machine) would miss the run."""
+        deadline = time.monotonic() + timeout_s
+        while not _answers(self.celery, name):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start ({self.folder / name}.log)")
+
     @contextmanager
-    def worker(self, **env: str) -> Iterator[subprocess.Popen]:
-        """One real Celery worker (as the launcher starts it), warmed up by an echo job."""
+    def worker(self, name: str = "bench", **env: str) -> Iterator[subprocess.Popen]:
+        """One real Celery worker (as the launcher starts it), warmed up by an echo job;
+        workers up at once need names of their own (Celery tells them apart by name)."""
         environ = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -215,12 +224,13 @@ class Kiln:
             **env,
         }
         argv = [sys.executable, "-m", "celery", "-A", "workers.main", "worker",
-                "--hostname", "bench@%h", "--queues", "cpu", "--concurrency", "1",
+                "--hostname", f"{name}@%h", "--queues", "cpu", "--concurrency", "1",
                 "--prefetch-multiplier", "1", "--pool", "prefork", "--without-mingle",
                 "--without-gossip", "--loglevel", "WARNING"]  # fmt: skip
-        log = (self.folder / "worker.log").open("ab")
+        log = (self.folder / f"{name}.log").open("ab")
         process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=log, stderr=log)
         try:
+            self._wait_ready(name, process)
             warm = self.insert("echo", [{"message": "warm"}])
             self.send(warm)
             self.wait(warm, timeout_s=120)
@@ -229,6 +239,12 @@ class Kiln:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
             log.close()
+
+
+def _answers(celery: Any, name: str) -> bool:
+    """Whether the worker named `name` answers a remote-control ping."""
+    replies = celery.control.ping(timeout=1.0) or []
+    return any(node.startswith(f"{name}@") for reply in replies for node in reply)
 
 
 def _schema() -> pa.Schema:

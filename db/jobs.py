@@ -330,28 +330,143 @@ def past_deadline(session: Session, limit: int = 1000) -> list[Job]:
 
 
 def request_cancel(session: Session, job: Job) -> Job:
-    """Cancel a queued job at once, or ask a running one to stop at its next step."""
+    """Cancel a queued job at once, or ask a running one to stop at its next step. A
+    sharded job waiting for its shards is cancelled at once; its unfinished shards are
+    cancelled with it (each as above). A queued shard cancelled on its own cancels its
+    sharded job (a running one does when it stops: db.shards.settle)."""
     if JobState(job.state).is_terminal:
         raise IllegalTransition(f"job {job.id} is already {job.state}; it cannot be cancelled")
+    _cancel_one(session, job.id)
+    cancel_shards(session, job.id)
+    session.refresh(job)
+    if job.parent_id is not None and job.state == JobState.CANCELLED:
+        reason = f"cancelled: shard {job.shard_index} (job {job.id}) was cancelled"
+        if end_awaiting(session, job.parent_id, JobState.CANCELLED, reason):
+            log(session, job.parent_id, reason, "warning")
+            cancel_shards(session, job.parent_id)
+    return job
+
+
+def _cancel_one(session: Session, job_id: str, reason: str = "") -> None:
     now = utcnow()
-    if not _cas(
+    if _cas(
         session,
-        job.id,
+        job_id,
         Job.state == JobState.QUEUED,
         state=JobState.CANCELLED,
         cancel_requested=True,
-        message="cancelled before it started",
+        message=f"cancelled before it started{reason}",
         finished_at=now,
     ):
-        _cas(
-            session,
-            job.id,
-            Job.state == JobState.RUNNING,
-            cancel_requested=True,
-            message="cancel requested",
+        return
+    if _cas(
+        session,
+        job_id,
+        _awaiting_shards(),
+        state=JobState.CANCELLED,
+        cancel_requested=True,
+        awaiting_shards=False,
+        message=f"cancelled while its shards ran{reason}",
+        finished_at=now,
+    ):
+        return
+    _cas(
+        session,
+        job_id,
+        Job.state == JobState.RUNNING,
+        cancel_requested=True,
+        message=f"cancel requested{reason}",
+    )
+
+
+def cancel_shards(session: Session, parent_id: str) -> int:
+    """Cancel (or ask to stop) every unfinished shard of `parent_id`; how many."""
+    active = list(
+        session.scalars(
+            select(Job.id).where(
+                Job.parent_id == parent_id,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                Job.cancel_requested.is_(False),
+            )
         )
-    session.refresh(job)
-    return job
+    )
+    for child_id in active:
+        _cancel_one(session, child_id, " (its sharded job ended)")
+    return len(active)
+
+
+# A sharded job's own moves (db.shards orchestrates them). While its shards run the job is
+# `running` with `awaiting_shards` set and no attempt alive: no worker, no heartbeat.
+
+
+def _awaiting_shards() -> ColumnElement[bool]:
+    return and_(Job.state == JobState.RUNNING, Job.awaiting_shards.is_(True))
+
+
+def await_shards(session: Session, job_id: str, attempt: int, shards: int, message: str) -> bool:
+    """The running attempt handed its rows to `shards` child jobs and ends: the job waits
+    for them without holding a worker. False if the attempt lost the job or a cancel was
+    requested meanwhile."""
+    return _cas(
+        session,
+        job_id,
+        and_(_holds(attempt), Job.cancel_requested.is_(False), Job.preempt_for.is_(None)),
+        awaiting_shards=True,
+        shard_count=shards,
+        worker=None,
+        heartbeat_at=None,
+        progress=0.0,
+        message=message,
+    )
+
+
+def report_shards(session: Session, job_id: str, progress: float, message: str) -> bool:
+    """Record a waiting sharded job's combined progress (only if its line changed)."""
+    return _cas(
+        session,
+        job_id,
+        and_(_awaiting_shards(), Job.message != message),
+        progress=min(max(progress, 0.0), 1.0),
+        message=message,
+    )
+
+
+def wake_to_assemble(session: Session, job_id: str, message: str) -> bool:
+    """Every shard succeeded: queue the job again, for an attempt that assembles their
+    outputs. The attempt that split it is refunded (it ended as planned)."""
+    return _cas(
+        session,
+        job_id,
+        and_(_awaiting_shards(), Job.cancel_requested.is_(False)),
+        state=JobState.QUEUED,
+        awaiting_shards=False,
+        shutdown_attempts=Job.shutdown_attempts + 1,
+        sent_at=None,
+        message=message,
+    )
+
+
+def end_awaiting(
+    session: Session,
+    job_id: str,
+    state: JobState,
+    message: str,
+    error_type: str | None = None,
+) -> bool:
+    """A shard failed or was cancelled: the waiting job ends `state` (failed or cancelled)."""
+    values: dict[str, Any] = {"message": message}
+    if state == JobState.FAILED:
+        values |= {"error_type": error_type or "ShardFailed", "error_message": message}
+        values["message"] = f"failed: {message}"[:1000]
+    return _cas(
+        session,
+        job_id,
+        _awaiting_shards(),
+        state=state,
+        awaiting_shards=False,
+        finished_at=utcnow(),
+        **values,
+    )
 
 
 def requeue(
@@ -408,8 +523,15 @@ def mark_sent(session: Session, job_id: str, attempt: int, at: datetime | None =
 def stalled(session: Session, older_than: timedelta) -> list[Job]:
     """Running jobs whose heartbeat is older than `older_than`."""
     cutoff: datetime = utcnow() - older_than
+    # A sharded job waiting for its shards has no attempt (and no heartbeat) to go stale.
     return list(
-        session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff))
+        session.scalars(
+            select(Job).where(
+                Job.state == JobState.RUNNING,
+                Job.heartbeat_at < cutoff,
+                Job.awaiting_shards.is_(False),
+            )
+        )
     )
 
 
@@ -442,12 +564,13 @@ def waiting(session: Session, older_than: timedelta) -> list[Job]:
 
 
 def count_queued(session: Session, owner: str) -> int:
-    """How many of `owner`'s jobs wait in the queue (the per-owner quota counts these)."""
+    """How many of `owner`'s jobs wait in the queue (the per-owner quota counts these);
+    the shards of a sharded job are not counted: the job itself was admitted."""
     return int(
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.owner == owner, Job.state == JobState.QUEUED)
+            .where(Job.owner == owner, Job.state == JobState.QUEUED, Job.parent_id.is_(None))
         )
         or 0
     )
@@ -520,14 +643,22 @@ def listed(
     tags: list[tuple[str, str | None]] | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    parent: str | None = None,
+    include_shards: bool = False,
 ) -> Page:
     """The jobs `owner` may see (None: every owner's), newest first, `limit` at a time;
     pass a page's next_cursor to get the page after it (InvalidRequest for a bad cursor).
-    `tags`: only jobs carrying every one ((key, value), or (key, None) for any value)."""
+    `tags`: only jobs carrying every one ((key, value), or (key, None) for any value).
+    The shards of sharded jobs are left out unless `include_shards`, or `parent` names
+    the job whose shards to list."""
     query = owned.visible(Job, owner, Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     query = query.options(selectinload(Job.tag_rows))  # one query for the page's tags
     if tags:
         query = query.where(job_tags.matching(tags))
+    if parent is not None:
+        query = query.where(Job.parent_id == parent)
+    elif not include_shards:
+        query = query.where(Job.parent_id.is_(None))
     if state is not None:
         query = query.where(Job.state == state)
     if kind:

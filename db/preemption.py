@@ -41,10 +41,15 @@ def waiting(session: Session, sent_before: datetime, limit: int = 100) -> list[J
 
 
 def running(session: Session) -> list[Job]:
-    """Running bulk jobs: every possible victim, and the record of pending preemptions."""
+    """Running bulk jobs: every possible victim, and the record of pending preemptions. A
+    sharded job waiting for its shards holds no worker: its shards are the victims."""
     return list(
         session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.queue.not_like(_INTERACTIVE))
+            select(Job).where(
+                Job.state == JobState.RUNNING,
+                Job.queue.not_like(_INTERACTIVE),
+                Job.awaiting_shards.is_(False),
+            )
         )
     )
 
@@ -63,6 +68,7 @@ def ask_to_stop(session: Session, victim_id: str, waiting_id: str, max_preemptio
                 Job.id == victim_id,
                 Job.state == JobState.RUNNING,
                 Job.preempt_for.is_(None),
+                Job.awaiting_shards.is_(False),
                 Job.preemptible.is_(True),
                 Job.preemptions < max_preemptions,
                 Job.cancel_requested.is_(False),

@@ -96,17 +96,25 @@ def inspect(path: Path, fmt: str) -> DatasetInfo:
     return DatasetInfo(format=fmt, rows=rows, columns=columns)
 
 
-def iter_batches(path: Path, fmt: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """The file's rows in order, as record batches of exactly `batch_rows` rows (the last may
-    be shorter), so the k-th batch always holds the same rows. Raises UnsupportedDataset
-    (and only that) when the file is not valid `fmt`, at whatever row that shows."""
+def iter_batches(
+    path: Path, fmt: str, batch_rows: int, start_row: int = 0
+) -> Iterator[pa.RecordBatch]:
+    """The file's rows in order from row `start_row`, as record batches of exactly
+    `batch_rows` rows (the last may be shorter), so the k-th batch always holds the same rows.
+    Raises UnsupportedDataset (and only that) when the file is not valid `fmt`, at whatever
+    row that shows. A Parquet file's row groups before `start_row` are not read at all (a
+    shard of a batch job starts there); other formats are parsed up to it."""
     if fmt not in FORMATS:
         raise UnsupportedDataset(f"unsupported format {fmt!r}")
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     try:
         with ExitStack() as stack:
-            yield from _rechunk(_READERS[fmt](path, stack), batch_rows)
+            if fmt == "parquet":
+                batches, skipped = _parquet_from(path, stack, start_row)
+            else:
+                batches, skipped = _READERS[fmt](path, stack), 0
+            yield from _rechunk(_drop(batches, start_row - skipped), batch_rows)
     except UnsupportedDataset:
         raise
     except _PARSE_ERRORS as exc:
@@ -140,6 +148,34 @@ def _rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Record
         held -= start
     if held:
         yield pa.concat_batches(pending)
+
+
+def _drop(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The batches without their first `rows` rows."""
+    for batch in batches:
+        if rows >= batch.num_rows:
+            rows -= batch.num_rows
+            continue
+        yield batch.slice(rows) if rows else batch
+        rows = 0
+
+
+def _parquet_from(
+    path: Path, stack: ExitStack, start_row: int
+) -> tuple[Iterator[pa.RecordBatch], int]:
+    """The Parquet file's batches from the row group that holds `start_row` on, and how
+    many rows the row groups skipped held."""
+    handle = stack.enter_context(pq.ParquetFile(path))
+    skipped, first_group = 0, 0
+    metadata = handle.metadata
+    while first_group < metadata.num_row_groups:
+        rows = metadata.row_group(first_group).num_rows
+        if skipped + rows > start_row:
+            break
+        skipped += rows
+        first_group += 1
+    groups = list(range(first_group, metadata.num_row_groups))
+    return handle.iter_batches(batch_size=65_536, row_groups=groups), skipped
 
 
 def _csv(path: Path, stack: ExitStack) -> Iterator[pa.RecordBatch]:

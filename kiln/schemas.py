@@ -130,6 +130,16 @@ class JobError(BaseModel):
     message: str
 
 
+class ShardOut(BaseModel):
+    """One shard (a child job) of a sharded batch_predict job."""
+
+    id: str
+    index: int
+    state: str
+    rows: int = Field(description="Rows of the dataset this shard scores.")
+    rows_done: int
+
+
 class JobOut(Out):
     id: str
     kind: str
@@ -182,6 +192,15 @@ class JobOut(Out):
         default=False,
         description="The sweeper removed its output files, log lines and scratch; the job "
         "stays as a record (spec, result, error, metrics).",
+    )
+    parent_id: str | None = Field(
+        default=None, description="Of a shard: the sharded job it scores a range of rows for."
+    )
+    shard_index: int | None = None
+    shards: list[ShardOut] | None = Field(
+        default=None,
+        description="Of a sharded job that split (read one job to see them): its shards, in "
+        "order; list them as jobs with GET /api/v1/jobs?parent=<id>.",
     )
 
 

@@ -33,6 +33,8 @@ _BUILTIN_DATASETS = (
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The most child jobs one batch_predict may be split into.
+MAX_SHARDS = 256
 
 #: Per-field caps on free text, so a huge string is a field error (422), never stored:
 #: names (a model's, a column's) and ids are short; a message may be a paragraph. The
@@ -442,6 +444,24 @@ class BatchPredictSpec(Spec):
         "that job's dataset or a corrected copy with the same rows in the same order) and "
         "write that job's output with those rows replaced, plus a new error file.",
     )
+    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
+        default=1,
+        description="Split the rows into this many child jobs scored in parallel by any "
+        "workers (1: one job; auto: one per live worker serving the job's device class).",
+    )
+    output_layout: Literal["file", "parts"] = Field(
+        default="file",
+        description="Of a sharded job: file joins the shards' outputs into one file in "
+        "input order; parts lists the shards' files in order (for outputs too large to join).",
+    )
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _no_bool_shards(cls, shards: Any) -> Any:
+        # JSON true would otherwise pass as the integer 1.
+        if isinstance(shards, bool):
+            raise ValueError("must be a number of shards (1 to 256) or 'auto'")
+        return shards
 
 
 class EchoSpec(Spec):

@@ -8,15 +8,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from sqlalchemy.orm import Session
 
-from db import datasets, jobs, registry
+from db import datasets, jobs, registry, shards, submission
 from db.engine import session_scope
 from db.models import Dataset, Job, ModelVersion
 from kiln import job_space
+from kiln.broker import Sender
 from kiln.errors import JobFailure, NotFound
 from kiln.job_files import JobFiles
 from workers.reconcile import deadline_reason, time_limit_reason
@@ -62,6 +63,20 @@ class JobPreempted(WorkerShutdown):
         self.waiting_job_id = waiting_job_id
 
 
+class AwaitingShards(Exception):
+    """Raised by ctx.start_shards once the job's shards are queued: the attempt ends with
+    the job waiting for them (db.shards), holding no worker; nothing more is written."""
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Which rows of the dataset a shard (a child of a sharded job) scores: [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+
+
 class TransientError(Exception):
     """Raise from a runner for an infrastructure hiccup (a service briefly unreachable):
     the attempt is re-queued with back-off while attempts remain. Never for bad input."""
@@ -105,6 +120,14 @@ class RunContext:
     expires_at: float | None = None
     #: The job's deadline_s, for the reason its cancellation gives.
     deadline_s: float | None = None
+    #: Of a shard (a child job): the rows it scores.
+    shard: ShardRows | None = None
+    #: Of a sharded job that already split: how many shards (this attempt assembles them).
+    split_into: int | None = None
+    #: Sends run messages (a sharded job's shards); None where nothing may be sent.
+    send: Sender | None = None
+    #: Live workers that consume a queue (shards: auto); None where that is unknown.
+    live_workers: Callable[[str], int] | None = None
     _next_sync: float = field(default=0.0, repr=False)
     _progress: tuple[float, str] | None = field(default=None, repr=False)
     _lines: list[tuple[str, str]] = field(default_factory=list, repr=False)
@@ -283,6 +306,36 @@ class RunContext:
         """Record part of the result before the attempt ends (a failing job's error file)."""
         with session_scope(self.runtime.sessions) as session:
             jobs.attach_result(session, self.job_id, self.attempt, result)
+
+    # Sharded jobs: the attempt that splits the job queues its shards and ends; a later
+    # attempt reads what they made (db.shards).
+
+    def start_shards(self, spec: dict[str, Any], ranges: list[tuple[int, int]]) -> NoReturn:
+        """Queue one child job of `spec` per row range, in one transaction with this job's
+        move to awaiting them (and the reports still pending), send their messages, and end
+        the attempt (AwaitingShards). JobCancelled (or JobPreempted) if that was asked for
+        meanwhile; ClaimLost if another attempt holds the job."""
+        if self.send is None:
+            raise RuntimeError("this context cannot send messages: no shards can start")
+        with self.transaction() as session:
+            parent = session.get_one(Job, self.job_id)
+            children = shards.fan_out(session, parent, self.attempt, spec, ranges)
+            if children is not None:
+                session.commit()
+                for child in children:  # a failed send leaves it to the reconciler
+                    submission.commit_and_send(session, self.send, child)
+        if children is None:
+            self.sync()  # reads the flags; raises ClaimLost if the job is no longer ours
+            self.raise_if_cancelled()
+            raise ClaimLost(self.job_id)
+        raise AwaitingShards(self.job_id)
+
+    def shard_jobs(self) -> list[Job]:
+        """This job's shards, in order."""
+        with session_scope(self.runtime.sessions) as session:
+            found = shards.children(session, self.job_id)
+            session.expunge_all()
+            return found
 
     # Dynamic batching: jobs claimed to run alongside this one (its followers) are finished
     # by this attempt; db.jobs holds the claims and the endings.

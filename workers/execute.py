@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db import jobs, submission
+from db import jobs, shards, submission
 from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
@@ -42,6 +42,7 @@ from kiln.states import JobState
 from workers import lanes
 from workers.context import (
     SHUTDOWN,
+    AwaitingShards,
     ClaimLost,
     DeadlinePassed,
     JobCancelled,
@@ -49,6 +50,7 @@ from workers.context import (
     JobTimeout,
     RetryableOOM,
     RunContext,
+    ShardRows,
     TransientError,
     WorkerShutdown,
 )
@@ -60,10 +62,16 @@ log = logging.getLogger(__name__)
 
 
 def execute_attempt(
-    runtime: Runtime, job_id: str, queued_attempt: int, worker: str, send: Sender
+    runtime: Runtime,
+    job_id: str,
+    queued_attempt: int,
+    worker: str,
+    send: Sender,
+    live_workers: Callable[[str], int] | None = None,
 ) -> None:
     """Run the job if this message still stands for it; a stale or duplicate message is
-    dropped by the claim, so a job never runs twice at once."""
+    dropped by the claim, so a job never runs twice at once. `live_workers` counts the
+    live workers consuming a queue (for a sharded job's `shards: auto`)."""
     if SHUTDOWN.is_set():
         # This pool process is stopping: hand the message back rather than start a job.
         raise Reject("worker is shutting down", requeue=True)
@@ -84,6 +92,10 @@ def execute_attempt(
             if jobs.expire(session, job_id, None, reason):
                 jobs.log(session, job_id, f"cancelled: {reason} before it started", "warning")
             return
+        parent_id, split_into = job.parent_id, job.shard_count
+        shard = None
+        if parent_id is not None:
+            shard = ShardRows(job.shard_index or 0, job.row_start or 0, job.row_stop or 0)
         try:
             spec = parse_spec(kind, job.spec)
             device = runtime.device_for(spec.device)
@@ -107,11 +119,30 @@ def execute_attempt(
         deadline_reason=limit.reason if limit else None,
         expires_at=_monotonic_at(deadline_at),
         deadline_s=deadline_s,
+        shard=shard,
+        split_into=split_into,
+        send=send,
+        live_workers=live_workers,
     )
     tags = {"job_id": job_id, "kind": kind, "attempt": attempt, "worker": worker}
     with logs.job_fields(**tags, device=str(device)), _heartbeats(runtime, job_id, attempt):
         log.info("job=%s attempt=%d event=claimed device=%s", job_id, attempt, device)
         _run(ctx, kind, spec, send)
+        if parent_id is not None:
+            _settle_parent(runtime, send, job_id, parent_id)
+
+
+def _settle_parent(runtime: Runtime, send: Sender, job_id: str, parent_id: str) -> None:
+    """A shard's attempt ended: move its sharded job on if this was its last shard (or a
+    failed one). If this fails, the reconciler settles the parent on its next sweep."""
+    try:
+        with session_scope(runtime.sessions) as session:
+            outcome = shards.settle(session, send, parent_id)
+    except Exception:
+        log.exception("job=%s event=settle_failed parent=%s", job_id, parent_id)
+        return
+    if outcome:
+        log.info("job=%s event=parent_settled parent=%s outcome=%s", job_id, parent_id, outcome)
 
 
 def _monotonic_at(when: datetime | None) -> float | None:
@@ -136,8 +167,12 @@ def _run(ctx: RunContext, kind: str, spec: object, send: Sender) -> None:
         result = RUNNERS[kind](spec, ctx)
     except JobCancelled as exc:
         _cancel(ctx, exc)
-    except ClaimLost:
-        log.warning("job=%s attempt=%d event=claim_lost", job_id, attempt)
+    except (AwaitingShards, ClaimLost) as exc:
+        # Nothing to write: the job waits for its shards, or another attempt holds it.
+        awaiting = isinstance(exc, AwaitingShards)
+        event = "awaiting_shards" if awaiting else "claim_lost"
+        level = logging.INFO if awaiting else logging.WARNING
+        log.log(level, "job=%s attempt=%d event=%s", job_id, attempt, event)
     except JobPreempted as exc:
         reason = f"preempted by job {exc.waiting_job_id} (higher priority); resumes later"
         log.info("job=%s attempt=%d event=preempted for=%s", job_id, attempt, exc.waiting_job_id)

@@ -17,6 +17,9 @@
   A Redis set of "ids with live messages" was the alternative; it would itself be lost or
   rolled back with the same restart, so reading the lists is the one source that cannot
   disagree with what workers will actually receive.
+- A sharded job awaiting its shards is settled (db.shards.settle): the worker that ended
+  its last shard does that, but may have died first, so each sweep looks at every
+  waiting one (assemble when all succeeded, fail or cancel when one failed or was).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs, submission
+from db import jobs, shards, submission
 from db.base import utcnow
 from db.engine import session_scope
 from db.models import Job
@@ -50,6 +53,8 @@ class Report:
     timed_out: int = 0
     #: Jobs cancelled because their own deadline (deadline_s) passed.
     expired: int = 0
+    #: Sharded jobs moved on (assembling, failed or cancelled) by this sweep.
+    settled: int = 0
 
 
 def reconcile(
@@ -67,7 +72,22 @@ def reconcile(
     stalled = _recover_stalled(sessions, settings, send)
     stalled["expired"] += _expire_queued(sessions)
     resent = _resend_orphans(sessions, settings, send, waiting, started_at)
-    return Report(resent=resent, **stalled)
+    settled = _settle_sharded(sessions, send)
+    return Report(resent=resent, settled=settled, **stalled)
+
+
+def _settle_sharded(sessions: sessionmaker[Session], send: Sender) -> int:
+    """Settle every sharded job awaiting its shards; how many moved on."""
+    with session_scope(sessions) as session:
+        parents = shards.awaiting(session)
+    settled = 0
+    for parent_id in parents:
+        with session_scope(sessions) as session:
+            outcome = shards.settle(session, send, parent_id)
+        if outcome:
+            log.info("job=%s event=settled outcome=%s by=reconciler", parent_id, outcome)
+            settled += 1
+    return settled
 
 
 def resend_grace(settings: Settings, started_at: datetime | None, now: datetime) -> timedelta:

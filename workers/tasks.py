@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from celery import Task, shared_task
 
 from kiln import routing
 from kiln.broker import celery_sender
-from workers import shutdown
+from workers import live_workers, shutdown
 from workers.execute import execute_attempt
 from workers.runtime import runtime
 
@@ -15,5 +17,8 @@ from workers.runtime import runtime
 def run_job(self: Task, job_id: str, attempt: int) -> None:
     """Run one attempt of a job; everything it does is recorded on the job row."""
     send = celery_sender(self.app)
+    worker = self.request.hostname or "unknown"
+    wait_s = runtime().settings.shards_auto_wait_s
+    serving = functools.partial(live_workers.serving, self.app, timeout_s=wait_s)
     with shutdown.sigterm_stops_the_job():
-        execute_attempt(runtime(), job_id, attempt, self.request.hostname or "unknown", send)
+        execute_attempt(runtime(), job_id, attempt, worker, send, serving)

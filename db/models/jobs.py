@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Float,
     ForeignKey,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false as sa_false
 from sqlalchemy.sql.expression import true as sa_true
 
 from db.base import Base, UTCDateTime, new_id, utcnow
@@ -61,6 +63,7 @@ class Job(Base):
         # Recent durations of a kind on a queue, for a queued job's estimated start
         # (db.queue_estimate): newest finished first, bounded by a LIMIT.
         Index("ix_jobs_queue_kind_state_finished", "queue", "kind", "state", "finished_at"),
+        Index("ix_jobs_parent_id", "parent_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -73,7 +76,8 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(32))
     #: Bumped by each claim; every later write by a worker names the attempt it holds.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    #: Attempts ended by a graceful worker shutdown (SIGTERM). They are not the job's fault,
+    #: Attempts ended by a graceful worker shutdown (SIGTERM), or by a sharded job handing
+    #: its rows to its shards (db.shards). They are not the job's fault,
     #: so max_attempts counts `attempt - shutdown_attempts`; `attempt` itself only grows,
     #: because it is the fencing token every worker write is checked against.
     shutdown_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -137,6 +141,21 @@ class Job(Base):
     def tags(self) -> dict[str, str]:
         """The tags as the API shows them."""
         return {row.key: row.value for row in self.tag_rows}
+
+    # Sharded batch jobs (workers/runners/batch_shards.py, db/shards.py). A parent splits its
+    # rows into child jobs; each child scores rows [row_start, row_stop) of the dataset.
+    #: The sharded job this one scores a part of (None: an ordinary job).
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    #: This child's place among its parent's shards, from 0 (its output's place too).
+    shard_index: Mapped[int | None] = mapped_column(Integer)
+    row_start: Mapped[int | None] = mapped_column(BigInteger)
+    row_stop: Mapped[int | None] = mapped_column(BigInteger)
+    #: Of a parent: how many children it split into (None until it did).
+    shard_count: Mapped[int | None] = mapped_column(Integer)
+    #: A parent whose shards run: `running` with no attempt of its own (no worker, no
+    #: heartbeat; the reconciler does not count it as stalled) until its last child ends
+    #: and db.shards.settle re-queues it to assemble, or ends it.
+    awaiting_shards: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
 
     @property
     def charged_attempts(self) -> int:

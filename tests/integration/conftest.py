@@ -165,8 +165,9 @@ def clean_env(**kiln: str) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: start_worker(lane=None) -> a ready CPU worker (w1, w2, ...) on the test's
-    settings, serving both CPU lanes, or only `lane`'s queue as the launcher plans it.
+    """Factory: start_worker(lane=None, **settings) -> a ready CPU worker (w1, w2, ...) on
+    the test's settings (and `settings` as KILN_<NAME>), serving both CPU lanes, or only
+    `lane`'s queue as the launcher plans it.
 
     The command line is the launcher's own (workers.launch), so concurrency 1 and prefetch 1
     are what production runs. Each worker gets a session (process group) of its own.
@@ -180,7 +181,7 @@ def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[.
         heartbeat_timeout_s=str(live_settings.heartbeat_timeout_s),
     )
 
-    def start(lane: routing.Lane | None = None) -> Worker:
+    def start(lane: routing.Lane | None = None, **kiln: str) -> Worker:
         spec = WorkerProcess(
             name=f"w{next(numbers)}",
             queues=routing.lane_queues(lane, None) if lane else routing.CPU_QUEUES_BOTH_LANES,
@@ -191,7 +192,7 @@ def start_worker(live_settings: Settings, tmp_path: Path) -> Iterator[Callable[.
             process = subprocess.Popen(
                 spec.argv(),
                 cwd=REPO_ROOT,
-                env={**env, **spec.env},
+                env={**env, **{f"KILN_{k.upper()}": v for k, v in kiln.items()}, **spec.env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -8,8 +8,9 @@ import json
 
 from flask import Response, request
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from db import jobs, queue_estimate
+from db import jobs, queue_estimate, shards
 from db.models import Job
 from kiln.errors import InvalidRequest, KilnError
 from kiln.schemas import (
@@ -20,6 +21,7 @@ from kiln.schemas import (
     JobSubmission,
     MetricPoint,
     MetricSeries,
+    ShardOut,
 )
 from kiln.specs import parse_spec
 from kiln.states import JobState
@@ -112,6 +114,8 @@ def _replay(earlier: Job, fingerprint: str | None) -> Response:
 
 @bp.get("/jobs")
 def list_jobs() -> Response:
+    """Jobs newest first; the shards of sharded jobs only with ?include_shards=true, or
+    ?parent=<id> for one job's shards."""
     limit = _int_arg("limit", 50, 1, _MAX_PAGE)
     state = request.args.get("state")
     if state and state not in {s.value for s in JobState}:
@@ -124,6 +128,8 @@ def list_jobs() -> Response:
         tags=_tag_filters(),
         cursor=request.args.get("cursor"),
         limit=limit,
+        parent=request.args.get("parent") or None,
+        include_shards=_bool_arg("include_shards"),
     )
     return answer(
         JobPage(jobs=[JobOut.model_validate(j) for j in page.jobs], next_cursor=page.next_cursor)
@@ -145,15 +151,34 @@ def _tag_filters() -> list[tuple[str, str | None]]:
 def get_job(job_id: str) -> Response:
     """The job; while it is queued, with its queue position and estimated start."""
     job = _owned(job_id)
-    out = JobOut.model_validate(job)
+    out = with_shards(session.get(), job)
     if (standing := queue_estimate.estimate(session.get(), job)) is not None:
         out.queue_position = standing.position
         out.estimated_start_at = standing.estimated_start_at
     return answer(out)
 
 
+def with_shards(db: Session, job: Job) -> JobOut:
+    """The job as the API shows it; a sharded job that split also lists its shards, and
+    while they run its progress and status line are their combined ones, read now."""
+    out = JobOut.model_validate(job)
+    if job.shard_count is None:
+        return out
+    children = shards.children(db, job.id)
+    combined = shards.summary(job, children)
+    out.shards = [
+        ShardOut(id=s.id, index=s.index, state=s.state, rows=s.rows, rows_done=s.rows_done)
+        for s in combined.shards
+    ]
+    if job.awaiting_shards and job.state == JobState.RUNNING:
+        out.progress, out.message = combined.progress, combined.message
+    return out
+
+
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> Response:
+    """Cancel a job (a sharded job's shards with it; a shard cancelled alone cancels its
+    sharded job)."""
     db = session.get()
     job = jobs.request_cancel(db, _owned(job_id))
     db.commit()
@@ -210,6 +235,13 @@ def job_errors(job_id: str) -> Response:
 
 def _owned(job_id: str) -> Job:
     return jobs.get_owned(session.get(), job_id, principal().visible_owner)
+
+
+def _bool_arg(name: str) -> bool:
+    raw = request.args.get(name, "false").lower()
+    if raw not in {"true", "false", "1", "0"}:
+        raise InvalidRequest(f"{name} must be true or false")
+    return raw in {"true", "1"}
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

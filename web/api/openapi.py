@@ -168,6 +168,8 @@ def _paths() -> dict[str, Any]:
         _query("cursor"),
         _query("limit", "integer"),
     ]
+    # Shards of sharded batch jobs are listed only when asked for.
+    listing += [_query("parent"), _query("include_shards", "boolean")]
     return {
         "/api/v1/jobs": {
             "post": _op("Submit a job", 202, schemas.JobOut, submission, [_idempotency_key()]),

@@ -12,6 +12,7 @@ from werkzeug import Response
 
 from db import jobs as job_store
 from db import queue_estimate
+from db import shards as shard_store
 from db.models import Job
 from kiln.errors import KilnError
 from kiln.specs import KINDS
@@ -156,7 +157,15 @@ def _status(found: Job) -> dict[str, Any]:
         "standing": queue_estimate.estimate(session.get(), found),
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
+        "shards": _shards(found),
     }
+
+
+def _shards(found: Job) -> shard_store.Summary | None:
+    """A sharded job's shards and their combined progress (None for any other job)."""
+    if found.shard_count is None:
+        return None
+    return shard_store.summary(found, shard_store.children(session.get(), found.id))
 
 
 def _downloads(found: Job) -> dict[str, dict[str, Any]]:

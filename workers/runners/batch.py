@@ -28,6 +28,10 @@ for its task (workers/runners/batch_text.py): within a chunk the texts are score
 token length and written back in input order; a missing text, or one too long for the
 model under truncation=error, is an error row like a bad numeric one.
 
+A job with `shards` N (or auto) splits its rows among child jobs and later joins their
+outputs (workers/runners/batch_shards.py); a child scores its row range like a job of its
+own, its error rows numbered in the whole dataset.
+
 This module plans, reads, scores and assembles; the part files and the manifest are
 workers/runners/batch_parts.py, and turning a record batch into features is
 workers/runners/batch_features.py.
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import math
 import queue
 import threading
 import time
@@ -57,7 +63,7 @@ from kiln.specs import BatchPredictSpec
 from workers import model_cache
 from workers.context import JobCancelled, RetryableOOM, RunContext
 from workers.ml import bundle, hf
-from workers.runners import batch_features, batch_parts, batch_text, hf_predict
+from workers.runners import batch_features, batch_parts, batch_shards, batch_text, hf_predict
 
 _PREFETCH_CHUNKS = 2
 
@@ -80,6 +86,11 @@ class Plan:
     family: str = "zoo"
     task: str | None = None
     text_column: str | None = None
+    #: A shard scores `total_rows` rows from this row of the dataset on.
+    first_row: int = 0
+    #: The dataset's rows (a shard's are fewer): max_error_fraction counts against these.
+    dataset_rows: int = 0
+    shard: bool = False
 
 
 @dataclass
@@ -97,6 +108,8 @@ def run(spec: BatchPredictSpec, ctx: RunContext) -> dict[str, Any]:
         from workers.runners import batch_retry
 
         return batch_retry.run(spec, ctx)
+    if ctx.split_into is not None:  # its shards succeeded: join what they wrote
+        return batch_shards.assemble(spec, ctx)
     work = ctx.scratch_dir / "batch"
     try:
         return _run(spec, ctx, work)
@@ -110,6 +123,9 @@ def _run(spec: BatchPredictSpec, ctx: RunContext, work: Path) -> dict[str, Any]:
     files = ctx.job_files(batch_parts.FOLDER)
     manifest = batch_parts.read_manifest(work, files)
     plan = _plan(spec, ctx, manifest)
+    if manifest is None and ctx.shard is None and spec.shards != 1:
+        # Queues the shards and ends the attempt, unless the job is best scored in one piece.
+        batch_shards.split(spec, ctx, plan.total_rows, plan.model_version)
     if manifest is None or manifest["key"] != plan.key:
         batch_parts.clear(work, files)
         manifest = {"key": plan.key, "version": plan.model_version, "digest": plan.model_digest}
@@ -164,7 +180,7 @@ def _score_chunks(
         with _retrying_oom(batch_size):
             outputs = _score(model, chunk.features, batch_size, device)
         out = _output_batch(spec, plan, chunk, outputs)
-        errors = _error_batch(spec, chunk.batch, chunk.reasons, progress.rows)
+        errors = _error_batch(spec, chunk.batch, chunk.reasons, plan.first_row + progress.rows)
         _commit(spec, ctx, work, plan, progress, output, chunk.index, errors, out)
         _report(ctx, progress.rows - first_row, progress.rows, plan.total_rows, started)
 
@@ -194,7 +210,7 @@ def _score_text_chunks(
     counts = {"tokens_per_s": 0}
     if plan.task == "text-generation":
         counts["generated_tokens_per_s"] = 0
-    batches = datasets.iter_batches(plan.dataset_path, plan.dataset_format, spec.chunk_rows)
+    batches = _dataset_chunks(spec, plan)
     try:
         for index, batch in enumerate(batches):
             if index < progress.chunks:
@@ -211,7 +227,7 @@ def _score_text_chunks(
             out = pa.RecordBatch.from_pydict(
                 {name: batch.column(name) for name in spec.passthrough} | scored.columns
             )
-            errors = _error_batch(spec, batch, scored.reasons, progress.rows)
+            errors = _error_batch(spec, batch, scored.reasons, plan.first_row + progress.rows)
             _commit(spec, ctx, work, plan, progress, output, index, errors, out)
             counts["tokens_per_s"] += scored.tokens
             if "generated_tokens_per_s" in counts:
@@ -260,7 +276,7 @@ def _commit(
     progress.chunks += 1
     progress.rows += out.num_rows
     progress.errors += errors.num_rows
-    if progress.errors > int(spec.max_error_fraction * plan.total_rows):
+    if progress.errors > int(spec.max_error_fraction * plan.dataset_rows):
         _attach_errors(ctx, work, progress)
         raise JobFailure(_too_many_errors(spec, plan, progress))
 
@@ -273,12 +289,18 @@ def _plan(spec: BatchPredictSpec, ctx: RunContext, manifest: dict[str, Any] | No
     number, digest, config = version.number, version.artifact_digest, version.config
     columns = {c["name"]: c["dtype"] for c in dataset.columns}
     fmt, rows, data_digest = dataset.format, dataset.rows, dataset.digest
+    first_row, total = 0, rows
+    if ctx.shard is not None:  # a shard of a sharded job: its range of rows only
+        first_row, total = ctx.shard.start, ctx.shard.stop - ctx.shard.start
     spec_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
     common: dict[str, Any] = {
         "key": f"{spec_hash}:{data_digest}",
         "dataset_path": ctx.runtime.store.path(data_digest),
         "dataset_format": fmt,
-        "total_rows": rows,
+        "total_rows": total,
+        "first_row": first_row,
+        "dataset_rows": rows,
+        "shard": ctx.shard is not None,
         "model_version": number,
         "model_digest": digest,
         "config": config,
@@ -345,8 +367,7 @@ def _chunks(spec: BatchPredictSpec, plan: Plan, device: torch.device, skip: int)
 
 def _read(spec: BatchPredictSpec, plan: Plan, skip: int, pin: bool) -> Iterator[Chunk]:
     width = len(plan.config["feature_names"])
-    batches = datasets.iter_batches(plan.dataset_path, plan.dataset_format, spec.chunk_rows)
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_dataset_chunks(spec, plan)):
         if index >= skip:  # committed chunks are read past, not scored again
             yield _prepare(index, batch, plan, width, pin)
 
@@ -378,6 +399,19 @@ def _read_ahead(spec: BatchPredictSpec, plan: Plan, skip: int, pin: bool) -> Ite
         while thread.is_alive():  # unblock a reader waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)
+
+
+def _dataset_chunks(spec: BatchPredictSpec, plan: Plan) -> Iterator[pa.RecordBatch]:
+    """The chunks of rows this job scores: the dataset's, or a shard's range (whole chunks
+    of the dataset, so the k-th chunk of a shard is a chunk an unsharded job scores too)."""
+    batches = datasets.iter_batches(
+        plan.dataset_path, plan.dataset_format, spec.chunk_rows, plan.first_row
+    )
+    if not plan.shard:
+        yield from batches  # to the end: a file that grew since upload is caught after
+        return
+    # Its last chunk is whole (ranges end on chunk bounds) or the dataset's last.
+    yield from itertools.islice(batches, math.ceil(plan.total_rows / spec.chunk_rows))
 
 
 def _prepare(index: int, batch: pa.RecordBatch, plan: Plan, width: int, pin: bool) -> Chunk:
@@ -509,7 +543,7 @@ def _assemble(
 
 def _too_many_errors(spec: BatchPredictSpec, plan: Plan, progress: batch_parts.Progress) -> str:
     return (
-        f"{progress.errors} of the dataset's {plan.total_rows} rows could not be scored, "
+        f"{progress.errors} of the dataset's {plan.dataset_rows} rows could not be scored, "
         f"more than max_error_fraction={spec.max_error_fraction}; "
         "GET /api/v1/jobs/<id>/errors lists them"
     )
