@@ -17,9 +17,10 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from db import jobs, keys, migrate
+from db import jobs, keys, migrate, registry
+from db.base import utcnow
 from db.engine import make_engine, make_sessionmaker
-from db.models import Job
+from db.models import Dataset, Job
 from kiln.settings import Settings
 from kiln.states import JobState
 from web import create_app
@@ -227,3 +228,53 @@ def _move(session: Session, job_id: str, state: JobState) -> None:
     assert attempt == 1
     if state is JobState.SUCCEEDED:
         assert jobs.succeed(session, job_id, attempt, {"echo": "hello"})
+
+
+@pytest.fixture
+def version_row(sessions):
+    """version_row(name, owner=..., family=..., task=...) -> the number of a registered
+    version, rows only (no weights file): for what reads the registry, not the weights."""
+
+    def register_one(name: str, owner: str = "alice", family: str = "zoo", task=None) -> int:
+        with sessions() as session:
+            version = registry.register_version(
+                session,
+                owner=owner,
+                name=name,
+                source_job_id=None,
+                arch="hf" if family == "hf" else "mlp",
+                config={"feature_names": ["a", "b"]},
+                metrics={},
+                artifact_digest="0" * 64,
+                artifact_size=1,
+                dataset_digest=None,
+                family=family,
+                task=task,
+            )
+            session.commit()
+            return version.number
+
+    return register_one
+
+
+@pytest.fixture
+def dataset_row(sessions):
+    """dataset_row(owner=...) -> the id of a recorded text dataset (a row, no file)."""
+
+    def add(owner: str = "alice") -> str:
+        with sessions() as session:
+            row = Dataset(
+                owner=owner,
+                name="texts.csv",
+                format="csv",
+                rows=3,
+                columns=[{"name": "text", "dtype": "string"}],
+                size_bytes=10,
+                digest="1" * 64,
+                created_at=utcnow(),
+            )
+            session.add(row)
+            session.commit()
+            return row.id
+
+    return add

@@ -182,11 +182,20 @@ def test_a_retry_past_the_error_fraction_fails_with_its_error_file_in_dataset_nu
 # --- checked at submission ------------------------------------------------------------------
 
 
-def _submit_retry(client, headers, source_id: str):
-    spec = {"model": "m", "dataset": "d", "retry_of": source_id}
-    return client.post(
-        "/api/v1/jobs", json={"kind": "batch_predict", "spec": spec}, headers=headers
-    )
+@pytest.fixture
+def submit_retry(client, version_row, dataset_row):
+    """submit_retry(headers, source id): alice's batch_predict of her model m over her
+    dataset, retrying that job."""
+    version_row("m")
+    dataset_id = dataset_row()
+
+    def submit(headers, source_id: str):
+        spec = {"model": "m", "dataset": dataset_id, "retry_of": source_id}
+        return client.post(
+            "/api/v1/jobs", json={"kind": "batch_predict", "spec": spec}, headers=headers
+        )
+
+    return submit
 
 
 def _set_result(sessions, job_id: str, result: dict | None) -> None:
@@ -199,12 +208,12 @@ FILE = {"digest": "0" * 64, "size": 1, "format": "jsonl", "rows": 1}
 
 
 def test_a_retry_of_a_succeeded_batch_job_with_an_error_file_is_accepted(
-    client, alice, create_job, sessions
+    alice, create_job, sessions, submit_retry
 ):
     source = create_job(kind="batch_predict", state="succeeded")
     _set_result(sessions, source.id, {"rows": 5, "output": FILE, "error_file": FILE})
 
-    response = _submit_retry(client, alice, source.id)
+    response = submit_retry(alice, source.id)
 
     assert response.status_code == 202, response.get_json()
     assert response.get_json()["spec"]["retry_of"] == source.id
@@ -221,12 +230,12 @@ def test_a_retry_of_a_succeeded_batch_job_with_an_error_file_is_accepted(
     ],
 )
 def test_a_retry_of_a_job_it_cannot_retry_is_422_on_the_field(
-    client, alice, create_job, sessions, sent, kind, state, result, owner, says
+    alice, create_job, sessions, sent, submit_retry, kind, state, result, owner, says
 ):
     source = create_job(kind=kind, state=state, owner=owner)
     _set_result(sessions, source.id, result)
 
-    response = _submit_retry(client, alice, source.id)
+    response = submit_retry(alice, source.id)
 
     assert response.status_code == 422
     body = response.get_json()
@@ -236,7 +245,7 @@ def test_a_retry_of_a_job_it_cannot_retry_is_422_on_the_field(
     assert sent == []
 
 
-def test_a_retry_of_an_unknown_job_is_422(client, alice, sent):
-    response = _submit_retry(client, alice, "f" * 32)
+def test_a_retry_of_an_unknown_job_is_422(alice, sent, submit_retry):
+    response = submit_retry(alice, "f" * 32)
     assert response.status_code == 422
     assert "no job" in response.get_json()["detail"]

@@ -73,8 +73,12 @@ def test_a_bad_shards_value_is_refused_with_422(client, alice, shards):
 @pytest.mark.parametrize(
     ("shards", "stored"), [(1, 1), (8, 8), (256, 256), ("auto", "auto"), ("4", 4)]
 )
-def test_shards_a_number_or_auto_is_accepted(client, alice, sent, shards, stored):
-    body = {"kind": "batch_predict", "spec": {"model": "m", "dataset": "d", "shards": shards}}
+def test_shards_a_number_or_auto_is_accepted(
+    client, alice, sent, version_row, dataset_row, shards, stored
+):
+    version_row("m")
+    spec = {"model": "m", "dataset": dataset_row(), "shards": shards}
+    body = {"kind": "batch_predict", "spec": spec}
     response = client.post("/api/v1/jobs", json=body, headers=alice)
 
     assert response.status_code == 202, response.get_json()

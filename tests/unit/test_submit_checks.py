@@ -6,59 +6,17 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from db import registry
-from db.base import utcnow
-from db.models import Dataset, Job
+from db.models import Job
 
 
 @pytest.fixture
-def register(sessions):
-    """register(name, owner=..., family=..., task=...) -> the version number (no file: the
-    checks read rows only)."""
-
-    def register_one(name: str, owner: str = "alice", family: str = "zoo", task=None) -> int:
-        with sessions() as session:
-            version = registry.register_version(
-                session,
-                owner=owner,
-                name=name,
-                source_job_id=None,
-                arch="hf" if family == "hf" else "mlp",
-                config={"feature_names": ["a", "b"]},
-                metrics={},
-                artifact_digest="0" * 64,
-                artifact_size=1,
-                dataset_digest=None,
-                family=family,
-                task=task,
-            )
-            session.commit()
-            return version.number
-
-    return register_one
+def register(version_row):
+    return version_row
 
 
 @pytest.fixture
-def dataset(sessions):
-    """dataset(owner=...) -> the id of a recorded text dataset."""
-
-    def add(owner: str = "alice") -> str:
-        with sessions() as session:
-            row = Dataset(
-                owner=owner,
-                name="texts.csv",
-                format="csv",
-                rows=3,
-                columns=[{"name": "text", "dtype": "string"}],
-                size_bytes=10,
-                digest="1" * 64,
-                created_at=utcnow(),
-            )
-            session.add(row)
-            session.commit()
-            return row.id
-
-    return add
+def dataset(dataset_row):
+    return dataset_row
 
 
 def _submit(client, headers, kind: str, spec: dict):
