@@ -303,6 +303,9 @@ class AsyncClient:
     async def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         return await self._send(calls.set_alias(name, alias, version))  # type: ignore[no-any-return]
 
+    async def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        return await self._send(calls.delete_alias(name, alias))  # type: ignore[no-any-return]
+
     # Schedules
 
     async def create_schedule(

@@ -329,6 +329,10 @@ class Client:
         """Point `alias` at a version (needs a server with PUT /models/<name>/aliases/<alias>)."""
         return self._send(calls.set_alias(name, alias, version))  # type: ignore[no-any-return]
 
+    def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        """Remove `alias` from model `name` (its version stays); returns the model."""
+        return self._send(calls.delete_alias(name, alias))  # type: ignore[no-any-return]
+
     # Schedules
 
     def create_schedule(

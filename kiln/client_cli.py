@@ -558,6 +558,15 @@ def set_alias(name: str, alias: str, version: int) -> None:
     click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
 
 
+@models.command(name="unalias")
+@click.argument("name")
+@click.argument("alias")
+def remove_alias(name: str, alias: str) -> None:
+    """Remove ALIAS from model NAME (the version it pointed at stays)."""
+    current_remote().client().delete_alias(name, alias)
+    click.echo(f"removed {name}:{alias}")
+
+
 @models.command(name="delete")
 @click.argument("name")
 def delete_model(name: str) -> None:

@@ -234,6 +234,10 @@ def set_alias(name: str, alias: str, version: int) -> Call:
     return Call("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
 
 
+def delete_alias(name: str, alias: str) -> Call:
+    return Call("DELETE", f"/models/{name}/aliases/{alias}")
+
+
 def create_key(owner: str, role: str) -> Call:
     return Call("POST", "/keys", json={"owner": owner, "role": role})
 

@@ -78,3 +78,49 @@ def test_a_non_positive_expires_after_is_a_usage_error() -> None:
     result = invoke("submit", "echo", "--expires-after", "0")
 
     assert result.exit_code == ExitCode.USAGE
+
+
+MODEL = {"name": "digits", "aliases": {}, "versions": []}
+
+
+def test_unalias_client_and_async_client_send_the_alias_delete(api) -> None:
+    import asyncio
+
+    import httpx
+
+    from kiln import AsyncClient
+
+    api.delete(f"{URL}/api/v1/models/digits/aliases/production", json=MODEL)
+    result = invoke("models", "unalias", "digits", "production")
+    assert result.exit_code == ExitCode.OK
+    assert result.stdout == "removed digits:production\n"
+    api.delete(f"{URL}/api/v1/models/digits/aliases/staging", json=MODEL)
+    assert Client(URL, "k").delete_alias("digits", "staging") == MODEL
+    assert [c.request.url for c in api.calls] == [
+        f"{URL}/api/v1/models/digits/aliases/production",
+        f"{URL}/api/v1/models/digits/aliases/staging",
+    ]
+
+    seen: list[tuple[str, str]] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        return httpx.Response(200, json=MODEL)
+
+    async def remove() -> dict:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(reply))
+        async with AsyncClient(URL, "k", http=http) as client:
+            return await client.delete_alias("digits", "production")
+
+    assert asyncio.run(remove()) == MODEL
+    assert seen == [("DELETE", "/api/v1/models/digits/aliases/production")]
+
+
+def test_unalias_of_a_missing_alias_is_an_api_error(api) -> None:
+    body = {"status": 404, "code": "not_found", "detail": "model 'digits' has no alias 'x'"}
+    api.delete(f"{URL}/api/v1/models/digits/aliases/x", json=body, status=404)
+
+    result = invoke("models", "unalias", "digits", "x")
+
+    assert result.exit_code != ExitCode.OK
+    assert "has no alias 'x'" in result.stderr

@@ -205,3 +205,26 @@ def test_deleting_needs_the_sessions_token(
     assert response.status_code == 403
     with sessions() as session:
         assert session.query(ModelVersion).count() == 1
+
+
+def test_an_alias_is_removed_from_the_models_page_with_the_sessions_token(
+    as_alice: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    model_id = _version(sessions)
+    with sessions() as session:
+        registry.set_alias(session, session.get_one(Model, model_id), "production", 1)
+        session.commit()
+    page = as_alice.get("/models").text
+    action = f"/models/{model_id}/aliases/production/delete"
+    assert f'action="{action}"' in page
+
+    assert as_alice.post(action, data={"csrf_token": "forged"}).status_code == 403
+    with sessions() as session:
+        assert session.get_one(Model, model_id).aliases == {"production": 1}
+
+    removed = as_alice.post(action, data={"csrf_token": _token(as_alice, "/models")})
+    assert removed.status_code == 302
+    assert "digits: removed the alias production." in as_alice.get("/models").text
+    with sessions() as session:
+        assert session.get_one(Model, model_id).aliases == {}
+    assert as_alice.post(action, data={"csrf_token": _token(as_alice, "/models")}).status_code == 404

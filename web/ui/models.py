@@ -1,5 +1,5 @@
 """Models page: each model's versions with their metrics side by side, family and task
-(with an hf version's tokenizer and context length), aliases, lineage, deleting a version
+(with an hf version's tokenizer and context length), aliases (set and removed), lineage, deleting a version
 or a whole model, and registering a Hugging Face model directory."""
 
 from __future__ import annotations
@@ -63,6 +63,18 @@ def set_alias(model_id: str) -> Response:
     registry.set_alias(db, model, alias, int(version))
     db.commit()
     flash(f"{model.name}: {alias} now points at version {version}.")
+    return redirect(url_for("ui.models") + f"#model-{model.id}")
+
+
+@bp.post("/models/<model_id>/aliases/<alias>/delete")
+@auth.signed_in
+def remove_alias(model_id: str, alias: str) -> Response:
+    """Remove an alias (the version stays), as DELETE /api/v1/models/<name>/aliases/<alias>."""
+    db = session.get()
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
+    registry.remove_alias(db, model, alias)
+    db.commit()
+    flash(f"{model.name}: removed the alias {alias}.")
     return redirect(url_for("ui.models") + f"#model-{model.id}")
 
 
