@@ -5,6 +5,7 @@ transaction, progress coalescing, secrets and rotation, leases, and the delivery
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -296,3 +297,45 @@ def test_deleting_a_job_deletes_its_messages(sessions) -> None:
         session.delete(session.get_one(Job, job_id))
         session.commit()
         assert session.scalars(select(WebhookMessage)).all() == []
+
+
+def test_a_hanging_receiver_does_not_hold_up_another_jobs_message(sessions, settings) -> None:
+    """The fast job's message is claimed, sent and recorded while the slow receiver still
+    holds the first message's request open (before its timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = _deliver_settings(settings, webhook_concurrency=4, webhook_timeout_s=60)
+    with Receiver() as slow, Receiver() as fast, ThreadPoolExecutor(4) as pool:
+        slow.hold.clear()  # answers wait until the test lets them go
+        try:
+            with sessions() as session:
+                hanging = _job(session, url=slow.url)
+                jobs.fail(session, hanging, None, "JobFailure", "bad")
+                session.commit()
+            dispatcher = deliver.Dispatcher(sessions, config, pool)
+            assert dispatcher.fill() == 1
+            assert slow.wait_for(lambda got: len(got) == 1, timeout=30)
+
+            with sessions() as session:  # another job's message, due after the first claim
+                quick = _job(session, url=fast.url)
+                jobs.fail(session, quick, None, "JobFailure", "bad")
+                session.commit()
+            assert dispatcher.fill() == 1  # claimed at once: a slot was free
+            assert fast.wait_for(lambda got: len(got) == 1, timeout=30)
+            for _ in range(600):  # bounded: the attempt is recorded just after the answer
+                if _messages(sessions, quick)[0].state == "delivered":
+                    break
+                time.sleep(0.05)
+            assert _messages(sessions, quick)[0].state == "delivered"
+            # ... while the slow receiver's request is still open and nothing is recorded.
+            (still,) = _messages(sessions, hanging)
+            assert still.state != "delivered"
+            with sessions() as session:
+                recorded = session.scalars(
+                    select(WebhookDelivery).where(WebhookDelivery.message_id == still.id)
+                ).all()
+            assert recorded == []
+        finally:
+            slow.hold.set()
+        assert dispatcher.wait_idle(timeout=60)
+    assert _messages(sessions, hanging)[0].state == "delivered"
