@@ -213,7 +213,7 @@ class AsyncClient:
     async def download_output(
         self,
         job_id: str,
-        dest: Path | None = None,
+        dest: Path | str | None = None,
         on_progress: ProgressCallback | None = None,
         *,
         errors: bool = False,

@@ -228,7 +228,7 @@ class Client:
     def download_output(
         self,
         job_id: str,
-        dest: Path | None = None,
+        dest: Path | str | None = None,
         on_progress: ProgressCallback | None = None,
         *,
         errors: bool = False,

@@ -463,11 +463,12 @@ def delete(job_id: str) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="A file, or a folder to keep the server's file name in (default: here).",
+    type=click.Path(),  # a str: Path() would drop the trailing slash that means a folder
+    help="A file, or a folder to keep the server's file name in (a trailing slash or an "
+    "existing folder; created if missing; default: here).",
 )
 @click.option("--errors", is_flag=True, help="The error file (rows not scored) instead.")
-def download(job_id: str, output: Path | None, errors: bool) -> None:
+def download(job_id: str, output: str | None, errors: bool) -> None:
     """Download a job's output file (GET /jobs/<id>/output), or its error file."""
     with _transfer_bar("downloading") as on_progress:
         path = current_remote().client().download_output(job_id, output, on_progress, errors=errors)
