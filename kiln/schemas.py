@@ -7,11 +7,12 @@ them, so the documentation cannot drift from what is served.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -29,6 +30,18 @@ MAX_DEADLINE_S = 30 * 24 * 3600.0
 #: What a client sends: unknown fields are errors and floats must be finite (NaN and inf are
 #: refused as "finite number" errors, never stored as null).
 _REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON true/false are not numbers (pydantic would take true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+#: A submission's whole-number and number fields: as int/float, but true/false refused.
+WholeNumber = Annotated[int, BeforeValidator(_not_a_bool)]
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 #: Bounds of a submission's expires_after, in seconds: a minute to ten years.
@@ -95,13 +108,15 @@ class JobSubmission(WebhookFields):
         description="Job kind: train, predict, batch_predict, optimize, export or echo."
     )
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
-    priority: int = Field(default=0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+    priority: WholeNumber = Field(
+        default=0, ge=0, le=9, description="0 (default) to 9 (most urgent)."
+    )
     preemptible: bool = Field(
         default=True,
         description="Whether a bulk job may be stopped (and later resumed where it stopped) "
         "for a waiting job of higher priority; false opts out.",
     )
-    expires_after: int | None = Field(
+    expires_after: WholeNumber | None = Field(
         default=None,
         ge=MIN_EXPIRES_AFTER_S,
         le=MAX_EXPIRES_AFTER_S,
@@ -115,7 +130,7 @@ class JobSubmission(WebhookFields):
         "GET /jobs?tag=team:nlp. Keys: 1-64 letters, digits, _ . - /; values: 1-128 of "
         "those or : @ +.",
     )
-    deadline_s: float | None = Field(
+    deadline_s: Number | None = Field(
         default=None,
         gt=0,
         le=MAX_DEADLINE_S,
@@ -427,16 +442,23 @@ class ScheduleRequest(WebhookFields):
     )
     kind: str = Field(description="Job kind of the template, as in POST /jobs.")
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
-    priority: int = Field(default=0, ge=0, le=9)
+    priority: WholeNumber = Field(default=0, ge=0, le=9)
     enabled: bool = True
     tags: dict[TagKey, TagValue] = Field(
         default_factory=dict, max_length=MAX_TAGS, description="Tags of each job it submits."
     )
-    deadline_s: float | None = Field(
+    deadline_s: Number | None = Field(
         default=None,
         gt=0,
         le=MAX_DEADLINE_S,
         description="Each job it submits is cancelled this many seconds after it was queued.",
+    )
+    expires_after: WholeNumber | None = Field(
+        default=None,
+        ge=MIN_EXPIRES_AFTER_S,
+        le=MAX_EXPIRES_AFTER_S,
+        description="Seconds each job it submits keeps its output files and log lines after "
+        "it finishes, as in POST /jobs; default KILN_RETENTION_DAYS.",
     )
 
 
@@ -453,6 +475,11 @@ class ScheduleOut(Out):
     webhook_events: list[str] | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     deadline_s: float | None = None
+    expires_after: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices("expires_after_s", "expires_after"),
+        description="Seconds each job it submits keeps its outputs and log lines.",
+    )
     next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
     last_run_at: datetime | None
     last_job_id: str | None

@@ -1,6 +1,6 @@
 """Models page: each model's versions with their metrics side by side, family and task
-(with an hf version's tokenizer and context length), aliases (set and removed), lineage, deleting a version
-or a whole model, and registering a Hugging Face model directory."""
+(with an hf version's tokenizer and context length), aliases (set and removed), lineage,
+deleting a version or a whole model, and registering a Hugging Face model directory."""
 
 from __future__ import annotations
 
