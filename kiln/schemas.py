@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from kiln import egress, webhooks
+from kiln.errors import FieldProblem
 from kiln.specs import ARCH_PARAMS
 from kiln.tags import MAX_TAGS, TagKey, TagValue
 
@@ -89,7 +90,7 @@ class WebhookFields(BaseModel):
     @model_validator(mode="after")
     def _events_need_a_url(self) -> WebhookFields:
         if self.webhook_events is not None and self.webhook_url is None:
-            raise ValueError("webhook_events needs a webhook_url")
+            raise FieldProblem("webhook_events", "needs a webhook_url")
         return self
 
     @property
