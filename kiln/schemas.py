@@ -22,6 +22,7 @@ from pydantic import (
 
 from kiln import egress, webhooks
 from kiln.errors import FieldProblem
+from kiln.retention import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
 from kiln.specs import ARCH_PARAMS
 from kiln.tags import MAX_TAGS, TagKey, TagValue
 
@@ -43,11 +44,6 @@ def _not_a_bool(value: Any) -> Any:
 #: A submission's whole-number and number fields: as int/float, but true/false refused.
 WholeNumber = Annotated[int, BeforeValidator(_not_a_bool)]
 Number = Annotated[float, BeforeValidator(_not_a_bool)]
-
-
-#: Bounds of a submission's expires_after, in seconds: a minute to ten years.
-MIN_EXPIRES_AFTER_S = 60
-MAX_EXPIRES_AFTER_S = 3650 * 86400
 
 
 class Out(BaseModel):

@@ -124,3 +124,32 @@ def test_unalias_of_a_missing_alias_is_an_api_error(api) -> None:
 
     assert result.exit_code != ExitCode.OK
     assert "has no alias 'x'" in result.stderr
+
+
+def test_expires_after_below_the_servers_minimum_is_a_usage_error_naming_it() -> None:
+    result = invoke("submit", "echo", "--expires-after", "59")
+
+    assert result.exit_code == ExitCode.USAGE
+    assert "60<=x" in result.stderr
+
+
+def test_json_deletes_print_json(api) -> None:
+    api.delete(f"{URL}/api/v1/jobs/abc", status=204)
+    api.delete(f"{URL}/api/v1/models/m", status=204)
+
+    job = invoke("--json", "delete", "abc")
+    model = invoke("--json", "models", "delete", "m")
+
+    assert json.loads(job.stdout) == {"deleted": "abc"}
+    assert json.loads(model.stdout) == {"deleted": "m"}
+
+
+def test_logs_of_an_expired_job_say_so_on_stderr(api) -> None:
+    api.get(f"{URL}/api/v1/jobs/abc/events", json={"events": []})
+    api.get(f"{URL}/api/v1/jobs/abc", json={**JOB, "state": "succeeded", "expired": True})
+
+    result = invoke("logs", "abc")
+
+    assert result.exit_code == ExitCode.OK
+    assert result.stdout == ""
+    assert "job abc expired: its log lines were removed" in result.stderr

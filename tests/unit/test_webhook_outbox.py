@@ -117,10 +117,10 @@ def test_progress_events_are_coalesced(sessions) -> None:
         jobs.claim(session, job_id, 0, "w1", "cpu")
         session.commit()
         for step in range(10):  # ten reports in a burst: the first is sent
-            assert jobs.report(session, job_id, 1, step / 1000, "working") is not None
+            assert jobs.report(session, job_id, 1, 0.01 + step / 1000, "working") is not None
         session.commit()
     (first,) = _messages(sessions, job_id)
-    assert json.loads(first.body)["data"]["progress"] == 0.0
+    assert json.loads(first.body)["data"]["progress"] == 0.01
     with sessions() as session:
         row = session.execute(
             update(Job).where(Job.id == job_id).values(progress=0.5).returning(*webhooks.RETURNED)
@@ -130,9 +130,24 @@ def test_progress_events_are_coalesced(sessions) -> None:
         assert webhooks.on_progress(session, row, later) is True
         session.commit()
     assert [json.loads(m.body)["data"]["progress"] for m in _messages(sessions, job_id)] == [
-        0.0,
+        0.01,
         0.5,
     ]
+
+
+def test_no_progress_event_goes_out_at_zero_percent(sessions) -> None:
+    with sessions() as session:
+        job_id = _job(session, events=("progress",))
+        jobs.claim(session, job_id, 0, "w1", "cpu")
+        session.commit()
+        for progress in (0.0, 0.004, 0.0099):  # still 0 whole percent: nothing is sent
+            assert jobs.report(session, job_id, 1, progress, "starting") is not None
+        session.commit()
+    assert _messages(sessions, job_id) == []
+    with sessions() as session:
+        assert jobs.report(session, job_id, 1, 0.02, "working") is not None
+        session.commit()
+    assert [json.loads(m.body)["data"]["progress"] for m in _messages(sessions, job_id)] == [0.02]
 
 
 def test_progress_is_due_only_after_the_interval_and_a_whole_percent() -> None:
