@@ -8,7 +8,7 @@ from flask import flash, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import datasets as dataset_store
-from db import registry
+from db import jobs, registry
 from db.models import Dataset, Model
 from kiln.errors import InUse, InvalidRequest, KilnError
 from kiln.families import HF_TASKS
@@ -44,6 +44,9 @@ def _page(upload_error: str | None, upload_name: str) -> str:
         models=found,
         metric_names={m.id: _metric_names(m) for m in found},
         datasets=_datasets_by_digest(found),
+        live_jobs=jobs.existing_ids(
+            session.get(), {v.source_job_id for m in found for v in m.versions if v.source_job_id}
+        ),
         hf_tasks=HF_TASKS,
         upload_error=upload_error,
         upload_name=upload_name,
