@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -721,3 +721,11 @@ def event_tail(session: Session, job_id: str, limit: int) -> list[JobEvent]:
         select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(limit)
     )
     return list(newest)[::-1]
+
+
+def existing_ids(session: Session, ids: Collection[str]) -> set[str]:
+    """Which of `ids` are jobs that still exist (one query; lineage links to deleted jobs
+    are shown as plain ids)."""
+    if not ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(list(ids)))))

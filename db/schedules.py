@@ -62,6 +62,7 @@ def create(
     webhook: Webhook | None = None,
     tags: dict[str, str] | None = None,
     deadline_s: float | None = None,
+    expires_after_s: int | None = None,
 ) -> Schedule:
     """Validate the cron line and the job template (the kind's spec, as POST /jobs does)."""
     check_cron(cron)
@@ -79,6 +80,7 @@ def create(
         webhook_events=list(webhook.events) if webhook else None,
         tags=tags or None,
         deadline_s=deadline_s,
+        expires_after_s=expires_after_s,
         next_run_at=next_after(cron, now),
         created_at=now,
     )
@@ -131,8 +133,9 @@ def fire(
     max_queued: int,
     expires_after_s: int | None = None,
 ) -> Job | None:
-    """Move the schedule from `was_due` to `next_run_at` and create its job, if this caller
-    wins the move; the caller commits, then sends the job (db.submission.commit_and_send).
+    """Move the schedule from `was_due` to `next_run_at` and create its job (kept for the
+    schedule's expires_after_s, else `expires_after_s`), if this caller wins the move; the
+    caller commits, then sends the job (db.submission.commit_and_send).
 
     The job is queued by the same rules as POST /jobs (db.submission.queue_job): an owner
     at quota gets QueueQuotaExceeded, and the caller rolls back, then skip()s the slot.
@@ -147,7 +150,8 @@ def fire(
         spec=spec,
         priority=schedule.priority,
         max_queued=max_queued,
-        expires_after_s=expires_after_s,
+        # The schedule's own expires_after, else the caller's default (the retention).
+        expires_after_s=schedule.expires_after_s or expires_after_s,
         webhook=template_webhook(schedule),
         tags=schedule.tags,
         deadline_s=schedule.deadline_s,

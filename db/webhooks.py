@@ -84,7 +84,11 @@ def on_progress(session: Session, job: JobRow, now: datetime | None = None) -> b
         .order_by(WebhookMessage.created_at.desc())
         .limit(1)
     ).one_or_none()
-    if last is not None:
+    if last is None:
+        # As if 0% had been sent: the first event comes at the first whole percent.
+        if int(job.progress * 100) == 0:
+            return False
+    else:
         sent_progress = float(json.loads(last.body)["data"]["progress"])
         if not progress_due(last.created_at, sent_progress, now, job.progress):
             return False

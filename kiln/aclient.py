@@ -213,7 +213,7 @@ class AsyncClient:
     async def download_output(
         self,
         job_id: str,
-        dest: Path | None = None,
+        dest: Path | str | None = None,
         on_progress: ProgressCallback | None = None,
         *,
         errors: bool = False,
@@ -302,6 +302,9 @@ class AsyncClient:
 
     async def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         return await self._send(calls.set_alias(name, alias, version))  # type: ignore[no-any-return]
+
+    async def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        return await self._send(calls.delete_alias(name, alias))  # type: ignore[no-any-return]
 
     # Schedules
 

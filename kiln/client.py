@@ -228,7 +228,7 @@ class Client:
     def download_output(
         self,
         job_id: str,
-        dest: Path | None = None,
+        dest: Path | str | None = None,
         on_progress: ProgressCallback | None = None,
         *,
         errors: bool = False,
@@ -328,6 +328,10 @@ class Client:
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point `alias` at a version (needs a server with PUT /models/<name>/aliases/<alias>)."""
         return self._send(calls.set_alias(name, alias, version))  # type: ignore[no-any-return]
+
+    def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        """Remove `alias` from model `name` (its version stays); returns the model."""
+        return self._send(calls.delete_alias(name, alias))  # type: ignore[no-any-return]
 
     # Schedules
 

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from kiln import client_progress
+from kiln.retention import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
 from kiln.states import JobState
 from kiln.webhooks import EVENTS as webhook_events_known
 
@@ -94,7 +95,7 @@ def print_json(value: Any) -> None:
 @click.option("--priority", type=click.IntRange(0, 9), help="0 (default) to 9 (most urgent).")
 @click.option(
     "--expires-after",
-    type=click.IntRange(1),
+    type=click.IntRange(MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S),  # the server's bounds
     help="Seconds its output files and log lines are kept once it finishes "
     "(default: the server's KILN_RETENTION_DAYS).",
 )
@@ -391,11 +392,19 @@ def logs(job_id: str, follow: bool) -> None:
         events: Any = (e for e in client.follow(job_id) if e["type"] == "log")
     else:
         events = _all_events(client, job_id)
+    printed = 0
     for event in events:
+        printed += 1
         if remote.as_json:
             click.echo(json.dumps(event))
         else:
             click.echo(f"{event['at']} {event['level']:<7} {event['message']}")
+    if not printed and not follow and client.job(job_id).get("expired"):
+        # Nothing printed can mean "no lines yet" or "removed": say which on stderr.
+        click.echo(
+            f"job {job_id} expired: its log lines were removed by the retention sweep",
+            err=True,
+        )
 
 
 @click.command(name="follow", short_help="A job's live events until it ends.")
@@ -454,8 +463,12 @@ def cancel(job_id: str) -> None:
 def delete(job_id: str) -> None:
     """Delete a finished job with its log lines, metrics, output files and scratch (refused
     while it is queued or running: cancel it first). A model version it trained stays."""
-    current_remote().client().delete_job(job_id)
-    click.echo(f"deleted {job_id}")
+    remote = current_remote()
+    remote.client().delete_job(job_id)
+    if remote.as_json:
+        print_json({"deleted": job_id})
+    else:
+        click.echo(f"deleted {job_id}")
 
 
 @click.command(short_help="Download a job's output file.")
@@ -463,11 +476,12 @@ def delete(job_id: str) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="A file, or a folder to keep the server's file name in (default: here).",
+    type=click.Path(),  # a str: Path() would drop the trailing slash that means a folder
+    help="A file, or a folder to keep the server's file name in (a trailing slash or an "
+    "existing folder; created if missing; default: here).",
 )
 @click.option("--errors", is_flag=True, help="The error file (rows not scored) instead.")
-def download(job_id: str, output: Path | None, errors: bool) -> None:
+def download(job_id: str, output: str | None, errors: bool) -> None:
     """Download a job's output file (GET /jobs/<id>/output), or its error file."""
     with _transfer_bar("downloading") as on_progress:
         path = current_remote().client().download_output(job_id, output, on_progress, errors=errors)
@@ -558,13 +572,30 @@ def set_alias(name: str, alias: str, version: int) -> None:
     click.echo(f"{name}:{alias} -> v{model.get('aliases', {}).get(alias, version)}")
 
 
+@models.command(name="unalias")
+@click.argument("name")
+@click.argument("alias")
+def remove_alias(name: str, alias: str) -> None:
+    """Remove ALIAS from model NAME (the version it pointed at stays)."""
+    remote = current_remote()
+    model = remote.client().delete_alias(name, alias)
+    if remote.as_json:
+        print_json(model)
+    else:
+        click.echo(f"removed {name}:{alias}")
+
+
 @models.command(name="delete")
 @click.argument("name")
 def delete_model(name: str) -> None:
     """Delete model NAME with all its versions and the files only they used (refused while
     an alias points at a version or a queued or running job names the model)."""
-    current_remote().client().delete_model(name)
-    click.echo(f"deleted {name}")
+    remote = current_remote()
+    remote.client().delete_model(name)
+    if remote.as_json:
+        print_json({"deleted": name})
+    else:
+        click.echo(f"deleted {name}")
 
 
 @models.command(name="push")

@@ -234,6 +234,10 @@ def set_alias(name: str, alias: str, version: int) -> Call:
     return Call("PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
 
 
+def delete_alias(name: str, alias: str) -> Call:
+    return Call("DELETE", f"/models/{name}/aliases/{alias}")
+
+
 def create_key(owner: str, role: str) -> Call:
     return Call("POST", "/keys", json={"owner": owner, "role": role})
 
@@ -295,12 +299,19 @@ def workers() -> Call:
 # Downloads
 
 
-def download_target(headers: Any, job_id: str, dest: Path | None) -> Path:
+def download_target(headers: Any, job_id: str, dest: Path | str | None) -> Path:
     """Where a download goes: `dest`, or in the folder `dest` (default: here) under the
-    name the server's Content-Disposition offers."""
+    name the server's Content-Disposition offers. A `dest` that ends with a slash, or is an
+    existing folder, is a folder (created if missing): `-o out/` never writes a file `out`."""
     name = _filename(headers.get("Content-Disposition", "")) or f"{job_id}.out"
-    target = dest or Path.cwd()
-    return target / name if target.is_dir() else target
+    if dest is None:
+        return Path.cwd() / name
+    text = os.fspath(dest)
+    target = Path(text)
+    if text.endswith(("/", os.sep)) or target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return target / name
+    return target
 
 
 def partial_path(target: Path) -> Path:

@@ -38,6 +38,11 @@ class Refused(ValueError):
     """The URL or the address it resolves to may not be requested; the message says why."""
 
 
+class NotPublic(Refused):
+    """The host is, or resolves to, an address the policy does not allow (loopback,
+    private, ...): one an operator may allow (KILN_WEBHOOK_ALLOW_PRIVATE, _ALLOWED_CIDRS)."""
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which destinations are allowed besides public addresses."""
@@ -55,16 +60,22 @@ class Policy:
         return cls(allow_private, networks)
 
     def refusal(self, address: IPAddress) -> str | None:
-        """Why `address` may not be reached, or None if it may."""
+        """Why `address` may not be reached ("127.0.0.1 is a loopback address"), or None."""
+        kind = self.refused_kind(address)
+        return None if kind is None else f"{address} is {kind}"
+
+    def refused_kind(self, address: IPAddress) -> str | None:
+        """What kind of refused address `address` is ("a loopback address"), or None if it
+        may be reached."""
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
         if self.allow_private or any(address in net for net in self.allowed_networks):
             return None
         for test, what in _NOT_PUBLIC:
             if getattr(address, test):
-                return f"{address} is a {what} address"
+                return f"a {what} address"
         if not address.is_global:
-            return f"{address} is not a public address"
+            return "not a public address"
         return None
 
 
@@ -82,6 +93,8 @@ _NOT_PUBLIC = (
 def check_syntax(url: str) -> SplitResult:
     """The URL split, if it is an absolute http(s) URL with a host and no credentials;
     Refused otherwise. Needs no network."""
+    if not url.strip():
+        raise Refused("the URL is empty")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port out of range)
@@ -112,8 +125,10 @@ def resolve(
         raise Refused(f"the host {host!r} does not resolve")
     for entry in found:
         address = ipaddress.ip_address(str(entry[4][0]).split("%", 1)[0])
-        if (why := policy.refusal(address)) is not None:
-            raise Refused(f"{host} resolves to {why}")
+        if (kind := policy.refused_kind(address)) is not None:
+            if host.strip("[]") == str(address):  # an address literal: it names itself
+                raise NotPublic(f"{address} is {kind}")
+            raise NotPublic(f"{host} resolves to {address}, which is {kind}")
     return found
 
 

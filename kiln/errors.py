@@ -10,12 +10,43 @@ from pydantic import ValidationError
 _PLAINER = {"finite_number": "must be a finite number"}
 
 
+#: What pydantic puts before the message of a ValueError or AssertionError a validator raised.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+class FieldProblem(ValueError):
+    """A model-level validator's error that belongs to one field: validation_details puts
+    `field` in its loc (pydantic gives a model validator's errors an empty loc)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """A pydantic error as the `errors` list of a problem body: where, and what is wrong."""
-    return [
-        {"loc": [*prefix, *map(str, e["loc"])], "msg": _PLAINER.get(e["type"], e["msg"])}
-        for e in exc.errors()
-    ]
+    """A pydantic error as the `errors` list of a problem body: where, and what is wrong
+    (the one place pydantic's errors are worded for users)."""
+    return [_detail(error, prefix) for error in exc.errors()]
+
+
+def _detail(error: Any, prefix: tuple[str, ...]) -> dict[str, Any]:
+    loc = [*prefix, *map(str, error["loc"])]
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, FieldProblem):
+        loc.append(raised.field)
+    msg = _PLAINER.get(error["type"], error["msg"])
+    for noise in _PYDANTIC_PREFIXES:
+        msg = msg.removeprefix(noise)
+    return {"loc": loc, "msg": msg}
+
+
+def summary(details: list[dict[str, Any]]) -> str:
+    """A problem's one-line detail from its first error: `loc: msg`, or `msg` alone when
+    it has no loc."""
+    if not details:
+        return "invalid"
+    first = details[0]
+    return f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
 
 
 class KilnError(Exception):

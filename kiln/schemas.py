@@ -7,11 +7,12 @@ them, so the documentation cannot drift from what is served.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -20,6 +21,8 @@ from pydantic import (
 )
 
 from kiln import egress, webhooks
+from kiln.errors import FieldProblem
+from kiln.retention import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
 from kiln.specs import ARCH_PARAMS
 from kiln.tags import MAX_TAGS, TagKey, TagValue
 
@@ -31,9 +34,16 @@ MAX_DEADLINE_S = 30 * 24 * 3600.0
 _REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-#: Bounds of a submission's expires_after, in seconds: a minute to ten years.
-MIN_EXPIRES_AFTER_S = 60
-MAX_EXPIRES_AFTER_S = 3650 * 86400
+def _not_a_bool(value: Any) -> Any:
+    """JSON true/false are not numbers (pydantic would take true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+#: A submission's whole-number and number fields: as int/float, but true/false refused.
+WholeNumber = Annotated[int, BeforeValidator(_not_a_bool)]
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 class Out(BaseModel):
@@ -76,7 +86,7 @@ class WebhookFields(BaseModel):
     @model_validator(mode="after")
     def _events_need_a_url(self) -> WebhookFields:
         if self.webhook_events is not None and self.webhook_url is None:
-            raise ValueError("webhook_events needs a webhook_url")
+            raise FieldProblem("webhook_events", "needs a webhook_url")
         return self
 
     @property
@@ -95,13 +105,15 @@ class JobSubmission(WebhookFields):
         description="Job kind: train, predict, batch_predict, optimize, export or echo."
     )
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
-    priority: int = Field(default=0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+    priority: WholeNumber = Field(
+        default=0, ge=0, le=9, description="0 (default) to 9 (most urgent)."
+    )
     preemptible: bool = Field(
         default=True,
         description="Whether a bulk job may be stopped (and later resumed where it stopped) "
         "for a waiting job of higher priority; false opts out.",
     )
-    expires_after: int | None = Field(
+    expires_after: WholeNumber | None = Field(
         default=None,
         ge=MIN_EXPIRES_AFTER_S,
         le=MAX_EXPIRES_AFTER_S,
@@ -115,7 +127,7 @@ class JobSubmission(WebhookFields):
         "GET /jobs?tag=team:nlp. Keys: 1-64 letters, digits, _ . - /; values: 1-128 of "
         "those or : @ +.",
     )
-    deadline_s: float | None = Field(
+    deadline_s: Number | None = Field(
         default=None,
         gt=0,
         le=MAX_DEADLINE_S,
@@ -446,16 +458,23 @@ class ScheduleRequest(WebhookFields):
     )
     kind: str = Field(description="Job kind of the template, as in POST /jobs.")
     spec: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters.")
-    priority: int = Field(default=0, ge=0, le=9)
+    priority: WholeNumber = Field(default=0, ge=0, le=9)
     enabled: bool = True
     tags: dict[TagKey, TagValue] = Field(
         default_factory=dict, max_length=MAX_TAGS, description="Tags of each job it submits."
     )
-    deadline_s: float | None = Field(
+    deadline_s: Number | None = Field(
         default=None,
         gt=0,
         le=MAX_DEADLINE_S,
         description="Each job it submits is cancelled this many seconds after it was queued.",
+    )
+    expires_after: WholeNumber | None = Field(
+        default=None,
+        ge=MIN_EXPIRES_AFTER_S,
+        le=MAX_EXPIRES_AFTER_S,
+        description="Seconds each job it submits keeps its output files and log lines after "
+        "it finishes, as in POST /jobs; default KILN_RETENTION_DAYS.",
     )
 
 
@@ -472,6 +491,11 @@ class ScheduleOut(Out):
     webhook_events: list[str] | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     deadline_s: float | None = None
+    expires_after: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices("expires_after_s", "expires_after"),
+        description="Seconds each job it submits keeps its outputs and log lines.",
+    )
     next_run_at: datetime | None = Field(description="When it fires next; null while paused.")
     last_run_at: datetime | None
     last_job_id: str | None

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln import egress, routing
+from kiln.errors import validation_details
 
 
 class Settings(BaseSettings):
@@ -199,3 +200,15 @@ class Settings(BaseSettings):
     def prometheus_dir(self) -> Path:
         """Prometheus multiprocess files (gunicorn and Celery pool processes share counters)."""
         return self.data_dir / "prometheus"
+
+
+def setting_problem(exc: ValidationError) -> str:
+    """The first error of building Settings from the environment, worded for an operator:
+    the environment variable, not the Python field ("KILN_SWEEP_INTERVAL_S: ...")."""
+    details = validation_details(exc)
+    if not details:
+        return "invalid settings"
+    first = details[0]
+    variable = f"KILN_{first['loc'][0].upper()}" if first["loc"] else "a KILN_* setting"
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{variable}: {first['msg']}{more}"

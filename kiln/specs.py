@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from kiln import plugins
-from kiln.errors import InvalidSpec, validation_details
+from kiln.errors import InvalidSpec, summary, validation_details
 from kiln.families import HfParams
 
 DeviceClass = Literal["auto", "cpu", "gpu"]
@@ -505,5 +505,4 @@ def parse_spec(kind: str, raw: Any) -> Spec:
         return spec_type.model_validate(raw)
     except ValidationError as exc:
         details = validation_details(exc, ("spec",))
-        first = details[0]
-        raise InvalidSpec(f"{'.'.join(first['loc'])}: {first['msg']}", details) from exc
+        raise InvalidSpec(summary(details), details) from exc

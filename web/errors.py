@@ -9,7 +9,7 @@ from flask import Flask, Response, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from kiln.errors import KilnError, PayloadTooLarge, validation_details
+from kiln.errors import KilnError, PayloadTooLarge, summary, validation_details
 from kiln.schemas import Problem
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError) -> Response:
         details = validation_details(exc)
-        first = details[0] if details else {"loc": [], "msg": "invalid"}
-        return problem(422, "invalid_body", f"{'.'.join(first['loc'])}: {first['msg']}", details)
+        return problem(422, "invalid_body", summary(details), details)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

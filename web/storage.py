@@ -122,8 +122,13 @@ def send_result_file(job: Job, entry: str) -> Response:
     """Stream the file a job's result names under `entry` ("output" or "error_file")."""
     described = stored_file(job, entry)
     if described is not None and job.expired:
-        expired_at = job.expired_at.isoformat(timespec="seconds") if job.expired_at else ""
-        raise NoOutput(f"job {job.id} expired at {expired_at}: its files were removed")
+        # The same words as `kiln sweep` (workers/sweeper.py): "kept until" is expires_at,
+        # and when the sweep removed the files is said apart.
+        until = job.expires_at.isoformat(timespec="seconds") if job.expires_at else "its expiry"
+        removed = f" at {job.expired_at.isoformat(timespec='seconds')}" if job.expired_at else ""
+        raise NoOutput(
+            f"job {job.id} expired: it was kept until {until}; its files were removed{removed}"
+        )
     if described is None:
         what = "output" if entry == "output" else "error file"
         raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")

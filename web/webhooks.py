@@ -24,8 +24,14 @@ def checked(webhook: Webhook | None) -> Webhook | None:
         try:
             egress.check_url(webhook.url, settings.egress_policy)
         except egress.Refused as exc:
+            why = str(exc)
+            if isinstance(exc, egress.NotPublic):
+                why += (
+                    "; the server's operator can allow such addresses with "
+                    "KILN_WEBHOOK_ALLOW_PRIVATE=1 or KILN_WEBHOOK_ALLOWED_CIDRS"
+                )
             raise WebhookRefused(
-                f"webhook_url refused: {exc}", [{"loc": ["webhook_url"], "msg": str(exc)}]
+                f"webhook_url refused: {why}", [{"loc": ["webhook_url"], "msg": why}]
             ) from None
     return webhook
 

@@ -1,6 +1,9 @@
 """The delivery process (`kiln deliver`): sends the webhook outbox's due messages.
 
-Each round claims up to `webhook_concurrency` due messages with a lease (db.webhooks.claim),
+Claiming is continuous: `webhook_concurrency` sends may be in flight at once, and a finished
+send frees its slot for the next due message at once (Dispatcher), so one receiver that hangs
+until `webhook_timeout_s` holds up only its own slot, never the other jobs' messages. Each
+claim takes a lease (db.webhooks.claim) on at most as many messages as there are free slots,
 signs each with its owner's secrets at the moment of sending (kiln.webhooks), POSTs it
 through kiln.egress (the destination checked again, no redirects, one deadline), and
 records the attempt: a 2xx delivers the message; anything else schedules the next attempt
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import FrameType
 
@@ -35,23 +38,77 @@ log = logging.getLogger(__name__)
 _MAX_ERROR = 500
 
 
-def deliver_due(
-    sessions: sessionmaker[Session], settings: Settings, pool: ThreadPoolExecutor | None = None
-) -> int:
-    """Claim the due messages (up to webhook_concurrency) and deliver each once, in
-    parallel on `pool` if given; returns how many were attempted."""
+def deliver_due(sessions: sessionmaker[Session], settings: Settings) -> int:
+    """One synchronous round: claim the due messages (up to webhook_concurrency) and
+    deliver each once, in turn; returns how many were attempted. (`kiln deliver` sends
+    continuously through Dispatcher instead.)"""
     with session_scope(sessions) as session:
         claimed = outbox.claim(
             session,
             lease=timedelta(seconds=settings.webhook_lease_s),
             limit=settings.webhook_concurrency,
         )
-    if pool is None or len(claimed) < 2:
-        for message in claimed:
-            attempt(sessions, settings, message)
-    else:
-        list(pool.map(lambda m: attempt(sessions, settings, m), claimed))
+    for message in claimed:
+        attempt(sessions, settings, message)
     return len(claimed)
+
+
+class Dispatcher:
+    """Keeps up to `webhook_concurrency` attempts in flight on `pool`: `fill()` claims only
+    as many due messages as there are free slots, and each finished attempt frees its slot
+    (and wakes `wait_for_slot`), so a slow receiver never holds up the others' messages."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], settings: Settings, pool: ThreadPoolExecutor
+    ) -> None:
+        self._sessions = sessions
+        self._settings = settings
+        self._pool = pool
+        self._in_flight = 0
+        self._changed = threading.Condition()
+
+    @property
+    def free(self) -> int:
+        with self._changed:
+            return self._settings.webhook_concurrency - self._in_flight
+
+    def fill(self) -> int:
+        """Claim due messages for the free slots and start sending them; returns how many."""
+        free = self.free
+        if free <= 0:
+            return 0
+        with session_scope(self._sessions) as session:
+            claimed = outbox.claim(
+                session, lease=timedelta(seconds=self._settings.webhook_lease_s), limit=free
+            )
+        for message in claimed:
+            with self._changed:
+                self._in_flight += 1
+            self._pool.submit(attempt, self._sessions, self._settings, message).add_done_callback(
+                self._done
+            )
+        return len(claimed)
+
+    def wait_for_slot(self, timeout: float) -> bool:
+        """Wait until a slot is free; False if `timeout` passed first."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._in_flight < self._settings.webhook_concurrency, timeout
+            )
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no attempt is in flight (each one recorded); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _done(self, future: Future[None]) -> None:
+        if future.exception() is not None:  # attempt() records its own failures; log the rest
+            log.error(
+                "event=deliver_failed error=%r (the lease runs out: sent again)", future.exception()
+            )
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
 
 
 def attempt(sessions: sessionmaker[Session], settings: Settings, message: outbox.Claimed) -> None:
@@ -111,8 +168,9 @@ def _retry_at(settings: Settings, message: outbox.Claimed) -> datetime | None:
 
 
 def run_forever(settings: Settings) -> None:
-    """Deliver due messages until SIGTERM or SIGINT; idle, look again every
-    webhook_poll_s. A round in flight finishes (its attempts are recorded) before exit."""
+    """Deliver due messages until SIGTERM or SIGINT, refilling each slot as its send ends;
+    idle, look again every webhook_poll_s. Sends in flight finish (their attempts are
+    recorded) before exit."""
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     stop = threading.Event()
 
@@ -123,11 +181,14 @@ def run_forever(settings: Settings) -> None:
     signal.signal(signal.SIGINT, _stop)
     log.info("event=deliver_started concurrency=%d", settings.webhook_concurrency)
     with ThreadPoolExecutor(settings.webhook_concurrency, "deliver") as pool:
+        dispatcher = Dispatcher(sessions, settings, pool)
         while not stop.is_set():
             try:
-                busy = deliver_due(sessions, settings, pool)
+                claimed = dispatcher.fill()
             except Exception:
                 log.exception("event=deliver_failed (will retry)")
-                busy = 0
-            if not busy:
-                stop.wait(settings.webhook_poll_s)
+                claimed = 0
+            if dispatcher.free <= 0:
+                dispatcher.wait_for_slot(settings.webhook_poll_s)  # refill as soon as one ends
+            elif not claimed:
+                stop.wait(settings.webhook_poll_s)  # nothing due: look again later

@@ -146,9 +146,14 @@ def run_forever(settings: Settings, interval_s: float | None = None) -> None:
     # The start-up sweep is retried at every tick until it gets through (the broker or
     # the database may still be starting); later sweeps come every `interval`.
     started = _reconcile_logged(celery, sessions, settings, started_at)
-    last_reconcile = last_sweep = time.monotonic()
+    last_reconcile = time.monotonic()
+    # The first retention sweep comes at the first tick, not an interval after start-up: a
+    # scheduler restarted more often than KILN_SWEEP_INTERVAL_S would otherwise never sweep.
+    last_sweep: float | None = None
     while not stop.wait(min(interval, SCHEDULE_TICK_S)):
-        if settings.sweep_interval_s and time.monotonic() - last_sweep >= settings.sweep_interval_s:
+        if settings.sweep_interval_s and (
+            last_sweep is None or time.monotonic() - last_sweep >= settings.sweep_interval_s
+        ):
             last_sweep = time.monotonic()
             _sweep_logged(sessions, settings)
         try:

@@ -96,8 +96,9 @@ def _expire_jobs(
             for job in batch:
                 digests = retention.expire(session, job, now)
                 expired.append((job.id, digests))
-                why = f"expired at {job.expires_at.isoformat() if job.expires_at else now}"
-                report.removals.append(Removal("job", job.id, f"{why}; log lines"))
+                # The same words as the API's 404 (web/storage.py): "kept until" is expires_at.
+                until = (job.expires_at or now).isoformat(timespec="seconds")
+                report.removals.append(Removal("job", job.id, f"kept until {until}; log lines"))
             if not report.dry_run:
                 session.commit()
         report.held = sorted(

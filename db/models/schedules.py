@@ -30,6 +30,9 @@ class Schedule(Base):
     #: The tags and deadline_s each job it submits carries (as POST /jobs takes them).
     tags: Mapped[dict[str, str] | None] = mapped_column(JSON)
     deadline_s: Mapped[float | None] = mapped_column(Float)
+    #: Seconds each job it submits keeps its outputs and log lines (POST /jobs'
+    #: expires_after); None: KILN_RETENTION_DAYS.
+    expires_after_s: Mapped[int | None] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(default=True)
     #: When the schedule fires next; moved forward (compare-and-set) each time it fires.
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)

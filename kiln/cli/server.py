@@ -19,16 +19,23 @@ import click
 
 from kiln.cli.group import server_command
 from kiln.client_cli import Remote
-from kiln.settings import Settings
+from kiln.settings import Settings, setting_problem
 
 log = logging.getLogger(__name__)
 
 
 def _settings() -> Settings:
-    """Settings for a server command, with logging set up the way they ask."""
+    """Settings for a server command, with logging set up the way they ask. A bad KILN_*
+    value is one line naming the variable and what is wrong, and exit status 2."""
+    from pydantic import ValidationError
+
     from kiln import logs
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        click.echo(f"kiln: {setting_problem(exc)}", err=True)
+        sys.exit(2)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure(settings.log_format)
     return settings

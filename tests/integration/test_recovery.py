@@ -22,6 +22,7 @@ from kiln import routing
 from kiln.broker import queue_length, waiting_messages
 from kiln.settings import Settings
 from tests.integration.conftest import REPO_ROOT, clean_env
+from tests.retentionkit import finished_job
 from workers.reconcile import Report, reconcile
 
 pytestmark = pytest.mark.integration
@@ -180,3 +181,54 @@ def test_a_freshly_started_scheduler_resends_a_message_lost_before_its_start_at_
         assert (row.state, row.attempt) == ("queued", 0)
         assert row.sent_at is not None
         assert row.sent_at > utcnow() - timedelta(minutes=1)  # the resend is recorded
+
+
+def test_a_freshly_started_scheduler_sweeps_at_its_first_tick_not_an_interval_later(
+    sessions: sessionmaker[Session],
+    live_settings: Settings,
+    tmp_path: Path,
+    wait_until: Callable[..., Any],
+) -> None:
+    # A job already past its expiry; the sweep interval is an hour, so only a sweep soon
+    # after start-up can expire it while this test waits.
+    expired = finished_job(sessions, expires_after_s=3600)
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == expired.id)
+            .values(expires_at=utcnow() - timedelta(minutes=1))
+        )
+    env = clean_env(
+        data_dir=str(live_settings.data_dir),
+        database_url=live_settings.resolved_database_url,
+        redis_url=live_settings.redis_url,
+        sweep_interval_s="3600",
+    )
+
+    def is_expired() -> bool:
+        with sessions() as session:
+            row = session.get(Job, expired.id)
+            return row is not None and row.expired
+
+    with (tmp_path / "scheduler.log").open("wb") as log:
+        scheduler = subprocess.Popen(
+            [sys.executable, "-c", SCHEDULER],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            is_expired,
+            lambda: (
+                "the first tick's retention sweep to expire the job; scheduler log:\n"
+                + (tmp_path / "scheduler.log").read_text(errors="replace")
+            ),
+            every=0.2,
+        )
+    finally:
+        scheduler.send_signal(signal.SIGTERM)
+        scheduler.wait(timeout=60)
+    assert is_expired()

@@ -428,3 +428,25 @@ def test_a_non_finite_number_is_refused_by_the_async_client_too() -> None:
 
     with pytest.raises(InvalidInput):
         asyncio.run(submit())
+
+
+def test_download_to_a_missing_folder_with_a_trailing_slash_creates_it(
+    api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kiln download ID -o out/`, as the docs write it: a folder, not a file named out."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        api.get(
+            f"{URL}/api/v1/jobs/j/output",
+            body=b"a,b\n1,2\n",
+            headers={"Content-Disposition": 'attachment; filename="predictions.csv"'},
+        )
+
+    into_folder = invoke("download", "j", "-o", "out/")
+    as_file = invoke("download", "j", "-o", "plain.csv")
+
+    assert into_folder.exit_code == ExitCode.OK, into_folder.output
+    assert (tmp_path / "out").is_dir()
+    assert (tmp_path / "out" / "predictions.csv").read_bytes() == b"a,b\n1,2\n"
+    assert as_file.exit_code == ExitCode.OK, as_file.output
+    assert (tmp_path / "plain.csv").read_bytes() == b"a,b\n1,2\n"

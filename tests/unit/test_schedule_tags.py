@@ -51,3 +51,32 @@ def test_bad_template_tags_or_deadline_are_422(client, alice, extra):
     response = _create(client, alice, **extra)
     assert response.status_code == 422
     assert response.get_json()["errors"][0]["loc"][0] == next(iter(extra))
+
+
+def test_a_fired_job_keeps_its_outputs_for_the_schedules_expires_after(client, alice, sessions):
+    created = _create(client, alice, expires_after=86400)
+    assert created.status_code == 201, created.get_json()
+    body = created.get_json()
+    assert body["expires_after"] == 86400
+    plain = _create(client, alice).get_json()
+    assert plain["expires_after"] is None
+    with sessions() as session:
+        for schedule_id in (body["id"], plain["id"]):
+            session.get_one(Schedule, schedule_id).next_run_at = NOON - timedelta(minutes=1)
+        session.commit()
+
+    fired = fire_due(
+        sessions, lambda job, countdown=0.0: None, max_queued=100, now=NOON, expires_after_s=600
+    )
+
+    assert len(fired) == 2
+    with sessions() as session:
+        kept = {j.expires_after_s for j in session.scalars(select(Job))}
+    assert kept == {86400, 600}  # the schedule's own, and the default for the plain one
+
+
+@pytest.mark.parametrize("value", [59, True, 3650 * 86400 + 1])
+def test_a_bad_schedule_expires_after_is_422(client, alice, value):
+    response = _create(client, alice, expires_after=value)
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["errors"][0]["loc"] == ["expires_after"]

@@ -78,14 +78,25 @@ def test_a_job_before_its_expiry_is_untouched(sessions, settings):
 
 def test_an_expired_jobs_output_download_says_it_expired(client, alice, sessions, settings):
     job = finished_job(sessions, result=output_result(put(settings, b"out")), expires_after_s=60)
-    run(sessions, settings, after_s=61)
+    report = run(sessions, settings, after_s=61)
 
     response = client.get(f"/api/v1/jobs/{job.id}/output", headers=alice)
     shown = client.get(f"/api/v1/jobs/{job.id}", headers=alice).get_json()
 
     assert response.status_code == 404
     assert response.get_json()["code"] == "no_output"
-    assert "expired" in response.get_json()["detail"]
+    row = job_row(sessions, job.id)
+    assert row is not None
+    assert row.expires_at is not None
+    assert row.expired_at is not None
+    until = row.expires_at.isoformat(timespec="seconds")
+    # The sweep's line and the 404 use the same words for the same time (expires_at).
+    (swept,) = [r.why for r in report.removals if r.kind == "job"]
+    assert swept == f"kept until {until}; log lines"
+    assert response.get_json()["detail"] == (
+        f"job {job.id} expired: it was kept until {until}; its files were removed at "
+        f"{row.expired_at.isoformat(timespec='seconds')}"
+    )
     assert shown["expired"] is True
 
 

@@ -205,3 +205,48 @@ def test_deleting_needs_the_sessions_token(
     assert response.status_code == 403
     with sessions() as session:
         assert session.query(ModelVersion).count() == 1
+
+
+def test_an_alias_is_removed_from_the_models_page_with_the_sessions_token(
+    as_alice: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    model_id = _version(sessions)
+    with sessions() as session:
+        registry.set_alias(session, session.get_one(Model, model_id), "production", 1)
+        session.commit()
+    page = as_alice.get("/models").text
+    action = f"/models/{model_id}/aliases/production/delete"
+    assert f'action="{action}"' in page
+
+    assert as_alice.post(action, data={"csrf_token": "forged"}).status_code == 403
+    with sessions() as session:
+        assert session.get_one(Model, model_id).aliases == {"production": 1}
+
+    removed = as_alice.post(action, data={"csrf_token": _token(as_alice, "/models")})
+    assert removed.status_code == 302
+    assert "digits: removed the alias production." in as_alice.get("/models").text
+    with sessions() as session:
+        assert session.get_one(Model, model_id).aliases == {}
+    again = as_alice.post(action, data={"csrf_token": _token(as_alice, "/models")})
+    assert again.status_code == 404
+
+
+def test_the_models_page_links_only_source_jobs_that_still_exist(
+    as_alice: FlaskClient, sessions: sessionmaker[Session], create_job: Callable[..., Job]
+) -> None:
+    kept, deleted = create_job(kind="train"), create_job(kind="train")
+    with sessions() as session:
+        for job in (kept, deleted):
+            registry.register_version(
+                session, owner="alice", name="digits", source_job_id=job.id, arch="mlp",
+                config={}, metrics={}, artifact_digest="0" * 64, artifact_size=1,
+                dataset_digest=None,
+            )  # fmt: skip
+        session.delete(session.get_one(Job, deleted.id))
+        session.commit()
+
+    page = as_alice.get("/models").text
+
+    assert f'href="/jobs/{kept.id}"' in page
+    assert f'href="/jobs/{deleted.id}"' not in page
+    assert f'title="job {deleted.id} was deleted">{deleted.id[:8]}<' in page

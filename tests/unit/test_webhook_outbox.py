@@ -5,6 +5,7 @@ transaction, progress coalescing, secrets and rotation, leases, and the delivery
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -116,10 +117,10 @@ def test_progress_events_are_coalesced(sessions) -> None:
         jobs.claim(session, job_id, 0, "w1", "cpu")
         session.commit()
         for step in range(10):  # ten reports in a burst: the first is sent
-            assert jobs.report(session, job_id, 1, step / 1000, "working") is not None
+            assert jobs.report(session, job_id, 1, 0.01 + step / 1000, "working") is not None
         session.commit()
     (first,) = _messages(sessions, job_id)
-    assert json.loads(first.body)["data"]["progress"] == 0.0
+    assert json.loads(first.body)["data"]["progress"] == 0.01
     with sessions() as session:
         row = session.execute(
             update(Job).where(Job.id == job_id).values(progress=0.5).returning(*webhooks.RETURNED)
@@ -129,9 +130,24 @@ def test_progress_events_are_coalesced(sessions) -> None:
         assert webhooks.on_progress(session, row, later) is True
         session.commit()
     assert [json.loads(m.body)["data"]["progress"] for m in _messages(sessions, job_id)] == [
-        0.0,
+        0.01,
         0.5,
     ]
+
+
+def test_no_progress_event_goes_out_at_zero_percent(sessions) -> None:
+    with sessions() as session:
+        job_id = _job(session, events=("progress",))
+        jobs.claim(session, job_id, 0, "w1", "cpu")
+        session.commit()
+        for progress in (0.0, 0.004, 0.0099):  # still 0 whole percent: nothing is sent
+            assert jobs.report(session, job_id, 1, progress, "starting") is not None
+        session.commit()
+    assert _messages(sessions, job_id) == []
+    with sessions() as session:
+        assert jobs.report(session, job_id, 1, 0.02, "working") is not None
+        session.commit()
+    assert [json.loads(m.body)["data"]["progress"] for m in _messages(sessions, job_id)] == [0.02]
 
 
 def test_progress_is_due_only_after_the_interval_and_a_whole_percent() -> None:
@@ -296,3 +312,45 @@ def test_deleting_a_job_deletes_its_messages(sessions) -> None:
         session.delete(session.get_one(Job, job_id))
         session.commit()
         assert session.scalars(select(WebhookMessage)).all() == []
+
+
+def test_a_hanging_receiver_does_not_hold_up_another_jobs_message(sessions, settings) -> None:
+    """The fast job's message is claimed, sent and recorded while the slow receiver still
+    holds the first message's request open (before its timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = _deliver_settings(settings, webhook_concurrency=4, webhook_timeout_s=60)
+    with Receiver() as slow, Receiver() as fast, ThreadPoolExecutor(4) as pool:
+        slow.hold.clear()  # answers wait until the test lets them go
+        try:
+            with sessions() as session:
+                hanging = _job(session, url=slow.url)
+                jobs.fail(session, hanging, None, "JobFailure", "bad")
+                session.commit()
+            dispatcher = deliver.Dispatcher(sessions, config, pool)
+            assert dispatcher.fill() == 1
+            assert slow.wait_for(lambda got: len(got) == 1, timeout=30)
+
+            with sessions() as session:  # another job's message, due after the first claim
+                quick = _job(session, url=fast.url)
+                jobs.fail(session, quick, None, "JobFailure", "bad")
+                session.commit()
+            assert dispatcher.fill() == 1  # claimed at once: a slot was free
+            assert fast.wait_for(lambda got: len(got) == 1, timeout=30)
+            for _ in range(600):  # bounded: the attempt is recorded just after the answer
+                if _messages(sessions, quick)[0].state == "delivered":
+                    break
+                time.sleep(0.05)
+            assert _messages(sessions, quick)[0].state == "delivered"
+            # ... while the slow receiver's request is still open and nothing is recorded.
+            (still,) = _messages(sessions, hanging)
+            assert still.state != "delivered"
+            with sessions() as session:
+                recorded = session.scalars(
+                    select(WebhookDelivery).where(WebhookDelivery.message_id == still.id)
+                ).all()
+            assert recorded == []
+        finally:
+            slow.hold.set()
+        assert dispatcher.wait_idle(timeout=60)
+    assert _messages(sessions, hanging)[0].state == "delivered"

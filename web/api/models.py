@@ -15,6 +15,7 @@ from kiln.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    summary,
     validation_details,
 )
 from kiln.schemas import AliasRequest, ModelConfigIn, ModelList, ModelOut, ModelVersionOut
@@ -168,9 +169,7 @@ def _upload_config() -> ModelConfigIn:
         return ModelConfigIn.model_validate(parsed)
     except ValidationError as exc:
         details = validation_details(exc, ("config",))
-        raise InvalidRequest(
-            f"{'.'.join(details[0]['loc'])}: {details[0]['msg']}", details
-        ) from None
+        raise InvalidRequest(summary(details), details) from None
 
 
 def _check_fits(header: modelfile.Header, config: ModelConfigIn) -> None:

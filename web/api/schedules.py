@@ -31,6 +31,7 @@ def create_schedule() -> Response:
         webhook=webhooks.checked(wanted.webhook),
         tags=wanted.tags,
         deadline_s=wanted.deadline_s,
+        expires_after_s=wanted.expires_after,
     )
     db.commit()
     return answer(_out(schedule), 201, {"Location": f"/api/v1/schedules/{schedule.id}"})

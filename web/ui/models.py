@@ -1,6 +1,6 @@
 """Models page: each model's versions with their metrics side by side, family and task
-(with an hf version's tokenizer and context length), aliases, lineage, deleting a version
-or a whole model, and registering a Hugging Face model directory."""
+(with an hf version's tokenizer and context length), aliases (set and removed), lineage,
+deleting a version or a whole model, and registering a Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flask import flash, redirect, render_template, request, url_for
 from werkzeug import Response
 
 from db import datasets as dataset_store
-from db import registry
+from db import jobs, registry
 from db.models import Dataset, Model
 from kiln.errors import InUse, InvalidRequest, KilnError
 from kiln.families import HF_TASKS
@@ -44,6 +44,9 @@ def _page(upload_error: str | None, upload_name: str) -> str:
         models=found,
         metric_names={m.id: _metric_names(m) for m in found},
         datasets=_datasets_by_digest(found),
+        live_jobs=jobs.existing_ids(
+            session.get(), {v.source_job_id for m in found for v in m.versions if v.source_job_id}
+        ),
         hf_tasks=HF_TASKS,
         upload_error=upload_error,
         upload_name=upload_name,
@@ -63,6 +66,18 @@ def set_alias(model_id: str) -> Response:
     registry.set_alias(db, model, alias, int(version))
     db.commit()
     flash(f"{model.name}: {alias} now points at version {version}.")
+    return redirect(url_for("ui.models") + f"#model-{model.id}")
+
+
+@bp.post("/models/<model_id>/aliases/<alias>/delete")
+@auth.signed_in
+def remove_alias(model_id: str, alias: str) -> Response:
+    """Remove an alias (the version stays), as DELETE /api/v1/models/<name>/aliases/<alias>."""
+    db = session.get()
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
+    registry.remove_alias(db, model, alias)
+    db.commit()
+    flash(f"{model.name}: removed the alias {alias}.")
     return redirect(url_for("ui.models") + f"#model-{model.id}")
 
 

@@ -233,6 +233,10 @@ def test_alias_set_points_the_alias_at_a_version(
     assert kiln("models", "alias", "aliased", "production", "1").exit_code == 0
     model = json.loads(kiln("models", "show", "aliased").stdout)
     assert model["aliases"] == {"production": 1}
+    assert kiln("models", "delete", "aliased").exit_code != 0  # refused while aliased
+    assert kiln("models", "unalias", "aliased", "production").exit_code == 0
+    assert json.loads(kiln("models", "show", "aliased").stdout)["aliases"] == {}
+    assert kiln("models", "delete", "aliased").exit_code == 0
 
 
 def test_worker_metrics_count_the_jobs_it_finished(
