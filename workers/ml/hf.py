@@ -100,14 +100,20 @@ def load(directory: Path, task: str, device: torch.device, int8: bool = False) -
     }
     if task not in classes:
         raise JobFailure(f"unknown task {task!r}")
-    offline = {"local_files_only": True, "trust_remote_code": False}
+    # Offline, and never the directory's own code (written out: transformers types each).
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **offline)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=False
+        )
         if int8:
-            config = transformers.AutoConfig.from_pretrained(directory, **offline)
+            config = transformers.AutoConfig.from_pretrained(
+                directory, local_files_only=True, trust_remote_code=False
+            )
             model = classes[task].from_config(config, trust_remote_code=False)
         else:
-            model = classes[task].from_pretrained(directory, use_safetensors=True, **offline)
+            model = classes[task].from_pretrained(
+                directory, use_safetensors=True, local_files_only=True, trust_remote_code=False
+            )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError) as exc:
         # The directory passed the web's checks, so this is the model's own mismatch (an
         # architecture without a head for the task, a tokenizer needing a missing library).
