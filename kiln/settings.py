@@ -60,9 +60,6 @@ class Settings(BaseSettings):
     #: A queued job whose message is older than this and absent from the broker is sent
     #: again by the reconciler (also the grace a fresh job's first send gets).
     resend_after_s: float = Field(default=30.0, gt=0)
-    #: How long a batch job with `shards: auto` waits for the live workers to answer Celery's
-    #: remote control (workers/live_workers.py); one that answers later is not counted.
-    shards_auto_wait_s: float = Field(default=0.3, gt=0, le=30)
     #: Wall-clock limit of one attempt. At the limit the runner's next ctx check raises a
     #: clear timeout (soft); time_limit_grace_s later Celery kills the pool process (hard)
     #: and the reconciler fails the job. None: no limit.

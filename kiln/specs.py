@@ -413,7 +413,11 @@ class BatchPredictSpec(Spec):
         max_length=100,
         description="Input columns copied into the output beside the predictions (an id).",
     )
-    output_format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    output_format: Literal["parquet", "csv", "jsonl", "arrow"] = Field(
+        default="parquet",
+        description="parquet, csv, jsonl, or arrow (an Arrow IPC file: the quickest to write "
+        "and to read back, memory-mapped).",
+    )
     probabilities: bool = Field(
         default=False, description="Also write one probability column per class."
     )

@@ -28,6 +28,7 @@ _MEDIA_TYPES = {
     "parquet": "application/vnd.apache.parquet",
     "csv": "text/csv",
     "jsonl": "application/x-ndjson",
+    "arrow": "application/vnd.apache.arrow.file",
 }
 
 

@@ -30,7 +30,7 @@ from kiln.specs import (
 )
 
 #: The batch_predict output formats that can hold an embedding (a list of floats) per row.
-_LIST_FORMATS = ("parquet", "jsonl")
+_LIST_FORMATS = ("parquet", "jsonl", "arrow")
 #: The hf tasks a fine-tune starts from (workers/runners/finetune.py BASE_TASKS).
 _FINETUNE_BASE_TASKS = ("text-classification", "embedding")
 

@@ -18,7 +18,6 @@ def run_job(self: Task, job_id: str, attempt: int) -> None:
     """Run one attempt of a job; everything it does is recorded on the job row."""
     send = celery_sender(self.app)
     worker = self.request.hostname or "unknown"
-    wait_s = runtime().settings.shards_auto_wait_s
-    serving = functools.partial(live_workers.serving, self.app, timeout_s=wait_s)
+    serving = functools.partial(live_workers.serving, self.app)
     with shutdown.sigterm_stops_the_job():
         execute_attempt(runtime(), job_id, attempt, worker, send, serving)

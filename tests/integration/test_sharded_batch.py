@@ -61,8 +61,7 @@ def test_a_sharded_job_on_two_workers_writes_the_unsharded_output(
     api, start_worker, sessions, live_settings, tmp_path
 ):
     dataset = _dataset(sessions, live_settings, tmp_path)
-    # auto: a loaded test machine may take more than the default 0.3 s to answer.
-    start_worker(shards_auto_wait_s="3"), start_worker(shards_auto_wait_s="3")
+    start_worker(), start_worker()
 
     single = api.wait_for(api.submit("batch_predict", _spec(dataset))["id"], "succeeded")
     parent = api.submit("batch_predict", _spec(dataset, shards="auto"))

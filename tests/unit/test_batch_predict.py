@@ -62,10 +62,12 @@ def _state(sessions, job_id: str) -> Job:
 
 def _read(runtime, described: dict) -> pa.Table:
     path = runtime.store.path(described["digest"])
+    if described["format"] == "arrow":
+        return pa.Table.from_batches(list(datasets.read_arrow(path)))
     return pa.Table.from_batches(list(datasets.iter_batches(path, described["format"], 10_000)))
 
 
-@pytest.mark.parametrize("output_format", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("output_format", ["parquet", "csv", "jsonl", "arrow"])
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_every_input_row_gets_one_output_row_and_bad_rows_an_error_line(
     runtime, sessions, tmp_path, output_format

@@ -40,6 +40,8 @@ def _run(runtime, sessions, spec: dict) -> Job:
 
 def _read(runtime, described: dict) -> pa.Table:
     path = runtime.store.path(described["digest"])
+    if described["format"] == "arrow":
+        return pa.Table.from_batches(list(datasets.read_arrow(path)))
     return pa.Table.from_batches(list(datasets.iter_batches(path, described["format"], 10_000)))
 
 
@@ -62,7 +64,13 @@ def _dataset(runtime, sessions, tmp_path, table: pa.Table, name: str) -> str:
 @SQLITE_ONLY
 @pytest.mark.parametrize(
     ("source_format", "retry_format"),
-    [("parquet", "parquet"), ("csv", "csv"), ("jsonl", "jsonl"), ("csv", "parquet")],
+    [
+        ("parquet", "parquet"),
+        ("csv", "csv"),
+        ("jsonl", "jsonl"),
+        ("arrow", "arrow"),
+        ("csv", "parquet"),
+    ],
 )
 def test_only_the_error_rows_are_rescored_and_merged_in_input_order(
     runtime, sessions, tmp_path, source_format, retry_format

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -78,6 +79,37 @@ def test_a_random_table_round_trips_through_each_tabular_format(fmt, table, batc
     # Every batch but the last has exactly batch_rows rows: the k-th batch is stable.
     assert all(size == batch_rows for size in sizes[:-1])
     assert 0 < sizes[-1] <= batch_rows
+
+
+@_SETTINGS
+@given(table=tables())
+def test_a_random_table_round_trips_through_an_arrow_output(table):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "output.arrow"
+        _write(table, "arrow", path)
+        batches = list(datasets.read_arrow(path))
+
+    assert pa.Table.from_batches(batches, table.schema).equals(table)
+    # Each written batch is one record batch of the file (a batch job's chunk).
+    assert [b.num_rows for b in batches] == [b.num_rows for b in table.to_batches(7)]
+
+
+def test_a_parquet_output_dictionary_encodes_text_and_writes_numbers_plain(tmp_path):
+    rows = 1000
+    table = pa.table(
+        {
+            "id": pa.array(range(rows), pa.int64()),
+            "label": pa.array(["cat", "dog"] * (rows // 2)),
+            "score": pa.array([i / rows for i in range(rows)], pa.float32()),
+        }
+    )
+    _write(table, "parquet", tmp_path / "out.parquet")
+
+    columns = pq.ParquetFile(tmp_path / "out.parquet").metadata.row_group(0)
+    dictionary = {columns.column(i).path_in_schema: columns.column(i).has_dictionary_page
+                  for i in range(columns.num_columns)}  # fmt: skip
+    assert dictionary == {"id": False, "label": True, "score": False}
+    assert _read(tmp_path / "out.parquet", "parquet", 100).equals(table)
 
 
 _dtypes = st.sampled_from(["<f4", "<f8", "<i8", "<i4", "|u1", ">f4", "|b1"])

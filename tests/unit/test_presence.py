@@ -53,6 +53,19 @@ def test_a_refreshed_record_carries_the_new_heartbeat() -> None:
     assert presence.live(redis)[0].heartbeat_at == later.heartbeat_at
 
 
+def test_slots_add_up_the_pool_processes_of_live_workers_on_the_queue() -> None:
+    redis = fakeredis.FakeRedis()
+    presence.publish(redis, _record("a@h", queues=["interactive.cpu", "cpu"]))
+    presence.publish(redis, _record("b@h", queues=["cpu"], concurrency=3))
+    presence.publish(redis, _record("c@h", queues=["gpu"], devices=["gpu0"]))
+    presence.publish(redis, _record("d@h", queues=["cpu"]))
+    redis.delete("kiln:worker:d@h")  # expired: killed without a clean shutdown
+
+    assert presence.slots(redis, "cpu") == 4
+    assert presence.slots(redis, "gpu") == 1
+    assert presence.slots(redis, "interactive.gpu") == 0
+
+
 @pytest.mark.parametrize(
     ("visible", "devices"),
     [("", ["cpu"]), ("0", ["gpu0"]), ("0,1", ["gpu0", "gpu1"]), (None, ["all"])],

@@ -93,8 +93,8 @@ def test_a_sharded_text_job_joins_what_one_job_writes(runtime, sessions, dataset
     assert done.result["task"] == "text-classification"
     assert done.result["tokens"] == single.result["tokens"]
     assert done.result["error_file"]["digest"] == single.result["error_file"]["digest"]
-    # The shards wrote Parquet; the parent joined them into the JSONL one job writes.
-    assert all(s.result["output"]["format"] == "parquet" for s in shards)
+    # The shards wrote Arrow; the parent joined them into the JSONL one job writes.
+    assert all(s.result["output"]["format"] == "arrow" for s in shards)
     assert done.result["output"]["digest"] == single.result["output"]["digest"]
     lines = runtime.store.path(done.result["output"]["digest"]).read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == list(range(50))

@@ -219,9 +219,12 @@ def _merge(
 
 def _read_output(source: Source, schema: pa.Schema, chunk_rows: int) -> Iterator[pa.Table]:
     """The source job's output as tables of `schema` (the retried rows' columns): Parquet
-    keeps its types; CSV and JSONL are read with those types, not guessed from the text."""
+    and Arrow keep their types; CSV and JSONL are read with those types, not guessed from
+    the text."""
     if source.output_format == "parquet":
         batches = datasets.iter_batches(source.output_path, "parquet", chunk_rows)
+    elif source.output_format == "arrow":
+        batches = datasets.read_arrow(source.output_path)
     elif source.output_format == "csv":
         options = pacsv.ConvertOptions(column_types=schema)
         batches = pacsv.open_csv(source.output_path, convert_options=options)
