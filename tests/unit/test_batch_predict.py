@@ -329,3 +329,48 @@ def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_pa
     assert job.state == "cancelled"
     assert len(scored) == 2  # the third chunk was never scored
     assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()
+
+
+class _Mailbox:
+    """A Sender that keeps the (job id, attempt) of each message, to deliver by hand."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def __call__(self, job, countdown: float = 0.0) -> None:
+        self.sent.append((job.id, job.attempt))
+
+
+@pytest.mark.parametrize("shard_format", ["arrow", "parquet"])
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
+    runtime, sessions, tmp_path, shard_format
+):
+    """The shards write Arrow; shards split by an earlier Kiln wrote Parquet (a job sharded
+    across an upgrade), and the join reads those too."""
+    register_model(sessions, runtime.store, tmp_path)
+    pq.write_table(feature_table(50), tmp_path / "in.parquet")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
+    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
+    single = _job(sessions, spec)
+    execute_attempt(runtime, single, 0, "w1", never_resent)
+    parent, mail = _job(sessions, spec | {"shards": 3}), _Mailbox()
+    execute_attempt(runtime, parent, 0, "w1", mail)  # splits, and ends its attempt
+    shard_messages, mail.sent = list(mail.sent), []
+    with session_scope(sessions) as session:
+        for shard_id, _ in shard_messages:
+            shard = session.get_one(Job, shard_id)
+            shard.spec = shard.spec | {"output_format": shard_format}
+
+    for shard_id, attempt in shard_messages:
+        execute_attempt(runtime, shard_id, attempt, "w2", mail)
+    execute_attempt(runtime, parent, 1, "w1", never_resent)
+
+    done, one = _state(sessions, parent), _state(sessions, single)
+    assert done.state == "succeeded", done.error_message
+    shards = [_state(sessions, shard_id) for shard_id, _ in shard_messages]
+    assert [s.result["output"]["format"] for s in shards] == [shard_format] * 3
+    assert (done.result["shards"], done.result["rows"]) == (3, 50)
+    # Content-addressed: the same digest is the same bytes, row groups included.
+    assert done.result["output"]["digest"] == one.result["output"]["digest"]
+    assert _read(runtime, done.result["output"])["id"].to_pylist() == list(range(1000, 1050))

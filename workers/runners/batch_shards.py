@@ -24,9 +24,12 @@ import itertools
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from kiln import datasets, routing
 from kiln.errors import JobFailure
@@ -149,7 +152,7 @@ def _join_outputs(
         part = result.get("output")
         if part is None:
             continue
-        for batch in datasets.read_arrow(ctx.runtime.store.path(part["digest"])):
+        for batch in _shard_output(ctx.runtime.store.path(part["digest"]), part["format"], spec):
             ctx.raise_if_cancelled()
             output.write(batch)
             done += batch.num_rows
@@ -161,6 +164,14 @@ def _join_outputs(
         return None
     stored = ctx.runtime.store.put_file(path)
     return {"digest": stored.digest, "size": stored.size, "format": fmt, "rows": rows}
+
+
+def _shard_output(path: Path, fmt: str, spec: BatchPredictSpec) -> Iterator[pa.RecordBatch]:
+    """A shard's output, chunk by chunk: Arrow as the shard wrote it, or Parquet from a shard
+    that an earlier Kiln split (a job sharded across an upgrade), read in whole chunks."""
+    if fmt == "arrow":
+        return datasets.read_arrow(path)
+    return datasets.iter_batches(path, fmt, spec.chunk_rows)
 
 
 def _join_errors(
