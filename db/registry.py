@@ -149,8 +149,9 @@ def remove_alias(session: Session, model: Model, alias: str) -> Model:
 
 
 def delete_version(session: Session, model: Model, ref: str | int) -> list[str]:
-    """Delete a version unless an alias points at it (InUse). Returns the digests of its
-    files that nothing else refers to any more: the caller removes them after committing."""
+    """Delete a version unless an alias points at it or a queued or running job may read it
+    (InUse). Returns the digests of its files that nothing else refers to any more: the
+    caller removes them after committing."""
     model = _locked(session, model)
     version = resolve_version(session, model, ref)
     pointing = sorted(alias for alias, n in model.aliases.items() if n == version.number)
@@ -158,6 +159,12 @@ def delete_version(session: Session, model: Model, ref: str | int) -> list[str]:
         raise InUse(
             f"version {version.number} of {model.name!r} is aliased as {', '.join(pointing)}; "
             "move or delete the alias first"
+        )
+    waiting = live_jobs_naming(session, model.owner, model.name, version.number)
+    if waiting:
+        raise InUse(
+            f"queued or running jobs may use version {version.number} of {model.name!r} "
+            f"({_shown(waiting)}); wait for them to finish or cancel them first"
         )
     digests = {version.artifact_digest, *(e["digest"] for e in version.exports.values())}
     session.delete(version)
@@ -176,9 +183,8 @@ def delete_model(session: Session, model: Model) -> list[str]:
         raise InUse(f"model {model.name!r} has aliases ({shown}); delete them first")
     waiting = live_jobs_naming(session, model.owner, model.name)
     if waiting:
-        shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
         raise InUse(
-            f"queued or running jobs use model {model.name!r} ({shown}); "
+            f"queued or running jobs use model {model.name!r} ({_shown(waiting)}); "
             "wait for them to finish or cancel them first"
         )
     digests: set[str] = set()
@@ -190,24 +196,50 @@ def delete_model(session: Session, model: Model) -> list[str]:
     return sorted(d for d in digests if not references.digest_in_use(session, d))
 
 
-def live_jobs_naming(session: Session, owner: str, name: str) -> list[str]:
+def live_jobs_naming(
+    session: Session, owner: str, name: str, number: int | None = None
+) -> list[str]:
     """The ids of `owner`'s queued or running jobs whose spec reads model `name` (predict,
-    batch_predict, optimize, export; a fine-tune's base model)."""
+    batch_predict, optimize, export; a fine-tune's base model); with `number`, those that
+    may read that version: all but the ones pinned to another number. (A job that names an
+    alias or `latest` may have resolved it to this version already, and a resumed attempt
+    keeps the version its first attempt resolved.)"""
     live = session.execute(
         select(Job.id, Job.spec)
         .where(Job.owner == owner, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
         .order_by(Job.created_at)
     )
-    return [job_id for job_id, spec in live if name in models_read_by(spec)]
+    found = []
+    for job_id, spec in live:
+        refs = versions_read_by(spec).get(name)
+        if refs and (number is None or _may_read(refs, number)):
+            found.append(job_id)
+    return found
 
 
-def models_read_by(spec: dict[str, Any]) -> set[str]:
-    """The model names a stored spec reads versions of."""
-    names = {spec.get("model")}
+def versions_read_by(spec: dict[str, Any]) -> dict[str, set[str | int]]:
+    """The model names a stored spec reads versions of, each with the version refs it gives
+    (a number, an alias, or `latest`)."""
+    read: dict[str, set[str | int]] = {}
+    pairs = [(spec.get("model"), spec.get("version", "latest"))]
     arch_params = spec.get("arch_params")
     if isinstance(arch_params, dict):
-        names.add(arch_params.get("base_model"))
-    return {n for n in names if isinstance(n, str)}
+        pairs.append((arch_params.get("base_model"), arch_params.get("base_version", "latest")))
+    for name, ref in pairs:
+        if isinstance(name, str):
+            read.setdefault(name, set()).add(ref if isinstance(ref, int | str) else "latest")
+    return read
+
+
+def _may_read(refs: set[str | int], number: int) -> bool:
+    """Whether a job naming its model with these refs may read version `number`: unless
+    every ref pins another number."""
+    pinned = {int(ref) for ref in refs if isinstance(ref, int) or ref.isdecimal()}
+    return len(pinned) < len(refs) or number in pinned
+
+
+def _shown(job_ids: list[str]) -> str:
+    return ", ".join(job_ids[:5]) + (" ..." if len(job_ids) > 5 else "")
 
 
 def record_export(session: Session, version_id: str, fmt: str, digest: str, size: int) -> None:

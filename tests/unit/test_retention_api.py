@@ -229,3 +229,30 @@ def test_a_nonsense_expires_after_is_refused(client, alice, sent, value):
 
 def _at(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "held"),
+    [
+        ({"model": "m", "version": 1, "inputs": [[1]]}, True),
+        ({"model": "m", "version": "latest", "inputs": [[1]]}, True),
+        ({"model": "m", "version": "staging", "inputs": [[1]]}, True),
+        ({"model": "m", "version": 2, "inputs": [[1]]}, False),
+        ({"model": "other", "version": 1, "inputs": [[1]]}, False),
+    ],
+    ids=["pinned-to-it", "latest", "an-alias", "pinned-to-another", "another-model"],
+)
+def test_a_version_a_live_job_may_read_cannot_be_deleted(
+    client, alice, sessions, settings, spec, held
+):
+    register(sessions, settings, "m", b"v1")
+    register(sessions, settings, "m", b"v2")
+    job = live_job(sessions, spec)
+
+    response = client.delete("/api/v1/models/m/versions/1", headers=alice)
+
+    if held:
+        assert job.id in assert_problem(response, 409, "in_use")["detail"]
+        assert client.get("/api/v1/models/m/versions/1", headers=alice).status_code == 200
+    else:
+        assert response.status_code == 204
