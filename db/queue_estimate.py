@@ -8,10 +8,11 @@ the work ahead over the workers serving the queue:
                    + Σ running jobs' median duration left) / workers
 
 Durations are the newest SAMPLE successful attempts of each kind on the same queue
-(finished_at - started_at); workers are those running a job of the queue now or that
-finished one in the last WORKERS_SEEN. With no duration recorded for the queue at all
-the estimate is unknown (None); a kind without its own uses the median of the queue's
-other kinds.
+(finished_at - started_at); workers are the job slots of the live workers serving the
+queue, from their presence records (the caller's `slots`), or where Redis cannot tell,
+those running a job of the queue now or that finished one in the last WORKERS_SEEN. With
+no live worker serving the queue, or no duration recorded for the queue at all, the start
+is unknown (None); a kind without its own uses the median of the queue's other kinds.
 
 Cost: one grouped COUNT over the queued jobs, one read of the running ones, and one
 LIMIT-ed read per kind (at most the number of kinds, KINDS) on the index
@@ -21,6 +22,7 @@ LIMIT-ed read per kind (at most the number of kinds, KINDS) on the index
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -44,10 +46,17 @@ class QueueEstimate:
     estimated_start_at: datetime | None
 
 
-def estimate(session: Session, job: Job, now: datetime | None = None) -> QueueEstimate | None:
-    """Where `job` stands on its queue; None unless it is queued."""
+def estimate(
+    session: Session,
+    job: Job,
+    slots: Callable[[str], int | None] | None = None,
+    now: datetime | None = None,
+) -> QueueEstimate | None:
+    """Where `job` stands on its queue; None unless it is queued. `slots(queue)`: the job
+    slots of the live workers serving a queue, None when they cannot be read."""
     if job.state != JobState.QUEUED:
         return None
+    live = slots(job.queue) if slots is not None else None
     now = now or utcnow()
     ahead = _ahead_by_kind(session, job)
     running = session.execute(
@@ -59,6 +68,8 @@ def estimate(session: Session, job: Job, now: datetime | None = None) -> QueueEs
     durations, workers = _history(session, job.queue, kinds, now)
     workers |= {worker for _, _, worker in running if worker}
     position = sum(ahead.values()) + 1
+    if live == 0:
+        return QueueEstimate(position, None)  # no live worker serves the queue
     if not kinds:
         return QueueEstimate(position, now)  # nothing ahead, nothing running: next up
     every = [d for found in durations.values() for d in found]
@@ -69,7 +80,8 @@ def estimate(session: Session, job: Job, now: datetime | None = None) -> QueueEs
     for kind, began, _ in running:
         elapsed = (now - began).total_seconds() if began else 0.0
         work += max(median[kind] - elapsed, 0.0)
-    return QueueEstimate(position, now + timedelta(seconds=work / max(len(workers), 1)))
+    serving = live or max(len(workers), 1)
+    return QueueEstimate(position, now + timedelta(seconds=work / serving))
 
 
 def _history(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import update
@@ -32,9 +33,11 @@ def _queued(create_job, kind="echo", priority=0, seconds_ago=0, queue="cpu") -> 
     )
 
 
-def _estimate(sessions, job: Job) -> queue_estimate.QueueEstimate | None:
+def _estimate(
+    sessions, job: Job, slots: Callable[[str], int | None] | None = None
+) -> queue_estimate.QueueEstimate | None:
     with sessions() as session:
-        return queue_estimate.estimate(session, session.get(Job, job.id), now=NOW)
+        return queue_estimate.estimate(session, session.get(Job, job.id), slots, now=NOW)
 
 
 def _history(create_job, sessions, queue="cpu") -> None:
@@ -124,3 +127,28 @@ def test_the_job_api_shows_the_standing_only_while_queued_and_read_alone(
     client.post(f"/api/v1/jobs/{target['id']}/cancel", headers=alice)
     cancelled = client.get(f"/api/v1/jobs/{target['id']}", headers=alice).get_json()
     assert (cancelled["queue_position"], cancelled["estimated_start_at"]) == (None, None)
+
+
+def test_the_live_workers_job_slots_count_where_redis_tells_them(create_job, sessions):
+    _queued(create_job, "echo", seconds_ago=40)
+    _queued(create_job, "train", seconds_ago=30)
+    target = _queued(create_job, "echo", seconds_ago=20)
+    _history(create_job, sessions)  # seen: w1 and w2
+    live = {"cpu": 4, "gpu": 1}
+
+    standing = _estimate(sessions, target, live.get)
+    unknown = _estimate(sessions, target, lambda queue: None)  # Redis did not answer
+
+    # Ahead: 1 echo (20 s) + 1 train (100 s) = 120 s over the 4 live slots, not the 2 seen.
+    assert standing == queue_estimate.QueueEstimate(3, NOW + timedelta(seconds=30))
+    assert unknown == queue_estimate.QueueEstimate(3, NOW + timedelta(seconds=60))
+
+
+def test_with_no_live_worker_on_its_queue_the_start_is_unknown(create_job, sessions):
+    _history(create_job, sessions)
+    target = _queued(create_job, "echo")
+
+    def gpu_only(queue: str) -> int:
+        return {"gpu": 1}.get(queue, 0)
+
+    assert _estimate(sessions, target, gpu_only) == queue_estimate.QueueEstimate(1, None)

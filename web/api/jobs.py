@@ -26,7 +26,7 @@ from kiln.schemas import (
 from kiln.specs import parse_spec
 from kiln.states import JobState
 from kiln.tags import MAX_TAGS, parse_filter
-from web import session, storage, webhooks
+from web import live_workers, session, storage, webhooks
 from web.api import bp
 from web.api.body import answer, json_body, parse
 from web.auth import principal
@@ -152,7 +152,7 @@ def get_job(job_id: str) -> Response:
     """The job; while it is queued, with its queue position and estimated start."""
     job = _owned(job_id)
     out = with_shards(session.get(), job)
-    if (standing := queue_estimate.estimate(session.get(), job)) is not None:
+    if (standing := queue_estimate.estimate(session.get(), job, live_workers.slots)) is not None:
         out.queue_position = standing.position
         out.estimated_start_at = standing.estimated_start_at
     return answer(out)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from celery import Celery
-from flask import Response, current_app
+from flask import Response
 
 from db import jobs
 from db.models import Job
 from kiln import presence
-from kiln.errors import BrokerUnavailable
 from kiln.presence import Presence
 from kiln.schemas import WorkerJob, WorkerList, WorkerOut
-from web import session
+from web import live_workers, session
 from web.api import bp
 from web.api.body import answer
 from web.auth import require_admin
@@ -23,23 +21,10 @@ from web.auth import require_admin
 @bp.get("/workers")
 @require_admin
 def list_workers() -> Response:
-    live = _read_presence()
+    live = live_workers.read()
     running = jobs.running_on(session.get(), [w.name for w in live])
     now = presence.now()
     return answer(WorkerList(workers=[_out(w, running.get(w.name), now) for w in live]))
-
-
-def _read_presence() -> list[Presence]:
-    celery: Celery | None = current_app.extensions.get("kiln.celery")
-    if celery is None:  # an app built with a recording sender (tests): no broker at all
-        return []
-    try:
-        with celery.connection_for_read() as connection:
-            # One try, two seconds: the page must answer fast when Redis is down.
-            connection.ensure_connection(max_retries=1, timeout=2)
-            return presence.live(connection.default_channel.client)
-    except Exception as exc:
-        raise BrokerUnavailable(f"cannot read the workers from Redis: {exc}") from None
 
 
 def _out(worker: Presence, job: Job | None, now: datetime) -> WorkerOut:

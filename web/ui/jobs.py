@@ -18,7 +18,7 @@ from kiln.errors import KilnError
 from kiln.specs import KINDS
 from kiln.states import JobState
 from kiln.tags import MAX_TAGS, parse_filter
-from web import job_streams, session, storage, webhooks
+from web import job_streams, live_workers, session, storage, webhooks
 from web.auth import SESSION_KEY_ID
 from web.ui import auth, bp
 
@@ -154,7 +154,7 @@ def job_stream(job_id: str) -> Response:
 def _status(found: Job) -> dict[str, Any]:
     return {
         "terminal": JobState(found.state).is_terminal,
-        "standing": queue_estimate.estimate(session.get(), found),
+        "standing": queue_estimate.estimate(session.get(), found, live_workers.slots),
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
         "shards": _shards(found),
