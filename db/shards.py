@@ -152,7 +152,8 @@ class Summary:
 
 def summary(parent: Job, shards: list[Job], now: datetime | None = None) -> Summary:
     """The shards' combined progress: rows done (each shard's progress times its rows), and
-    rows/s since the parent split (when its shards were created), with the time left."""
+    rows/s since the parent split (when its shards were created) until now, or until the
+    last shard ended once all have, with the time left."""
     views = []
     for child in shards:
         rows = (child.row_stop or 0) - (child.row_start or 0)
@@ -164,16 +165,10 @@ def summary(parent: Job, shards: list[Job], now: datetime | None = None) -> Summ
     eta: float | None = None
     if shards:
         split_at = min(child.created_at for child in shards)
-        elapsed = ((now or utcnow()) - split_at).total_seconds()
+        ended = [child.finished_at for child in shards if child.finished_at is not None]
+        until = max(ended) if len(ended) == len(shards) else (now or utcnow())
+        elapsed = (until - split_at).total_seconds()
         if elapsed > 0 and rows_done:
             rate = rows_done / elapsed
-            eta = (rows - rows_done) / rate
+            eta = (rows - rows_done) / rate if rows_done < rows else None
     return Summary(views, rows, rows_done, rate, eta)
-
-
-def scoring_seconds(shards: list[Job]) -> float:
-    """Seconds from the split to the last shard's end: the wall time the shards took."""
-    ends = [child.finished_at for child in shards if child.finished_at is not None]
-    if not shards or not ends:
-        return 0.0
-    return max((max(ends) - min(child.created_at for child in shards)).total_seconds(), 1e-9)

@@ -451,7 +451,8 @@ class BatchPredictSpec(Spec):
     shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
         default=1,
         description="Split the rows into this many child jobs scored in parallel by any "
-        "workers (1: one job; auto: one per live worker serving the job's device class).",
+        "workers (1: one job; auto: as many as the live workers serving the job's device "
+        "class can run at once).",
     )
     output_layout: Literal["file", "parts"] = Field(
         default="file",
@@ -461,11 +462,14 @@ class BatchPredictSpec(Spec):
 
     @field_validator("shards", mode="before")
     @classmethod
-    def _no_bool_shards(cls, shards: Any) -> Any:
-        # JSON true would otherwise pass as the integer 1.
-        if isinstance(shards, bool):
-            raise ValueError("must be a number of shards (1 to 256) or 'auto'")
-        return shards
+    def _shards_as_given(cls, shards: Any) -> Any:
+        # One message for every bad value, not one per member of the union; and strict:
+        # JSON true or 2.0 would otherwise pass as an integer. Digits are a number (a form).
+        if isinstance(shards, str) and shards.isdecimal() and len(shards) < 4:
+            shards = int(shards)
+        if shards == "auto" or (type(shards) is int and 1 <= shards <= MAX_SHARDS):
+            return shards
+        raise ValueError(f"must be a whole number of shards (1 to {MAX_SHARDS}) or 'auto'")
 
 
 class EchoSpec(Spec):

@@ -130,6 +130,11 @@ def send_result_file(job: Job, entry: str) -> Response:
         raise NoOutput(
             f"job {job.id} expired: it was kept until {until}; its files were removed{removed}"
         )
+    if described is None and entry == "output" and (job.result or {}).get("parts"):
+        raise NoOutput(
+            f"job {job.id} wrote its output in parts (output_layout: parts): result.parts "
+            "lists them, each served as its shard's output (GET /api/v1/jobs/<shard id>/output)"
+        )
     if described is None:
         what = "output" if entry == "output" else "error file"
         raise NoOutput(f"job {job.id} has no {what} (state: {job.state})")

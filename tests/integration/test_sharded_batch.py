@@ -110,6 +110,10 @@ def test_the_parts_layout_lists_the_shards_files_in_order(
         assert part["format"] == "csv"
         ids += [int(line.split(b",")[0]) for line in body.splitlines()[1:]]
     assert ids == list(range(1000, 1000 + ROWS))
+    whole = api.client.get(f"/api/v1/jobs/{done['id']}/output", headers=api.headers)
+    assert whole.status_code == 404
+    assert whole.get_json()["code"] == "no_output"
+    assert "result.parts lists them" in whole.get_json()["detail"]
 
 
 def test_cancelling_the_parent_cancels_its_shards(

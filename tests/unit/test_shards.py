@@ -59,7 +59,9 @@ def test_split_rows_covers_every_row_once_on_chunk_bounds(rows, shards):
 # --- the spec ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shards", [0, -1, "x", "0", 257, 10**9, True, 1.5, None, [2]])
+@pytest.mark.parametrize(
+    "shards", [0, -1, "x", "0", 257, 10**9, True, 1.5, 2.0, None, [2], "9" * 5000]
+)
 def test_a_bad_shards_value_is_refused_with_422(client, alice, shards):
     body = {"kind": "batch_predict", "spec": {"model": "m", "dataset": "d", "shards": shards}}
     response = client.post("/api/v1/jobs", json=body, headers=alice)
@@ -67,7 +69,10 @@ def test_a_bad_shards_value_is_refused_with_422(client, alice, shards):
     assert response.status_code == 422, response.get_json()
     problem = response.get_json()
     assert problem["code"] == "invalid_spec"
-    assert any(e["loc"][:2] == ["spec", "shards"] for e in problem["errors"])
+    # One error, in words, at spec.shards (not one per member of the union).
+    [error] = [e for e in problem["errors"] if e["loc"][:2] == ["spec", "shards"]]
+    assert error["loc"] == ["spec", "shards"]
+    assert "whole number of shards (1 to 256) or 'auto'" in error["msg"]
 
 
 @pytest.mark.parametrize(
@@ -286,6 +291,26 @@ def test_the_api_shows_the_shards_and_their_combined_progress(sessions, client, 
     assert all(j["parent_id"] == parent_id for j in children)
     bad = client.get("/api/v1/jobs?include_shards=maybe", headers=alice)
     assert bad.status_code == 400
+
+
+def test_the_combined_rate_stops_at_the_last_shards_end(sessions):
+    parent_id, child_ids = _fan_out(sessions, [(0, 100), (100, 200)])
+    with sessions() as session:
+        for child_id in child_ids:
+            _run_child(session, child_id)
+        children = shards.children(session, parent_id)
+        parent = session.get_one(Job, parent_id)
+        last_end = max(child.finished_at for child in children if child.finished_at)
+        split_at = min(child.created_at for child in children)
+
+        at_end = shards.summary(parent, children, now=last_end)
+        a_day_later = shards.summary(parent, children, now=last_end + timedelta(days=1))
+
+    assert at_end.rows_per_s == pytest.approx(200 / (last_end - split_at).total_seconds())
+    assert a_day_later.rows_per_s == at_end.rows_per_s  # a finished job's rate stays put
+    assert a_day_later.eta_s is None  # nothing left: no "about 0s left"
+    assert a_day_later.message.startswith("2/2 shards done, 200/200 rows, ")
+    assert "left" not in a_day_later.message
 
 
 def test_the_job_page_lists_the_shards_and_a_shard_links_its_parent(sessions, client, create_key):
