@@ -19,9 +19,9 @@ import requests
 
 from db import keys, migrate
 from db.engine import make_engine, make_sessionmaker
+from tests.redis_claim import claimed_database
 
 CHROMIUM = os.environ.get("KILN_TEST_CHROMIUM", "/usr/bin/chromium")
-REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 ROOT = Path(__file__).resolve().parents[2]
 #: Flags for Debian's Chromium in a container with no network and no GPU.
 CHROMIUM_ARGS = [
@@ -80,15 +80,13 @@ def _wait_until_up(url: str, processes: list[subprocess.Popen[bytes]], logs: Pat
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Kiln as `kiln web` and `kiln worker` run it, on a fresh SQLite file and the test Redis."""
-    redis = pytest.importorskip("redis")
-    try:
-        # Only a ping: messages left by other runs name jobs this fresh database lacks,
-        # and a worker drops those, so nobody's Redis is ever flushed here.
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} (KILN_TEST_REDIS_URL): {exc}")
-    tmp = tmp_path_factory.mktemp("kiln-e2e")
+    """Kiln as `kiln web` and `kiln worker` run it, on a fresh SQLite file and a Redis
+    database of the module's own (skipped without Redis)."""
+    with claimed_database() as redis_url:
+        yield from _serve(tmp_path_factory.mktemp("kiln-e2e"), redis_url)
+
+
+def _serve(tmp: Path, redis_url: str) -> Iterator[Server]:
     database_url = f"sqlite:///{tmp / 'kiln.db'}"
     migrate.upgrade(database_url)
     engine = make_engine(database_url)
@@ -102,7 +100,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "PYTHONPATH": str(ROOT),
         "KILN_DATA_DIR": str(tmp / "data"),
         "KILN_DATABASE_URL": database_url,
-        "KILN_REDIS_URL": REDIS_URL,
+        "KILN_REDIS_URL": redis_url,
         "KILN_PORT": str(port),
         "KILN_GPUS": "none",
         "KILN_CPU_WORKERS": "1",

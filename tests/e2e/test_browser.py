@@ -156,6 +156,8 @@ def test_train_watch_promote_score_cancel_and_schedule(
 
     # Batch-score the uploaded CSV with the production version, then download the output.
     page.goto(f"{server.url}/jobs/new/batch_predict")
+    page.fill("#f-model", "no-such-model")  # the version list offers no other model's versions
+    assert page.locator("#f-version option:not([hidden])").all_text_contents() == ["latest"]
     page.fill("#f-model", "blobs-mlp")
     page.select_option("#f-version", "production")
     page.select_option("#f-dataset", label="blobs (2000 rows)")

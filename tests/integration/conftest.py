@@ -15,14 +15,11 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import redis
 from celery import Celery
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,17 +29,13 @@ from kiln import routing
 from kiln.broker import make_celery
 from kiln.settings import Settings
 from kiln.states import TERMINAL_STATES
+from tests.redis_claim import claimed_database
 from web import create_app
 from workers import scheduler
 from workers.launch import WorkerProcess
 from workers.reconcile import Report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: The Redis server; each test takes a database number of its own on it (see redis_url).
-REDIS_SERVER = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-#: Not 0 (other tests' default), 9 (tests/integration/ops) nor 14 (bench/).
-_REDIS_DBS = [n for n in range(1, 16) if n not in (9, 14)]
-_REDIS_LOCK = "kiln-test:lock"
 #: Short, so that a killed worker's job looks lost after seconds, not minutes.
 HEARTBEAT_TIMEOUT_S = 4.0
 #: Bounds for waits on a loaded 2-core machine: generous, and each fails with a message.
@@ -79,32 +72,9 @@ def wait_until_fixture() -> Callable[..., Any]:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """A Redis database no other test run uses meanwhile, emptied before and after.
-
-    Runs on one machine may overlap (other checkouts, CI), so the test claims a database
-    number with a lock key inside it (SET NX, with an expiry) rather than assuming it free.
-    """
-    token = uuid.uuid4().hex
-    for number in _REDIS_DBS:
-        url = urlunsplit(urlsplit(REDIS_SERVER)._replace(path=f"/{number}"))
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        try:
-            claimed = client.set(_REDIS_LOCK, token, nx=True, ex=900)
-        except redis.RedisError as exc:
-            client.close()
-            pytest.skip(f"Redis is unreachable at {REDIS_SERVER} (KILN_TEST_REDIS_URL): {exc}")
-        if claimed:
-            break
-        client.close()
-    else:
-        pytest.fail(f"every test database on {REDIS_SERVER} is claimed by another test run")
-    client.flushdb()
-    client.set(_REDIS_LOCK, token, ex=900)  # the flush took the claim with it
-    try:
+    """A Redis database no other test run uses meanwhile, emptied before and after."""
+    with claimed_database() as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture

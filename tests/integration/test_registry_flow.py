@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 from safetensors.numpy import load
 from sklearn.datasets import load_digits
@@ -26,22 +25,14 @@ from kiln.settings import Settings
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 #: A safety net against a hung worker, not a speed assertion.
 JOB_DEADLINE_S = 240
 
 
 @pytest.fixture
-def broker() -> str:
-    """The test Redis, emptied, or skip when there is none."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL} (KILN_TEST_REDIS_URL)")
-    finally:
-        client.close()
-    return REDIS_URL
+def broker(redis_url: str) -> str:
+    """A Redis database of this test's own (tests/redis_claim.py), or skip without Redis."""
+    return redis_url
 
 
 @pytest.fixture

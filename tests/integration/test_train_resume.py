@@ -13,12 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,24 +32,8 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 #: Generous: worker start-up imports torch, and CI machines are small and shared.
 DEADLINE_S = 300
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """A private database on the test Redis, so no other test's worker takes our message."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis unreachable at {REDIS_URL} (KILN_TEST_REDIS_URL): {exc}")
-    finally:
-        client.close()
-    url = f"{REDIS_URL.rstrip('/')}/{uuid.uuid4().int % 15 + 1}"
-    redis.Redis.from_url(url).flushdb()
-    return url
 
 
 @pytest.fixture

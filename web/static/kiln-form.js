@@ -63,8 +63,10 @@
     Array.prototype.forEach.call(version.querySelectorAll("optgroup"), function (group) {
       var mine = group.dataset.model === name;
       group.hidden = !mine;
+      // Options too: some browsers still list the options of a hidden optgroup.
       Array.prototype.forEach.call(group.querySelectorAll("option"), function (option) {
         option.disabled = !mine;
+        option.hidden = !mine;
       });
     });
     var selected = version.options[version.selectedIndex];
