@@ -97,10 +97,10 @@ def live(client: RedisLike) -> list[Presence]:
     return found
 
 
-def slots(client: RedisLike, queue: str) -> int:
-    """How many jobs the live workers consuming `queue` can run at once (their pool
-    processes); 0 when none is live."""
-    return sum(record.concurrency for record in live(client) if queue in record.queues)
+def slots(records: list[Presence], queue: str) -> int:
+    """How many jobs the workers of `records` consuming `queue` can run at once (their pool
+    processes); 0 when none does."""
+    return sum(record.concurrency for record in records if queue in record.queues)
 
 
 def now() -> datetime:

@@ -36,4 +36,4 @@ def slots(queue: str) -> int | None:
         live = read()
     except BrokerUnavailable:
         return None
-    return sum(record.concurrency for record in live if queue in record.queues)
+    return presence.slots(live, queue)

@@ -17,4 +17,4 @@ from kiln import presence
 def serving(celery: Celery, queue: str) -> int:
     """The job slots (pool processes) of the live workers consuming `queue`; 0 if none."""
     with celery.connection_for_read() as connection:
-        return presence.slots(connection.default_channel.client, queue)
+        return presence.slots(presence.live(connection.default_channel.client), queue)

@@ -61,9 +61,10 @@ def test_slots_add_up_the_pool_processes_of_live_workers_on_the_queue() -> None:
     presence.publish(redis, _record("d@h", queues=["cpu"]))
     redis.delete("kiln:worker:d@h")  # expired: killed without a clean shutdown
 
-    assert presence.slots(redis, "cpu") == 4
-    assert presence.slots(redis, "gpu") == 1
-    assert presence.slots(redis, "interactive.gpu") == 0
+    live = presence.live(redis)
+    assert presence.slots(live, "cpu") == 4
+    assert presence.slots(live, "gpu") == 1
+    assert presence.slots(live, "interactive.gpu") == 0
 
 
 @pytest.mark.parametrize(
