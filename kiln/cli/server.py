@@ -235,6 +235,9 @@ def create_key(remote: Remote, owner: str, role: str) -> None:
         with _database() as session:
             row, plaintext = keys.create(session, owner=owner, role=role)
             key = {"id": row.id, "owner": owner, "role": role, "key": plaintext}
+    if remote.as_json:
+        click.echo(json.dumps(key, indent=2, default=str))
+        return
     click.echo(f"id={key['id']} owner={owner} role={role}", err=True)
     click.echo(key["key"])
 

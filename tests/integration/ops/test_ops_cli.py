@@ -211,6 +211,16 @@ def test_keys_write_the_database_when_no_server_is_named(server: LiveServer) -> 
     assert answer.status_code == 200
     listed = runner.invoke(main, ["keys", "list"], env=env)
     assert "erin" in listed.stdout
+    as_json = runner.invoke(main, ["--json", "keys", "create", "--owner", "fay"], env=env)
+    assert as_json.exit_code == 0, as_json.output
+    created_json = json.loads(as_json.stdout)
+    assert (created_json["owner"], created_json["role"]) == ("fay", "user")
+    works = requests.get(
+        f"{server.url}/api/v1/jobs",
+        headers={"Authorization": f"Bearer {created_json['key']}"},
+        timeout=10,
+    )
+    assert works.status_code == 200
 
 
 def test_download_of_a_job_without_output_is_not_found(
