@@ -15,7 +15,6 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
 from modelkit import add_dataset, config, register_model
 
 from db import jobs
@@ -29,19 +28,7 @@ from workers.scheduler import reconcile_once
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 ROWS, CHUNK = 300_000, 2_000
-
-
-@pytest.fixture
-def redis_url() -> str:
-    url = f"{REDIS_URL.rstrip('/')}/7"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL} (KILN_TEST_REDIS_URL)")
-    return url
 
 
 def _start_worker(name: str, settings: Settings, log: Path) -> subprocess.Popen:
@@ -101,10 +88,10 @@ def test_a_sigkilled_batch_job_resumes_on_a_new_worker_without_lost_or_repeated_
         session.commit()
         job_id = job.id
     celery = make_celery(settings)
-    work = settings.data_dir / "work" / job_id / "batch"
+    files = store.job_files(job_id, "batch")
 
-    def committed() -> int:  # an output part's rename commits its chunk
-        return len(list(work.glob("out-*.arrow")))
+    def committed() -> int:  # a chunk's commit marker in the store, written last, commits it
+        return sum(name.startswith("commit-") for name in files.names())
 
     first = _start_worker("first", settings, tmp_path / "first.log")
     try:
