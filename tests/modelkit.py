@@ -107,6 +107,17 @@ def expected_labels(model: torch.nn.Module, table: pa.Table, names: list[str]) -
     return [LABELS[i] for i in best]
 
 
+class Recorder:
+    """execute_attempt's `send` that keeps the (job id, attempt) of each message, to deliver
+    by hand (a sharded job's shards, then its assembly)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def __call__(self, job: Job, countdown: float = 0.0) -> None:
+        self.sent.append((job.id, job.attempt))
+
+
 def never_resent(job: Job, countdown: float) -> None:
     """execute_attempt's `send` for jobs that end in one attempt: nothing may send them again."""
     raise AssertionError(f"job {job.id} was unexpectedly sent again")

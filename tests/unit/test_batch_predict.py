@@ -12,6 +12,7 @@ import pytest
 import torch
 from modelkit import (
     FEATURES,
+    Recorder,
     add_dataset,
     expected_labels,
     feature_table,
@@ -331,16 +332,6 @@ def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_pa
     assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()
 
 
-class _Mailbox:
-    """A Sender that keeps the (job id, attempt) of each message, to deliver by hand."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, int]] = []
-
-    def __call__(self, job, countdown: float = 0.0) -> None:
-        self.sent.append((job.id, job.attempt))
-
-
 @pytest.mark.parametrize("shard_format", ["arrow", "parquet"])
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
@@ -354,7 +345,7 @@ def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
     spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
     single = _job(sessions, spec)
     execute_attempt(runtime, single, 0, "w1", never_resent)
-    parent, mail = _job(sessions, spec | {"shards": 3}), _Mailbox()
+    parent, mail = _job(sessions, spec | {"shards": 3}), Recorder()
     execute_attempt(runtime, parent, 0, "w1", mail)  # splits, and ends its attempt
     shard_messages, mail.sent = list(mail.sent), []
     with session_scope(sessions) as session:

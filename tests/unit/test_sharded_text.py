@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from modelkit import add_dataset, never_resent
+from modelkit import Recorder, add_dataset, never_resent
 
 from db import jobs
 from db.models import Job
@@ -20,16 +20,6 @@ from tests.hf_fixtures import database_url, directories, one_thread, runtime  # 
 from workers.execute import execute_attempt
 
 WORDS = ["alice", "went", "to", "paris", "and", "met", "bob", "in", "london"]
-
-
-class Recorder:
-    """A Sender that keeps the (job id, attempt) of each message, to deliver by hand."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, int]] = []
-
-    def __call__(self, job: Any, countdown: float = 0.0) -> None:
-        self.sent.append((job.id, job.attempt))
 
 
 @pytest.fixture
