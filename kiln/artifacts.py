@@ -1,7 +1,8 @@
 """The artifact store: immutable files addressed by their sha256, written atomically.
 
-A file is streamed to a temporary name beside its final place, fsynced, then renamed, so a
-crash leaves no half file under a digest. The same bytes stored twice share one file.
+A file is streamed to a temporary name beside its final place, fsynced, then renamed (a
+worker's finished scratch file is fsynced and renamed where it lies), so a crash leaves no
+half file under a digest. The same bytes stored twice share one file.
 
 `open_store(settings)` picks the store: files under the data directory, or, when
 KILN_ARTIFACTS_URL names an fsspec URL (s3://bucket/prefix), a RemoteArtifactStore that
@@ -14,6 +15,7 @@ chunks) in the same store, under `jobs/<job_id>/<folder>/` (kiln/job_files.py).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -130,6 +132,25 @@ class ArtifactStore:
         """Store a finished local file (a worker's output) by streaming it in."""
         with source.open("rb") as handle:
             return self.put_chunks(iter(lambda: handle.read(_CHUNK), b""))
+
+    def move_file(self, source: Path) -> Stored:
+        """Store a finished scratch file by moving it in (the caller is done with it):
+        hashed and fsynced where it lies, then renamed under its digest, so a large output
+        is not written a second time. From another file system it is copied in."""
+        sha, size = hashlib.sha256(), 0
+        with source.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                sha.update(chunk)
+                size += len(chunk)
+            os.fsync(handle.fileno())
+        try:
+            return self._place(source, sha.hexdigest(), size)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return self.put_file(source)
+        finally:
+            source.unlink(missing_ok=True)
 
     def _local(self, digest: str) -> Path:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):

@@ -84,3 +84,11 @@ def test_open_store_follows_the_settings(tmp_path: Path) -> None:
     remote = open_store(Settings(data_dir=tmp_path, artifacts_url="memory://bucket/kiln"))
     assert isinstance(remote, RemoteArtifactStore)
     assert remote.root == tmp_path / "artifacts"  # the data directory becomes the cache
+
+
+def test_a_moved_file_goes_up_to_the_url(url: str, tmp_path: Path) -> None:
+    scratch = tmp_path / "output.parquet"
+    scratch.write_bytes(b"rows")
+    stored = RemoteArtifactStore(url, tmp_path / "a").move_file(scratch)
+    assert not scratch.exists()
+    assert RemoteArtifactStore(url, tmp_path / "b").path(stored.digest).read_bytes() == b"rows"

@@ -509,7 +509,7 @@ def _error_batch(
 def _store(ctx: RunContext, path: Path | None, fmt: str, rows: int) -> dict[str, Any] | None:
     if path is None:
         return None
-    stored = ctx.runtime.store.put_file(path)
+    stored = ctx.runtime.store.move_file(path)
     return {"digest": stored.digest, "size": stored.size, "format": fmt, "rows": rows}
 
 

@@ -36,7 +36,7 @@ def run(spec: ExportSpec, ctx: RunContext) -> dict[str, Any]:
         # The export must compute what the registered model computes.
         torch.testing.assert_close(traced(example), model(example))
         torch.jit.save(traced, str(path))
-    stored = ctx.runtime.store.put_file(path)
+    stored = ctx.runtime.store.move_file(path)
     ctx.record_export(version_id, spec.format, stored.digest, stored.size)
     return {
         "model": spec.model,
