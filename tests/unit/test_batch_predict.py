@@ -19,11 +19,12 @@ from modelkit import (
     never_resent,
     register_model,
 )
+from sqlalchemy import select
 
 from db import jobs
 from db.engine import session_scope
-from db.models import Job
-from kiln import datasets
+from db.models import Job, JobEvent
+from kiln import datasets, parquet_concat
 from kiln.artifacts import ArtifactStore
 from kiln.errors import UnsupportedDataset
 from kiln.specs import BatchPredictSpec
@@ -337,8 +338,9 @@ def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_pa
 def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
     runtime, sessions, tmp_path, shard_format
 ):
-    """The shards write Arrow; shards split by an earlier Kiln wrote Parquet (a job sharded
-    across an upgrade), and the join reads those too."""
+    """The shards of a Parquet job write Parquet, which the join copies; shards that wrote
+    Arrow (split by an earlier Kiln: a job sharded across an upgrade) are read and encoded
+    again, into the same bytes."""
     register_model(sessions, runtime.store, tmp_path)
     pq.write_table(feature_table(50), tmp_path / "in.parquet")
     dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
@@ -365,3 +367,32 @@ def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
     # Content-addressed: the same digest is the same bytes, row groups included.
     assert done.result["output"]["digest"] == one.result["output"]["digest"]
     assert _read(runtime, done.result["output"])["id"].to_pylist() == list(range(1000, 1050))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_shards_the_join_cannot_copy_are_joined_by_decoding_them(
+    runtime, sessions, tmp_path, monkeypatch
+):
+    register_model(sessions, runtime.store, tmp_path)
+    pq.write_table(feature_table(30), tmp_path / "in.parquet")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
+    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
+    single = _job(sessions, spec)
+    execute_attempt(runtime, single, 0, "w1", never_resent)
+
+    def refuse(*_args: object) -> None:
+        raise parquet_concat.Unsupported("a page index or encryption: not joined by copying")
+
+    monkeypatch.setattr(parquet_concat, "concatenate", refuse)
+    parent, mail = _job(sessions, spec | {"shards": 2}), Recorder()
+    execute_attempt(runtime, parent, 0, "w1", mail)
+    for shard_id, attempt in list(mail.sent):
+        execute_attempt(runtime, shard_id, attempt, "w2", mail)
+    execute_attempt(runtime, parent, 1, "w1", never_resent)
+
+    done = _state(sessions, parent)
+    assert done.state == "succeeded", done.error_message
+    assert done.result["output"]["digest"] == _state(sessions, single).result["output"]["digest"]
+    with sessions() as session:
+        lines = session.scalars(select(JobEvent.message).where(JobEvent.job_id == parent)).all()
+    assert any("by decoding them: a page index" in line for line in lines)

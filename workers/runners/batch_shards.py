@@ -6,41 +6,46 @@ they wrote, in input order.
   chunks (`chunk_rows`), so each shard's chunks are exactly the unsharded job's chunks and
   the assembled output is the file one worker would have written. Each shard's spec is
   the job's, with its version pinned to the number this attempt resolved (an alias that
-  moves meanwhile changes no shard) and, for the `file` layout, Arrow IPC as the format the
-  shards write (no encoding, read back memory-mapped and losslessly; the job writes the
-  format asked for, once). The shards
-  are queued and the attempt ends: the job waits holding no worker (db/shards.py).
-- Assemble (the attempt after the last shard succeeded): the shards' outputs, read back in
-  shard order, stream into one output file in the format asked for; their error files
-  (JSONL, rows numbered in the whole dataset) are joined in order. With `output_layout:
-  parts` nothing is joined: the result lists the shards' files, each also served as that
-  shard's job's output.
+  moves meanwhile changes no shard) and, for the `file` layout, the format the shards write
+  (_shard_format). The shards are queued and the attempt ends: the job waits holding no
+  worker (db/shards.py).
+- Assemble (the attempt after the last shard succeeded): a Parquet output is the shards'
+  Parquet files laid end to end under one footer (kiln/parquet_concat.py: a copy, no page
+  decoded or encoded), byte for byte the file one worker would have written; any other
+  format is the shards' Arrow outputs, read back in shard order and streamed into one file
+  of the format asked for. Their error files (JSONL, rows numbered in the whole dataset) are
+  joined in order. With `output_layout: parts` nothing is joined: the result lists the
+  shards' files, each also served as that shard's job's output.
 A dataset of one chunk, or `auto` with one live worker, is scored by the job itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from kiln import datasets, routing
+from kiln import datasets, parquet_concat, routing
 from kiln.errors import JobFailure
 from kiln.specs import BatchPredictSpec
 from workers.context import RunContext
 from workers.runners import batch_parts
 
-#: The format the shards of a `file` layout job write: Arrow IPC keeps every Arrow type, so
-#: the joined output matches an unsharded job's in any output format, and costs the shards
-#: no encoding and the join no decoding (the join's one serial step is writing the output).
-_SHARD_FORMAT = "arrow"
+
+def _shard_format(output_format: str) -> str:
+    """The format the shards of a `file` layout job write: Parquet for a Parquet output (the
+    join copies their row groups, so the shards do the encoding, side by side), else Arrow
+    IPC, which keeps every Arrow type, so that the output the join writes from it matches
+    an unsharded job's in any format, and which the join reads back with no decoding."""
+    return "parquet" if output_format == "parquet" else "arrow"
 
 
 def split_rows(rows: int, shards: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -72,7 +77,9 @@ def split(spec: BatchPredictSpec, ctx: RunContext, rows: int, version: int) -> N
         if spec.shards != 1:
             ctx.log(f"scoring in one piece: {rows} rows, shards={spec.shards} gave 1 shard")
         return
-    output_format = _SHARD_FORMAT if spec.output_layout == "file" else spec.output_format
+    output_format: str = spec.output_format
+    if spec.output_layout == "file":
+        output_format = _shard_format(spec.output_format)
     shard_spec = spec.model_copy(
         update={
             "shards": 1,
@@ -142,28 +149,52 @@ def _join_outputs(
     results: list[dict[str, Any]],
     rows: int,
 ) -> dict[str, Any] | None:
-    """The shards' Arrow outputs, record batch by record batch (each a chunk, as the shard
-    scored it), streamed into one file of the format asked for; stored."""
+    """The shards' outputs as one file of the format asked for, stored."""
     fmt = spec.output_format
-    output = batch_parts.Output(work / f"output.{fmt}", fmt)
-    started = time.monotonic()
-    done = 0
-    for index, result in enumerate(results):
-        part = result.get("output")
-        if part is None:
-            continue
-        for batch in _shard_output(ctx.runtime.store.path(part["digest"]), part["format"], spec):
-            ctx.raise_if_cancelled()
-            output.write(batch)
-            done += batch.num_rows
-        rate = done / max(time.monotonic() - started, 1e-9)
-        ctx.progress(1.0, f"joined {index + 1}/{len(results)} shards, {done}/{rows} rows "
-                     f"({rate:,.0f} rows/s)")  # fmt: skip
-    path = output.close()
-    if path is None:
+    parts = [r["output"] for r in results if r.get("output")]
+    if not parts:
         return None
-    stored = ctx.runtime.store.put_file(path)
+    target = work / f"output.{fmt}"
+    paths = [ctx.runtime.store.path(part["digest"]) for part in parts]
+    started = time.monotonic()
+
+    def joined(count: int, done: int) -> None:
+        ctx.raise_if_cancelled()
+        rate = done / max(time.monotonic() - started, 1e-9)
+        ctx.progress(1.0, f"joined {count}/{len(parts)} shards, {done}/{rows} rows "
+                     f"({rate:,.0f} rows/s)")  # fmt: skip
+
+    copied = fmt == "parquet" and all(part["format"] == "parquet" for part in parts)
+    if copied:
+        ends = list(itertools.accumulate(int(part["rows"]) for part in parts))
+        try:
+            parquet_concat.concatenate(paths, target, lambda k: joined(k + 1, ends[k]))
+        except parquet_concat.Unsupported as exc:
+            ctx.log(f"joining the shards' Parquet files by decoding them: {exc}")
+            copied = False
+    if not copied:
+        _stream_outputs(spec, paths, parts, target, joined)
+    stored = ctx.runtime.store.move_file(target)
     return {"digest": stored.digest, "size": stored.size, "format": fmt, "rows": rows}
+
+
+def _stream_outputs(
+    spec: BatchPredictSpec,
+    paths: list[Path],
+    parts: list[dict[str, Any]],
+    target: Path,
+    joined: Callable[[int, int], None],
+) -> None:
+    """The shards' outputs, record batch by record batch (each a chunk, as the shard scored
+    it), streamed into `target` in the format asked for."""
+    output = batch_parts.Output(target, spec.output_format)
+    done = 0
+    with contextlib.closing(output):
+        for count, (path, part) in enumerate(zip(paths, parts, strict=True), start=1):
+            for batch in _shard_output(path, part["format"], spec):
+                output.write(batch)
+                done += batch.num_rows
+            joined(count, done)
 
 
 def _shard_output(path: Path, fmt: str, spec: BatchPredictSpec) -> Iterator[pa.RecordBatch]:
@@ -187,7 +218,7 @@ def _join_errors(
         for part in parts:
             with ctx.runtime.store.path(part["digest"]).open("rb") as source:
                 shutil.copyfileobj(source, sink)
-    stored = ctx.runtime.store.put_file(path)
+    stored = ctx.runtime.store.move_file(path)
     return {"digest": stored.digest, "size": stored.size, "format": "jsonl", "rows": errors}
 
 
