@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from inference_kit import LABELS, WIDTH, Kiln, PeakRSS, tree_cpu_seconds
+from inference_kit import WIDTH, Kiln, PeakRSS, raw_score, tree_cpu_seconds
 
 BATCH_SIZE = 4096
 CHUNK_ROWS = 16_384  # the spec default
@@ -47,23 +46,9 @@ def _raw_script(model: torch.nn.Module, path: Path, threads: int) -> tuple[float
     """Seconds and CPU seconds of the job done by hand: Parquet in, chunk by chunk, through
     the model, predictions out to a Parquet file."""
     torch.set_num_threads(threads)
-    labels = pa.array(LABELS)
-    schema = pa.schema([("id", pa.int64()), ("prediction", pa.string()), ("score", pa.float32())])
     started, cpu_started = time.perf_counter(), time.process_time()
-    source = pq.ParquetFile(path)
-    with pq.ParquetWriter(path.with_suffix(".raw-out.parquet"), schema) as sink:
-        for chunk in source.iter_batches(batch_size=CHUNK_ROWS):
-            features = np.column_stack([chunk[f"f{i}"].to_numpy() for i in range(WIDTH)])
-            tensor = torch.from_numpy(features)
-            with torch.inference_mode():
-                scores = [
-                    torch.softmax(model(tensor[start : start + BATCH_SIZE]), dim=1).max(dim=1)
-                    for start in range(0, len(tensor), BATCH_SIZE)
-                ]
-            top = torch.cat([s.values for s in scores]).numpy()
-            best = torch.cat([s.indices for s in scores]).numpy()
-            columns = [chunk["id"], labels.take(best), pa.array(top)]
-            sink.write_batch(pa.record_batch(columns, schema=schema))
+    chunks = pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS)
+    raw_score(model, chunks, path.with_suffix(".raw-out.parquet"), BATCH_SIZE)
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 

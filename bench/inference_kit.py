@@ -251,6 +251,37 @@ def _schema() -> pa.Schema:
     return pa.schema([("id", pa.int64())] + [(f"f{i}", pa.float32()) for i in range(WIDTH)])
 
 
+#: What the raw loops of the benchmarks write: the columns of a `batch_predict` output.
+RAW_OUTPUT_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("prediction", pa.string()), ("score", pa.float32())]
+)
+
+
+def raw_score(
+    model: torch.nn.Module,
+    chunks: Iterator[pa.RecordBatch],
+    target: Path,
+    batch_size: int,
+) -> None:
+    """The baseline a `batch_predict` job is held against: a hand-written PyTorch loop
+    scoring each chunk of the feature table in batches and writing id, label and score to
+    a Parquet file."""
+    labels = pa.array(LABELS)
+    with pq.ParquetWriter(target, RAW_OUTPUT_SCHEMA) as sink:
+        for chunk in chunks:
+            features = np.column_stack([chunk[f"f{i}"].to_numpy() for i in range(WIDTH)])
+            tensor = torch.from_numpy(features)
+            with torch.inference_mode():
+                scores = [
+                    torch.softmax(model(tensor[start : start + batch_size]), dim=1).max(dim=1)
+                    for start in range(0, len(tensor), batch_size)
+                ]
+            top = torch.cat([s.values for s in scores]).numpy()
+            best = torch.cat([s.indices for s in scores]).numpy()
+            columns = [chunk["id"], labels.take(best), pa.array(top)]
+            sink.write_batch(pa.record_batch(columns, schema=RAW_OUTPUT_SCHEMA))
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds used so far by a process and its children."""
     root = psutil.Process(pid)

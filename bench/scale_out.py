@@ -17,16 +17,27 @@ last, as `speed-up: N.NNx`.
 Each run also prints the CPU time the host took from this machine meanwhile (steal, on a
 virtual machine): it slows two busy workers more than one, which the kernel moves to the
 CPU that is running, so a run with steal understates the speed-up.
+
+Beside each pair of runs, the host's own ceiling: a raw PyTorch loop (Parquet in, the same
+model and batch size, one torch thread, Parquet out) over every row in one process, then
+over half the rows in each of two processes at once. A host whose second core is slower
+when both are busy (a shared VM's neighbours, a clock that drops with two busy cores)
+holds this figure under 2x too; Kiln's speed-up divided by it is what Kiln itself loses.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import psutil
-from inference_kit import Kiln
+import pyarrow.parquet as pq
+from inference_kit import CONFIG, WIDTH, Kiln, raw_score
 
 BATCH_SIZE = 4096
 CHUNK_ROWS = 16_384  # the spec default
@@ -59,6 +70,53 @@ def _once(kiln: Kiln, dataset: str) -> Run:
     return Run(seconds, result["output"]["digest"], shards, stolen / total if total else 0.0)
 
 
+def _raw_loop(path: Path, half: str) -> None:
+    """A raw loop's process (run as `scale_out.py --raw PATH HALF`): the model the bench
+    registers (seed 0), built by hand; after a line on stdin, the rows of `half` (all, first
+    or second: whole row groups) read, scored and written; then its seconds on stdout."""
+    import torch
+
+    from workers import malloc
+    from workers.ml import bundle
+
+    malloc.keep_freed_memory()  # as a worker process does (and MIMALLOC_ALLOW_THP, below)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = bundle.build(CONFIG).eval()
+    source = pq.ParquetFile(path)
+    groups = list(range(source.num_row_groups))
+    middle = len(groups) // 2
+    groups = {"all": groups, "first": groups[:middle], "second": groups[middle:]}[half]
+    with torch.inference_mode():  # a warm process, as a worker's after its warm-up job
+        for _ in range(3):
+            model(torch.zeros(BATCH_SIZE, WIDTH)).softmax(dim=1).max(dim=1)
+    sys.stdin.readline()
+    started = time.perf_counter()
+    chunks = source.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups)
+    raw_score(model, chunks, path.with_suffix(f".raw-{half}.parquet"), BATCH_SIZE)
+    print(time.perf_counter() - started, flush=True)
+
+
+def _raw(path: Path, halves: list[str]) -> float:
+    """Seconds of raw loops over `halves` of the dataset, one process each, started at once
+    (after their imports): the slowest one's. They allocate memory as a worker does
+    (workers/malloc.py), so that the loop differs from a shard in what Kiln adds alone."""
+    env = {**os.environ, **ONE_THREAD, "MIMALLOC_ALLOW_THP": "0"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    argv = [sys.executable, __file__, "--raw", str(path)]
+    processes = [
+        subprocess.Popen(
+            [*argv, half], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        for half in halves
+    ]
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    return max(float(process.communicate()[0]) for process in processes)
+
+
 def _warm(kiln: Kiln, dataset: str, workers: int) -> None:
     """One small unsharded job per worker, sent at once so that each worker takes one: a
     fresh process's first job faults in its memory and loads the model."""
@@ -70,20 +128,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the job")
     parser.add_argument("--rounds", type=int, default=5, help="runs with each worker count")
+    parser.add_argument("--raw", nargs=2, metavar=("PATH", "HALF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.raw:
+        _raw_loop(Path(args.raw[0]), args.raw[1])
+        return
     kiln = Kiln(redis_db=14)
     runs: dict[int, list[Run]] = {1: [], 2: []}
+    raw: dict[int, list[float]] = {1: [], 2: []}
     try:
         kiln.register_model()
-        dataset, _ = kiln.dataset(args.rows)
+        dataset, path = kiln.dataset(args.rows)
         warm_set, _ = kiln.dataset(100_000)
         with kiln.worker("w1", **ONE_THREAD):
             _warm(kiln, warm_set, 1)
             for _ in range(args.rounds):
+                raw[1].append(_raw(path, ["all"]))
                 runs[1].append(_once(kiln, dataset))
                 with kiln.worker("w2", **ONE_THREAD):
                     _warm(kiln, warm_set, 2)
                     runs[2].append(_once(kiln, dataset))
+                raw[2].append(_raw(path, ["first", "second"]))
     finally:
         kiln.close()
     print(
@@ -103,7 +168,13 @@ def main() -> None:
           f"({', '.join(d[:16] for d in sorted(digests))})")  # fmt: skip
     if not same:
         raise SystemExit("the outputs differ")
-    print(f"speed-up: {rates[2] / rates[1]:.2f}x")
+    ceiling = min(raw[1]) / min(raw[2])
+    every = ", ".join(f"{one:.2f}/{two:.2f} s" for one, two in zip(raw[1], raw[2], strict=True))
+    print(f"raw PyTorch loop, 2 processes against 1 (this host's ceiling): {ceiling:.2f}x; "
+          f"runs: {every}")  # fmt: skip
+    speed_up = rates[2] / rates[1]
+    print(f"Kiln's speed-up / the raw loop's: {speed_up / ceiling:.2f}")
+    print(f"speed-up: {speed_up:.2f}x")
 
 
 if __name__ == "__main__":
