@@ -18,6 +18,7 @@ from workers.ml.training import (
     FitResult,
     Hooks,
     LoopConfig,
+    StopAtStep,
     autocast_dtype,
     evaluate,
     fit,
@@ -127,6 +128,25 @@ def test_resuming_mid_epoch_replays_the_same_shuffle(tmp_path: Path) -> None:
     assert (saved.info["position"]["epoch"], saved.info["position"]["step"]) == (2, 5)
     resumed = _train(every_step, resume=saved)
     assert resumed.history == straight.history
+
+
+def test_a_stop_at_an_epochs_first_step_resumes_with_that_epochs_shuffle(tmp_path: Path) -> None:
+    """A preemption or warm shutdown seen before the first step of an epoch (after the
+    epoch's shuffle was drawn) checkpoints step 0; the resumed run draws the same order."""
+    path = tmp_path / ckpt.FILENAME
+    straight = _train(BASE)
+
+    def stop_before_epoch_3(epoch: int, step: int, steps: int) -> None:
+        if (epoch, step) == (3, 0):
+            raise StopAtStep(RuntimeError("preempted"))
+
+    with pytest.raises(RuntimeError, match="preempted"):
+        _train(BASE, Hooks(step=stop_before_epoch_3), checkpoint=path)
+    saved = ckpt.load(path)
+    assert (saved.info["position"]["epoch"], saved.info["position"]["step"]) == (3, 0)
+    resumed = _train(BASE, resume=saved)
+    assert resumed.history == straight.history
+    assert resumed.metrics == straight.metrics
 
 
 def test_cosine_and_step_schedules_lower_the_rate() -> None:

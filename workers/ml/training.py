@@ -421,6 +421,10 @@ def _train_epoch(trainer: Trainer, hooks: Hooks, save: Callable[..., None] | Non
         try:
             hooks.step(epoch, step, steps)
         except StopAtStep as stop:
+            if step == 0:
+                # This epoch's shuffle is drawn but no step used it: a run resumed at step 0
+                # draws it from the generator, so the save must hold the state before it.
+                trainer.generator.set_state(trainer.epoch_rng)
             if save is not None:
                 save(stopping=True)
             raise stop.cause from None
