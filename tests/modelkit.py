@@ -30,6 +30,13 @@ def config(width: int = len(FEATURES), hidden: list[int] | None = None) -> dict:
     }
 
 
+def slow_config() -> dict:
+    """A model wide enough that a batch job runs for seconds (about 18,000 rows/s on one
+    core of a 2-core VM), so a test can catch the job mid-way; a loaded machine only
+    widens that window. (Not a speed check: nothing asserts on time.)"""
+    return config(hidden=[2048, 2048])
+
+
 def register_model(
     sessions: sessionmaker[Session],
     store: ArtifactStore,

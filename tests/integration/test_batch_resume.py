@@ -15,7 +15,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from modelkit import add_dataset, config, register_model
+from modelkit import add_dataset, register_model, slow_config
 
 from db import jobs
 from db.models import Job, JobEvent
@@ -28,7 +28,7 @@ from workers.scheduler import reconcile_once
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS, CHUNK = 300_000, 2_000
+ROWS, CHUNK = 90_000, 2_000
 
 
 def _start_worker(name: str, settings: Settings, log: Path) -> subprocess.Popen:
@@ -77,7 +77,7 @@ def test_a_sigkilled_batch_job_resumes_on_a_new_worker_without_lost_or_repeated_
         heartbeat_timeout_s=1.0,
     )
     store = ArtifactStore(settings.artifacts_dir)
-    register_model(sessions, store, tmp_path, cfg=config(hidden=[256, 256]))
+    register_model(sessions, store, tmp_path, cfg=slow_config())
     rng = np.random.default_rng(0)
     table = pa.table({"id": np.arange(ROWS)} | {f"f{i}": rng.normal(size=ROWS) for i in range(4)})
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=50_000)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from modelkit import add_dataset, config, register_model
+from modelkit import add_dataset, register_model, slow_config
 from s3kit import BUCKET, moto_s3
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +45,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 #: Generous: worker start-up imports torch, and CI machines are small and shared.
 DEADLINE_S = 300
-ROWS, CHUNK = 400_000, 2_000
+ROWS, CHUNK = 160_000, 2_000
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -172,7 +172,7 @@ def test_jobs_whose_host_is_lost_finish_on_another_host_from_what_it_committed(
     tmp_path: Path,
 ) -> None:
     store = open_store(shared)
-    register_model(sessions, store, tmp_path, cfg=config(hidden=[256, 256]))
+    register_model(sessions, store, tmp_path, cfg=slow_config())
     rng = np.random.default_rng(0)
     table = pa.table({"id": np.arange(ROWS)} | {f"f{i}": rng.normal(size=ROWS) for i in range(4)})
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=50_000)

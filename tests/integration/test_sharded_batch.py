@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from modelkit import add_dataset, config, register_model
+from modelkit import add_dataset, register_model, slow_config
 
 from db.models import Job
 from kiln.artifacts import open_store
@@ -31,7 +31,7 @@ def _dataset(
 ) -> str:
     """The dataset, and model m: a wide one (`slow`) where a test must catch a shard running."""
     store = open_store(settings)
-    register_model(sessions, store, tmp_path, cfg=config(hidden=[256, 256]) if slow else None)
+    register_model(sessions, store, tmp_path, cfg=slow_config() if slow else None)
     rng = np.random.default_rng(0)
     columns: dict[str, Any] = {"id": np.arange(rows) + 1000}
     for i in range(4):
@@ -119,7 +119,7 @@ def test_the_parts_layout_lists_the_shards_files_in_order(
 def test_cancelling_the_parent_cancels_its_shards(
     api, start_worker, sessions, live_settings, tmp_path, wait_until
 ):
-    dataset = _dataset(sessions, live_settings, tmp_path, rows=400_000, slow=True)
+    dataset = _dataset(sessions, live_settings, tmp_path, rows=120_000, slow=True)
     start_worker()
     parent = api.submit("batch_predict", _spec(dataset, shards=2, chunk_rows=500))
 
@@ -147,7 +147,7 @@ def test_a_shard_whose_worker_dies_is_retried_alone(
     wait_until,
     reconcile_once: Callable[[], Any],
 ):
-    dataset = _dataset(sessions, live_settings, tmp_path, rows=200_000, slow=True)
+    dataset = _dataset(sessions, live_settings, tmp_path, rows=120_000, slow=True)
     spec = _spec(dataset, chunk_rows=1_000)
     first = start_worker()
     single = api.wait_for(api.submit("batch_predict", spec)["id"], "succeeded", timeout=180)
