@@ -333,6 +333,18 @@ def test_a_cancel_request_stops_the_job_between_chunks(runtime, sessions, tmp_pa
     assert not (runtime.settings.data_dir / "work" / job_id / "batch").exists()
 
 
+def _scored_unsharded(runtime, sessions, tmp_path, rows: int) -> tuple[dict, str]:
+    """Model m, a Parquet dataset of `rows`, and the spec of a job scoring it in chunks of
+    8: that spec, and the id of the job that ran it unsharded (the output to match)."""
+    register_model(sessions, runtime.store, tmp_path)
+    pq.write_table(feature_table(rows), tmp_path / "in.parquet")
+    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
+    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
+    single = _job(sessions, spec)
+    execute_attempt(runtime, single, 0, "w1", never_resent)
+    return spec, single
+
+
 @pytest.mark.parametrize("shard_format", ["arrow", "parquet"])
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
@@ -341,12 +353,7 @@ def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
     """The shards of a Parquet job write Parquet, which the join copies; shards that wrote
     Arrow (split by an earlier Kiln: a job sharded across an upgrade) are read and encoded
     again, into the same bytes."""
-    register_model(sessions, runtime.store, tmp_path)
-    pq.write_table(feature_table(50), tmp_path / "in.parquet")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
-    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
-    single = _job(sessions, spec)
-    execute_attempt(runtime, single, 0, "w1", never_resent)
+    spec, single = _scored_unsharded(runtime, sessions, tmp_path, rows=50)
     parent, mail = _job(sessions, spec | {"shards": 3}), Recorder()
     execute_attempt(runtime, parent, 0, "w1", mail)  # splits, and ends its attempt
     shard_messages, mail.sent = list(mail.sent), []
@@ -373,12 +380,7 @@ def test_a_sharded_job_joins_its_shards_into_the_file_one_job_writes(
 def test_shards_the_join_cannot_copy_are_joined_by_decoding_them(
     runtime, sessions, tmp_path, monkeypatch
 ):
-    register_model(sessions, runtime.store, tmp_path)
-    pq.write_table(feature_table(30), tmp_path / "in.parquet")
-    dataset = add_dataset(sessions, runtime.store, tmp_path / "in.parquet", "parquet")
-    spec = {"model": "m", "dataset": dataset, "passthrough": ["id"], "chunk_rows": 8}
-    single = _job(sessions, spec)
-    execute_attempt(runtime, single, 0, "w1", never_resent)
+    spec, single = _scored_unsharded(runtime, sessions, tmp_path, rows=30)
 
     def refuse(*_args: object) -> None:
         raise parquet_concat.Unsupported("a page index or encryption: not joined by copying")
