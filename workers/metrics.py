@@ -162,7 +162,9 @@ def serve(settings: Settings, multiproc_dir: Path) -> int:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(multiproc_dir))
     registry.register(GpuCollector())
-    server, _thread = start_http_server(settings.metrics_port, registry=registry)
+    server, _thread = start_http_server(
+        settings.metrics_port, addr=settings.host, registry=registry
+    )
     port = int(server.server_address[1])
     log.info("event=metrics_serving port=%d", port)
     return port

@@ -106,7 +106,7 @@ def test_a_taken_metrics_port_does_not_stop_the_workers(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))  # noqa: S104 (where the metrics server binds)
+        taken.bind(("127.0.0.1", 0))  # KILN_HOST's default, where the metrics server binds
         taken.listen()
         port = taken.getsockname()[1]
         started: list[str] = []
