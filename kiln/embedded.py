@@ -63,6 +63,7 @@ def socket_path(directory: Path) -> Path:
 
 def start_redis(directory: Path) -> EmbeddedRedis:
     """Start a private Redis on a Unix socket in `directory` and wait until it answers."""
+    directory = directory.resolve()  # Redis runs in it: a relative path would be read twice
     directory.mkdir(parents=True, exist_ok=True)
     sock = socket_path(directory)
     if _answers(sock):
@@ -77,7 +78,7 @@ def start_redis(directory: Path) -> EmbeddedRedis:
                 "port 0",  # the socket only: nothing listens on the network
                 f'unixsocket "{sock}"',
                 "unixsocketperm 700",
-                f'dir "{directory.resolve()}"',
+                f'dir "{directory}"',
                 "dbfilename redis.rdb",  # what survives a restart on this data dir
                 'logfile ""',  # stdout, which is redis.log below
                 "",

@@ -45,8 +45,7 @@ def kiln_run(
     parent = [sys.executable, *PARENT] if getattr(request, "param", "") == "under_parent" else []
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    env.update(
-        KILN_DATA_DIR=str(tmp_path / "data"),
+    env.update(  # no KILN_DATA_DIR: the default, ./var, as `make run` on a fresh clone
         KILN_PORT=str(port),
         KILN_ADMIN_KEY=ADMIN_KEY,
         KILN_GPUS="none",  # the same CPU worker on any host, GPU or not
@@ -66,7 +65,7 @@ def kiln_run(
     try:
         yield process, f"http://127.0.0.1:{port}", log_path
     finally:
-        _kill_everything_left(process, tmp_path / "data")
+        _kill_everything_left(process, tmp_path / "var")
 
 
 def _wait_ready(
@@ -108,10 +107,10 @@ def test_kiln_run_serves_jobs_and_sigterm_stops_every_process_it_started(
 
     done = wait_until(succeeded, lambda: f"the job to succeed:\n{_tail(log_path)}", START_S)
     assert done["result"] == {"message": "hi"}
-    started = _descendants(process) + _embedded_redis(tmp_path / "data")
+    started = _descendants(process) + _embedded_redis(tmp_path / "var")
     assert {"gunicorn", "celery", "redis-server"} <= {_what(p) for p in started}, started
     # Every socket of this instance is in its data dir (none under /tmp or ~/.gunicorn).
-    data = (tmp_path / "data").resolve()
+    data = (tmp_path / "var").resolve()
     assert (data / "redis" / "redis.sock").is_socket()
     assert (data / "gunicorn.ctl").is_socket()
 
@@ -145,7 +144,7 @@ def test_sigkill_leaves_no_process_and_frees_the_port(
     dies with it, and the port is free for a restart."""
     process, base, log_path = kiln_run
     _wait_ready(process, base, log_path, wait_until)
-    started = _descendants(process) + _embedded_redis(tmp_path / "data")
+    started = _descendants(process) + _embedded_redis(tmp_path / "var")
     assert {"gunicorn", "celery", "redis-server"} <= {_what(p) for p in started}, started
     port = int(base.rsplit(":", 1)[1])
 

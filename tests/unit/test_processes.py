@@ -73,9 +73,10 @@ def test_a_data_dir_too_long_for_a_socket_is_refused_with_what_to_do(tmp_path: P
 
 
 def test_embedded_redis_keeps_its_files_in_its_folder_and_refuses_a_second(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = start_redis(tmp_path / "redis")
+    monkeypatch.chdir(tmp_path)  # a relative folder, as the default KILN_DATA_DIR (var)
+    server = start_redis(Path("redis"))
     try:
         assert server.url == f"redis+socket://{tmp_path.resolve()}/redis/redis.sock"
         client = redis.Redis(unix_socket_path=str(server.socket))
