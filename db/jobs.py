@@ -589,6 +589,11 @@ def log_lines(session: Session, job_id: str, lines: list[tuple[str, str]]) -> No
     """Append (message, level) lines to the job's log in one Core INSERT: through the ORM,
     SQLite would take one statement per line to hand back each row's id."""
     if lines:
+        # Lines are read in id order (a stream's cursor, `/events?after=`), but PostgreSQL
+        # takes an id at insert and shows it at commit: holding the job's row until this
+        # transaction ends makes another process's lines for this job wait, so they take
+        # their ids after these and commit after them. (SQLite serialises all writers.)
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
         at = utcnow()
         rows = [{"job_id": job_id, "message": m, "level": lvl, "at": at} for m, lvl in lines]
         # The table, not the entity: a Core insert, not the ORM's bulk path (see above).

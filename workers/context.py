@@ -190,8 +190,10 @@ class RunContext:
         # Taken out first: reports a failed transaction could not write are dropped rather
         # than fail every later one (the attempt ends on that error anyway).
         lines, points, self._lines, self._points = self._lines, self._points, [], []
-        jobs.record_metrics(session, self.job_id, points)
+        # Log lines first: writing them locks the job's row (jobs.log_lines), which is
+        # better taken before the metric rows' foreign keys share-lock it.
         jobs.log_lines(session, self.job_id, lines)
+        jobs.record_metrics(session, self.job_id, points)
 
     def batch_size(self, requested: int) -> int:
         """The batch size for this attempt: halved once per earlier out-of-memory attempt."""
