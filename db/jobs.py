@@ -535,6 +535,20 @@ def stalled(session: Session, older_than: timedelta) -> list[Job]:
     )
 
 
+def running_attempts_on(session: Session, worker: str) -> list[Job]:
+    """The jobs the database records as running an attempt on `worker` (a Celery name);
+    a sharded job awaiting its shards runs none."""
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.state == JobState.RUNNING,
+                Job.worker == worker,
+                Job.awaiting_shards.is_(False),
+            )
+        )
+    )
+
+
 def running_on(session: Session, workers: list[str]) -> dict[str, Job]:
     """The running job of each of `workers` (Celery names, as claims record them) that
     runs one; a worker runs one job at a time (concurrency 1)."""

@@ -9,7 +9,7 @@ from celery import signals
 from celery.apps import worker as celery_worker_app
 
 from kiln import logs
-from kiln.broker import make_celery
+from kiln.broker import celery_sender, make_celery
 from kiln.settings import Settings
 from workers import malloc
 from workers.presence import PresenceBeat, record_for
@@ -83,3 +83,26 @@ def _withdraw(**_: Any) -> None:
 
 import workers.metrics  # noqa: E402  (counts finished jobs for Prometheus)
 import workers.tasks  # noqa: E402, F401  (registers the tasks on this app)
+from workers import reconcile  # noqa: E402
+from workers.runtime import runtime  # noqa: E402
+
+
+@signals.worker_process_init.connect
+def _recover_what_a_lost_process_ran(sender: str, **_: Any) -> None:
+    """A pool process of this worker starts: if the worker runs one job at a time, what the
+    database still records as running on it was left by a process that died (workers.
+    reconcile.recover_lost_process). The scheduler recovers it later if this fails."""
+    beat = _presence.get("beat")  # set up before the pool forks
+    if beat is None or beat.record.concurrency != 1:
+        return
+    try:
+        counts = reconcile.recover_lost_process(
+            runtime().sessions, settings, celery_sender(celery), sender
+        )
+    except Exception:
+        logging.getLogger(__name__).exception("event=recover_lost_process_failed")
+        return
+    if any(counts.values()):
+        logging.getLogger(__name__).warning(
+            "event=recovered_lost_process %s", " ".join(f"{k}={v}" for k, v in counts.items())
+        )

@@ -4,6 +4,8 @@
   attempts remain, and fails with the reason once they are spent. A job past its time
   limit (Celery's hard limit killed its pool process) fails with that reason instead. If
   its user had asked to cancel it, it is cancelled (a re-queued job would never be claimed).
+  A one-job worker whose pool process starts again does the same at once for what it
+  was running (`recover_lost_process`), without waiting for the heartbeat to go stale.
 - A queued job whose message is gone is sent again. "Gone" is decided per job, not per
   queue: Redis here keeps nothing on disk, and a restart from a stale snapshot brings back
   some old messages while losing newer ones, so an empty-queue test would strand the jobs
@@ -109,16 +111,38 @@ def deadline_reason(deadline_s: float) -> str:
     return f"deadline of {deadline_s:g} s passed"
 
 
+def recover_lost_process(
+    sessions: sessionmaker[Session], settings: Settings, send: Sender, worker: str
+) -> dict[str, int]:
+    """Recover, at once, what the database records as running on `worker`, a one-job
+    worker whose pool process has just started: whatever it ran is running no more. Its
+    pool process died (killed, crashed, past the hard time limit), or the whole worker did
+    and was restarted under its name; a pool process dies with its worker (Celery sets
+    SIGKILL on parent death), so none goes on running it. Without this, such a job would
+    wait KILN_HEARTBEAT_TIMEOUT_S for the scheduler. Worker names are unique in a
+    deployment (device@host, as Celery requires)."""
+    with session_scope(sessions) as session:
+        lost = jobs.running_attempts_on(session, worker)
+    return _recover(sessions, settings, send, lost, "lost the process running it")
+
+
 def _recover_stalled(
     sessions: sessionmaker[Session], settings: Settings, send: Sender
 ) -> dict[str, int]:
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "expired": 0}
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     with session_scope(sessions) as session:
         stalled = jobs.stalled(session, timeout)
-    for job in stalled:
+    return _recover(sessions, settings, send, stalled, "stopped heartbeating")
+
+
+def _recover(
+    sessions: sessionmaker[Session], settings: Settings, send: Sender, lost: list[Job], how: str
+) -> dict[str, int]:
+    """Re-queue, fail or cancel each job of `lost`, whose worker `how` (a reason's words)."""
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "expired": 0}
+    for job in lost:
         with session_scope(sessions) as session:
-            outcome = _recover_one(session, settings, job)
+            outcome = _recover_one(session, settings, job, how)
             if outcome == "requeued":
                 submission.commit_and_send(session, send, job)
         if outcome:
@@ -126,8 +150,8 @@ def _recover_stalled(
     return counts
 
 
-def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
-    """Decide one stalled job's fate; returns what happened, or None if it lost the race."""
+def _recover_one(session: Session, settings: Settings, job: Job, how: str) -> str | None:
+    """Decide one lost job's fate; returns what happened, or None if it lost the race."""
     limit = settings.job_time_limit_s
     if limit and job.started_at and utcnow() - job.started_at >= timedelta(seconds=limit):
         if jobs.fail(session, job.id, job.attempt, "TimeLimitExceeded", time_limit_reason(limit)):
@@ -146,7 +170,7 @@ def _recover_one(session: Session, settings: Settings, job: Job) -> str | None:
             return "cancelled"
         return None
     if job.charged_attempts < settings.max_attempts:
-        reason = f"worker {job.worker} stopped heartbeating (attempt {job.attempt})"
+        reason = f"worker {job.worker} {how} (attempt {job.attempt})"
         if jobs.requeue(session, job.id, job.attempt, reason):
             jobs.log(session, job.id, reason, "warning")
             return "requeued"

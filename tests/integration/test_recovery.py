@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from celery import Celery
 from sqlalchemy import update
@@ -62,6 +63,25 @@ def test_job_of_a_killed_worker_is_requeued_by_the_reconciler_and_finishes_on_an
     assert done["result"] == {"message": "survivor"}
     events = api.get(f"/jobs/{job['id']}/events")["events"]
     assert any("stopped heartbeating (attempt 1)" in e["message"] for e in events), events
+
+
+def test_a_worker_whose_pool_process_dies_requeues_its_job_at_once_and_runs_it_again(
+    api: Any, start_worker: Callable[[], Any]
+) -> None:
+    worker = start_worker()
+    job = api.submit("echo", {"message": "again", "sleep_s": 6})
+    running = api.wait_for(job["id"], "running")
+    [pool] = psutil.Process(worker.process.pid).children()
+    pool.kill()  # the process running the job is OOM-killed, say; the worker lives on
+
+    # No reconciler sweeps in this test: the worker's new pool process finds the job it was
+    # running still recorded as running, and re-queues it.
+    done = api.wait_for(job["id"], "succeeded")
+    assert (done["attempt"], done["worker"]) == (2, running["worker"])
+    assert done["result"] == {"message": "again"}
+    events = [e["message"] for e in api.get(f"/jobs/{job['id']}/events")["events"]]
+    lost = f"worker {running['worker']} lost the process running it (attempt 1)"
+    assert lost in events, events
 
 
 def test_a_job_that_loses_its_worker_max_attempts_times_fails_with_worker_lost(

@@ -3,8 +3,11 @@ tests/integration/ops/test_ops_clients.py."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from flask.testing import FlaskClient
 
+from kiln.presence import Presence
 from kiln.schemas import WorkerList
 
 
@@ -34,3 +37,34 @@ def test_workers_answers_503_fast_when_redis_is_down(make_app, admin) -> None:
         app.extensions["kiln.celery"].close()
     assert response.status_code == 503
     assert response.json["code"] == "broker_unavailable"
+
+
+def test_a_worker_shows_only_the_job_its_current_process_claimed(
+    client: FlaskClient, admin, create_job, monkeypatch
+) -> None:
+    job = create_job(state="running")  # claimed by worker-1 (tests/conftest.py)
+    claimed = job.started_at
+    assert claimed is not None
+
+    def live(started_at: datetime) -> list[Presence]:
+        fields = {"host": "vm", "pid": 7, "lane": "bulk", "devices": ["cpu"], "queues": ["cpu"]}
+        return [
+            Presence(
+                name="worker-1",
+                concurrency=1,
+                started_at=started_at,
+                heartbeat_at=started_at,
+                **fields,
+            )
+        ]
+
+    def current_job(started_at: datetime) -> str | None:
+        monkeypatch.setattr("web.live_workers.read", lambda: live(started_at))
+        [worker] = WorkerList.model_validate(
+            client.get("/api/v1/workers", headers=admin).json
+        ).workers
+        return worker.job.id if worker.job is not None else None
+
+    assert current_job(claimed - timedelta(seconds=5)) == job.id
+    # The worker was restarted under its name after the claim: its new process is idle.
+    assert current_job(claimed + timedelta(seconds=5)) is None

@@ -28,6 +28,8 @@ def list_workers() -> Response:
 
 
 def _out(worker: Presence, job: Job | None, now: datetime) -> WorkerOut:
+    if job is not None and (job.started_at is None or job.started_at < worker.started_at):
+        job = None  # claimed by an earlier process of this name (the worker was restarted)
     current = WorkerJob.model_validate(job, from_attributes=True) if job is not None else None
     age = max(0.0, (now - worker.heartbeat_at).total_seconds())
     return WorkerOut(**worker.model_dump(), heartbeat_age_s=round(age, 3), job=current)
