@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, Response, json, request
+from flask import Flask, Response, json, render_template, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -47,6 +47,11 @@ def init_app(app: Flask) -> None:
         status = exc.code or 500
         if status == 413:  # Werkzeug's own body limit: the same answer as Kiln's limits
             return problem(413, PayloadTooLarge.code, _too_large_detail(app))
+        if _browser_outside_the_api():  # an unknown page: the UI's page, not JSON
+            return Response(
+                render_template("error.html", status=status, message=exc.description),
+                status=status,
+            )
         code = (exc.name or "error").lower().replace(" ", "_")
         response = problem(status, code, exc.description or exc.name)
         if status == 405 and exc.get_response().allow:
@@ -57,6 +62,13 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return problem(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+def _browser_outside_the_api() -> bool:
+    """A browser asking for a page (HTML first in its Accept) at an address outside
+    /api/; clients that accept anything (curl's */*) still get problem+json."""
+    wants = request.accept_mimetypes.best_match(["application/problem+json", "text/html"])
+    return wants == "text/html" and not request.path.startswith("/api/")
 
 
 def _too_large_detail(app: Flask) -> str:

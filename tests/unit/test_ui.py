@@ -320,6 +320,21 @@ def test_resubmit_fills_the_form_from_the_job(
     assert 'value="3"' in _field_block(page, "priority")
 
 
+@pytest.mark.parametrize("path", ["/nothing-here", "/jobs/", "/static/nope.css"])
+def test_an_unknown_address_is_the_uis_page_for_a_browser_and_json_for_the_rest(
+    as_alice: FlaskClient, path: str
+) -> None:
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = as_alice.get(path, headers=browser)
+    assert (page.status_code, page.mimetype) == (404, "text/html")
+    assert "404 — Not found" in page.get_data(as_text=True)
+    for accept in ("*/*", "application/json"):  # curl, an API client
+        answer = as_alice.get(path, headers={"Accept": accept})
+        assert (answer.status_code, answer.mimetype) == (404, "application/problem+json")
+    api = as_alice.get("/api/v1/nothing-here", headers=browser)
+    assert api.mimetype == "application/problem+json"  # the API is JSON, even to a browser
+
+
 def test_unknown_kinds_have_no_form(as_alice: FlaskClient) -> None:
     assert as_alice.get("/jobs/new/nope").status_code == 404
 
