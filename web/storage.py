@@ -14,10 +14,10 @@ from werkzeug.datastructures import FileStorage
 
 from db import datasets as dataset_store
 from db import references, registry, retention
-from db.models import Dataset, Job, Model
+from db.models import Dataset, Job, Model, ModelVersion
 from kiln import dataset_probe, datasets, job_space
 from kiln.artifacts import ArtifactStore, open_store
-from kiln.errors import InvalidRequest, NoOutput, UnsupportedDataset
+from kiln.errors import ExportMissing, InvalidRequest, NoOutput, NotFound, UnsupportedDataset
 from kiln.settings import Settings
 
 _CHUNK = 1024 * 1024
@@ -146,6 +146,32 @@ def send_result_file(job: Job, entry: str) -> Response:
         as_attachment=True,
         download_name=f"{job.id}-{suffix}.{fmt}",
         etag=described["digest"],
+        conditional=True,
+    )
+
+
+#: A model version's files: its weights, and each export made of it, by file name suffix.
+VERSION_FILES = {"weights": ".safetensors", "torchscript": ".torchscript.pt"}
+
+
+def send_version_file(name: str, version: ModelVersion, what: str) -> Response:
+    """Send version `version` of model `name`'s weights or export `what` (a VERSION_FILES
+    key) as `<name>-v<N><suffix>`; ExportMissing until an export job made it."""
+    if what == "weights":
+        digest = version.artifact_digest
+    elif (made := version.exports.get(what)) is not None:
+        digest = made["digest"]
+    else:
+        raise ExportMissing(f"version {version.number} of {name!r} has no {what} export yet")
+    path = _store().path(digest)
+    if not path.is_file():
+        raise NotFound("the stored file is missing from the artifact store")
+    return send_file(
+        path,
+        mimetype="application/octet-stream",
+        as_attachment=True,
+        download_name=f"{name}-v{version.number}{VERSION_FILES[what]}",
+        etag=digest,
         conditional=True,
     )
 

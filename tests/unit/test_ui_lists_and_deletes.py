@@ -15,8 +15,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import registry
+from db import jobs, registry
 from db.models import Dataset, Job, Model, ModelVersion
+from kiln.artifacts import ArtifactStore
 from web.ui import jobs as ui_jobs
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -250,3 +251,44 @@ def test_the_models_page_links_only_source_jobs_that_still_exist(
     assert f'href="/jobs/{kept.id}"' in page
     assert f'href="/jobs/{deleted.id}"' not in page
     assert f'title="job {deleted.id} was deleted">{deleted.id[:8]}<' in page
+
+
+# --- a version's files ----------------------------------------------------------------------
+
+
+def test_a_versions_weights_and_export_are_downloaded_from_the_ui(
+    as_alice: FlaskClient, sessions: sessionmaker[Session], settings
+) -> None:
+    store = ArtifactStore(settings.artifacts_dir)
+    weights, export = store.put_bytes(b"safetensors bytes"), store.put_bytes(b"PK torchscript")
+    with sessions() as session:
+        version = registry.register_version(
+            session, owner="alice", name="digits", source_job_id=None, arch="mlp", config={},
+            metrics={}, artifact_digest=weights.digest, artifact_size=weights.size,
+            dataset_digest=None,
+        )  # fmt: skip
+        session.flush()
+        base = f"/models/{version.model_id}/versions/1/download"
+        assert as_alice.get(f"{base}/torchscript").status_code == 404  # no export yet
+        registry.record_export(session, version.id, "torchscript", export.digest, export.size)
+        job = jobs.create(
+            session, kind="export", owner="alice", spec={"model": "digits"}, queue="cpu"
+        )
+        session.commit()
+        assert jobs.claim(session, job.id, 0, worker="w", device="cpu") == 1
+        result = {"model": "digits", "version": 1, "format": "torchscript",
+                  "digest": export.digest, "size": export.size}  # fmt: skip
+        assert jobs.succeed(session, job.id, 1, result)
+        session.commit()
+
+    page = as_alice.get("/models").text
+    assert f'href="{base}/weights"' in page
+    assert f'href="{base}/torchscript"' in page
+    with as_alice.get(f"{base}/weights") as sent:
+        assert (sent.status_code, sent.data) == (200, b"safetensors bytes")
+        assert "digits-v1.safetensors" in sent.headers["Content-Disposition"]
+    with as_alice.get(f"{base}/torchscript") as sent:
+        assert sent.data == b"PK torchscript"
+    assert as_alice.get(f"{base}/onnx").status_code == 404
+    # The export job's page links the file it made.
+    assert f'id="download-export" href="{base}/torchscript"' in as_alice.get(f"/jobs/{job.id}").text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Response, current_app, request, send_file
+from flask import Response, current_app, request
 from pydantic import ValidationError
 
 from db import registry
@@ -13,7 +13,6 @@ from kiln.errors import (
     ExportMissing,
     InvalidModelFile,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     summary,
     validation_details,
@@ -126,8 +125,7 @@ def delete_alias(name: str, alias: str) -> Response:
 @bp.get("/models/<name>/versions/<version>/weights")
 def download_weights(name: str, version: str) -> Response:
     """The version's safetensors file, streamed from the artifact store."""
-    found = _version(name, version)
-    return _send(found.artifact_digest, f"{name}-v{found.number}.safetensors")
+    return storage.send_version_file(name, _version(name, version), "weights")
 
 
 @bp.get("/models/<name>/versions/<version>/export")
@@ -144,16 +142,7 @@ def download_export(name: str, version: str) -> Response:
             f'{{"kind": "export", "spec": {{"model": "{name}", "version": {found.number}}}}} '
             "and download once it has succeeded"
         )
-    return _send(made["digest"], f"{name}-v{found.number}.torchscript.pt")
-
-
-def _send(digest: str, filename: str) -> Response:
-    path = _store().path(digest)
-    if not path.is_file():
-        raise NotFound("the stored file is missing from the artifact store")
-    return send_file(
-        path, mimetype="application/octet-stream", as_attachment=True, download_name=filename
-    )
+    return storage.send_version_file(name, found, fmt)
 
 
 def _upload_config() -> ModelConfigIn:

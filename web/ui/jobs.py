@@ -11,7 +11,7 @@ from flask import session as flask_session
 from werkzeug import Response
 
 from db import jobs as job_store
-from db import queue_estimate
+from db import queue_estimate, registry
 from db import shards as shard_store
 from db.models import Job
 from kiln.errors import KilnError
@@ -157,6 +157,7 @@ def _status(found: Job) -> dict[str, Any]:
         "standing": queue_estimate.estimate(session.get(), found, live_workers.slots),
         "result_json": json.dumps(found.result, indent=2) if found.result else "",
         "downloads": _downloads(found),
+        "export_file": _export_file(found),
         "shards": _shards(found),
     }
 
@@ -175,6 +176,23 @@ def _downloads(found: Job) -> dict[str, dict[str, Any]]:
         if (described := storage.stored_file(found, entry)) is not None:
             offered[what] = described
     return offered
+
+
+def _export_file(found: Job) -> str | None:
+    """Where a succeeded export job's file is downloaded: from its model version, which
+    keeps it (None once that version or its model is gone)."""
+    result = found.result or {}
+    if found.kind != "export" or found.state != JobState.SUCCEEDED:
+        return None
+    try:
+        model = registry.get_model(session.get(), found.owner, result["model"])
+        version = registry.resolve_version(session.get(), model, result["version"])
+    except (KilnError, KeyError):
+        return None
+    if result.get("format") not in version.exports:
+        return None
+    what = result["format"]
+    return url_for("ui.download_version_file", model_id=model.id, number=version.number, what=what)
 
 
 def _log(found: Job) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from werkzeug import Response
 from db import datasets as dataset_store
 from db import jobs, registry
 from db.models import Dataset, Model
-from kiln.errors import InUse, InvalidRequest, KilnError
+from kiln.errors import InUse, InvalidRequest, KilnError, NotFound
 from kiln.families import HF_TASKS
 from web import session, storage
 from web.api import hf_upload
@@ -103,6 +103,18 @@ def delete_version(model_id: str, number: int) -> Response | tuple[str, int] | s
         return render_template("confirm_delete.html", error=exc.message, **page), exc.status
     flash(f"Deleted {page['what']}.")
     return redirect(page["back"])
+
+
+@bp.get("/models/<model_id>/versions/<int:number>/download/<what>")
+@auth.signed_in
+def download_version_file(model_id: str, number: int, what: str) -> Response:
+    """A version's weights or its TorchScript export, sent as the API sends them."""
+    db = session.get()
+    model = registry.get_owned(db, model_id, auth.current().visible_owner)
+    if what not in storage.VERSION_FILES:
+        raise NotFound(f"a version has no {what!r} file: weights or torchscript")
+    version = registry.resolve_version(db, model, number)
+    return storage.send_version_file(model.name, version, what)
 
 
 @bp.route("/models/<model_id>/delete", methods=["GET", "POST"])
