@@ -313,7 +313,7 @@ def status(job_id: str) -> None:
     if job.get("error"):
         click.echo(f"error {job['error']['type']}: {job['error']['message']}")
     if job.get("result") is not None:
-        click.echo("result " + json.dumps(job["result"]))
+        click.echo("result " + json.dumps(job["result"], indent=2))
 
 
 @click.command(name="jobs")
@@ -336,9 +336,11 @@ def list_jobs(
     if remote.as_json:
         print_json(found)
         return
+    kind_width = max((len(job["kind"]) for job in found), default=0)
     for job in found:
         tags = " ".join(f"{k}={v}" for k, v in (job.get("tags") or {}).items())
-        line = f"{job['id']}  {job['kind']:<8} {job['state']:<10} {job['created_at']}  {tags}"
+        created = job["created_at"][:16] + "Z"  # to the minute, UTC: 80 columns hold a line
+        line = f"{job['id']}  {job['kind']:<{kind_width}}  {job['state']:<9}  {created}  {tags}"
         click.echo(line.rstrip())
 
 

@@ -10,7 +10,6 @@ from kiln.client_cli import Remote, exit_code
 
 _HELP = """Kiln: an asynchronous job-queue backend for PyTorch.
 
-\b
 Client commands talk to a Kiln server over HTTP: the server at --url (or KILN_URL,
 default http://127.0.0.1:8000) with the key --api-key (or KILN_API_KEY).
 Server commands run on Kiln's own hosts and read KILN_DATABASE_URL, KILN_REDIS_URL and

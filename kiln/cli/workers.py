@@ -9,16 +9,17 @@ import click
 from kiln.client_cli import current_remote, print_json
 
 
-@click.command(short_help="The live workers: host, devices, queues, job (admin).")
+@click.command(short_help="The live workers: devices, lane, job, heartbeat (admin).")
 def workers() -> None:
-    """Every live worker process: its name, host, devices, queues, the job it runs and
-    its last heartbeat (needs an admin key)."""
+    """Every live worker process: its name (device@host), devices, lane, the job it runs
+    and its last heartbeat (needs an admin key; --json adds its host, queues and pid)."""
     remote = current_remote()
     found = remote.client().workers()
     if remote.as_json:
         print_json(found)
         return
-    rows: list[tuple[str, ...]] = [("NAME", "HOST", "DEVICES", "QUEUES", "JOB", "HEARTBEAT")]
+    # The host is in the name (cpu0@host), the queues follow from the lane: --json has both.
+    rows: list[tuple[str, ...]] = [("NAME", "DEVICES", "LANE", "JOB", "HEARTBEAT")]
     rows += [_row(worker) for worker in found]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -30,12 +31,11 @@ def workers() -> None:
 
 def _row(worker: dict[str, Any]) -> tuple[str, ...]:
     job = worker.get("job")
-    current = f"{job['id']} {job['kind']} {job['progress']:.0%}" if job else "-"
+    current = f"{job['id']} {job['progress']:.0%}" if job else "-"
     return (
         worker["name"],
-        worker["host"],
         ",".join(worker["devices"]),
-        ",".join(worker["queues"]),
+        worker["lane"],
         current,
         f"{worker['heartbeat_age_s']:.0f}s ago",
     )
