@@ -219,6 +219,7 @@ def test_to_matrix_accepts_lists_and_named_rows() -> None:
         ([[1.0]], "row 0 has 1 values; the model takes 2"),
         ([{"a": 1.0}], r"row 0 lacks features \['b'\]"),
         ([[1.0, float("nan")]], "NaN"),
+        ([[1.0, 2.0], [1e308, 0.0]], r"row 1 has a value outside float32's range"),
         ([{"a": 1.0, "b": "two"}], "not numbers"),
     ],
 )

@@ -283,8 +283,12 @@ def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
             matrix[i] = values
         except (TypeError, ValueError):
             raise JobFailure(f"input row {i} has values that are not numbers") from None
-    if not np.isfinite(matrix).all():
-        raise JobFailure("inputs contain NaN or infinite values")
+    unusable = ~np.isfinite(matrix).all(axis=1)
+    if unusable.any():  # the API refuses NaN and Infinity: a finite number overflowed float32
+        raise JobFailure(
+            f"input row {int(unusable.argmax())} has a value outside float32's range "
+            "(about ±3.4e38), or NaN or infinity"
+        )
     return matrix
 
 
