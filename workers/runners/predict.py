@@ -280,7 +280,8 @@ def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
                 raise JobFailure(f"input row {i} has {len(row)} values; the model takes {width}")
             values = row
         try:
-            matrix[i] = values
+            with np.errstate(over="ignore"):  # an overflow is refused below, naming its row
+                matrix[i] = values
         except (TypeError, ValueError):
             raise JobFailure(f"input row {i} has values that are not numbers") from None
     unusable = ~np.isfinite(matrix).all(axis=1)
