@@ -119,7 +119,22 @@ def iter_batches(
     except UnsupportedDataset:
         raise
     except _PARSE_ERRORS as exc:
-        raise UnsupportedDataset(f"the file is not valid {fmt.upper()}: {exc}") from None
+        raise UnsupportedDataset(
+            f"the file is not valid {fmt.upper()}: {_parse_failure(path, exc)}"
+        ) from None
+
+
+def _parse_failure(path: Path, exc: Exception) -> str:
+    """Why Arrow could not parse the file, in the user's terms where Arrow's are about its
+    blocks: a line longer than a block reads as a straddling object, or, as the first
+    line, as an empty file."""
+    limit = f"{_BLOCK_BYTES >> 20} MiB"
+    text = str(exc)
+    if "straddles two block boundaries" in text:
+        return f"a row is longer than {limit}, the longest Kiln reads"
+    if "cannot infer number of columns" in text and path.stat().st_size > 0:
+        return f"the first line (the header row) is longer than {limit}, the longest Kiln reads"
+    return text
 
 
 def read_table(path: Path, fmt: str) -> pa.Table:

@@ -216,3 +216,22 @@ def test_content_is_checked_against_the_declared_format(tmp_path, declared, writ
 )
 def test_the_format_is_named_by_the_suffix(filename, fmt):
     assert datasets.format_of(filename) == fmt
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"a,b\n1," + b"x" * (2 << 20) + b"\n", "a row is longer than 1 MiB"),
+        (
+            b",".join(b"c%d" % i for i in range(300_000)) + b"\n",
+            r"the header row\) is longer than 1 MiB",
+        ),
+        (b"x" * (2 << 20), r"the header row\) is longer than 1 MiB"),
+        (b"", "Empty CSV file"),
+    ],
+)
+def test_a_line_longer_than_a_block_is_named_as_such(tmp_path, content, reason):
+    path = tmp_path / "long.csv"
+    path.write_bytes(content)
+    with pytest.raises(UnsupportedDataset, match=reason):
+        list(datasets.iter_batches(path, "csv", 100))
