@@ -419,7 +419,9 @@ class Client:
         try:
             response = self.http.request(method, url, timeout=self.timeout_s, **kwargs)
         except requests.ConnectionError as exc:
-            raise ConnectionFailed(f"cannot reach Kiln at {self.url}: {exc}") from None
+            raise ConnectionFailed(
+                f"cannot reach Kiln at {self.url}: {_socket_reason(exc)}"
+            ) from None
         except requests.Timeout:
             raise ConnectionFailed(f"Kiln at {self.url} did not answer in time") from None
         except requests.exceptions.InvalidJSONError:
@@ -427,6 +429,23 @@ class Client:
         if response.status_code >= 400:
             raise calls.api_error(response.status_code, response.reason, _json_or_none(response))
         return response
+
+
+def _socket_reason(exc: BaseException) -> str:
+    """What the socket said ("Connection refused", "Name or service not known"), found
+    under urllib3's retry and connection wrappers; their own words if there is none."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        found = pending.pop(0)
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.strerror:
+            return found.strerror
+        wrapped = [a for a in found.args if isinstance(a, BaseException)]
+        pending += [getattr(found, "reason", None), found.__cause__, found.__context__, *wrapped]
+    return str(exc)
 
 
 def _json_or_none(response: requests.Response) -> Any:

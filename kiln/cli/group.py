@@ -55,11 +55,14 @@ class KilnGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ClientError as exc:
-            click.echo(f"error: {exc}", err=True)
+            message = f"error: {exc}"
+            click.echo(message, err=True)
             for detail in getattr(exc, "errors", []):
                 where = ".".join(map(str, detail.get("loc", [])))
-                # stderr, like the error: stdout carries only answers (`id=$(kiln submit …)`).
-                click.echo(f"  {where}: {detail.get('msg')}", err=True)
+                line = f"{where}: {detail.get('msg')}"
+                if line not in message:  # the summary already names a lone error
+                    # stderr, like the error: stdout carries only answers (`id=$(kiln submit …)`).
+                    click.echo(f"  {line}", err=True)
             ctx.exit(exit_code(exc))
 
 

@@ -155,6 +155,15 @@ def test_invalid_spec_errors_are_printed_field_by_field(api) -> None:
     assert result.stdout == ""  # `id=$(kiln submit …)` gets nothing, not the errors
 
 
+def test_a_lone_error_the_summary_already_names_is_printed_once(api) -> None:
+    line = "spec.epochs: Input should be greater than 0"
+    error = {"loc": ["spec", "epochs"], "msg": "Input should be greater than 0"}
+    problem = {"status": 422, "code": "invalid_spec", "detail": line, "errors": [error]}
+    api.post(f"{URL}/api/v1/jobs", json=problem, status=422)
+    result = invoke("submit", "train", "--epochs", "0")
+    assert result.stderr.count(line) == 1
+
+
 def test_a_non_finite_number_is_a_usage_error_not_a_traceback(api) -> None:
     result = invoke("submit", "train", "--model-name", "x", "--lr", "NaN")
     assert result.exit_code == ExitCode.USAGE

@@ -135,3 +135,10 @@ def test_the_wait_line_shows_the_position_while_queued_only() -> None:
     assert status_line(queued) == "queued position 1 in queue gpu"
     running = {**queued, "state": "running", "message": "running"}
     assert status_line(running) == "running"
+
+
+def test_an_unreachable_server_is_one_line_with_the_sockets_reason() -> None:
+    # A real socket: nothing listens on port 1.
+    result = CliRunner().invoke(main, ["--url", "http://127.0.0.1:1", "jobs"])
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert result.output == "error: cannot reach Kiln at http://127.0.0.1:1: Connection refused\n"
