@@ -5,7 +5,11 @@ higher priority, then those submitted earlier (the broker's order). The estimate
 the work ahead over the workers serving the queue:
 
     start ≈ now + (Σ jobs ahead * median duration of their kind
-                   + Σ running jobs' median duration left) / workers
+                   + Σ running jobs' time left) / workers
+
+A running job's time left is what its own progress says once it reports some (its pace so
+far: a long training job is not taken for its kind's typical short one), and otherwise
+what its kind's median leaves after the time it has run.
 
 Durations are the newest SAMPLE successful attempts of each kind on the same queue
 (finished_at - started_at); workers are the job slots of the live workers serving the
@@ -36,6 +40,8 @@ from kiln.states import JobState
 
 SAMPLE = 50
 WORKERS_SEEN = timedelta(hours=1)
+#: The progress from which a running job's own pace tells its time left.
+PACE_FROM = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,13 +66,13 @@ def estimate(
     now = now or utcnow()
     ahead = _ahead_by_kind(session, job)
     running = session.execute(
-        select(Job.kind, Job.started_at, Job.worker).where(
+        select(Job.kind, Job.started_at, Job.worker, Job.progress).where(
             Job.state == JobState.RUNNING, Job.queue == job.queue
         )
     ).all()
-    kinds = set(ahead) | {kind for kind, _, _ in running}
+    kinds = set(ahead) | {kind for kind, _, _, _ in running}
     durations, workers = _history(session, job.queue, kinds, now)
-    workers |= {worker for _, _, worker in running if worker}
+    workers |= {worker for _, _, worker, _ in running if worker}
     position = sum(ahead.values()) + 1
     if live == 0:
         return QueueEstimate(position, None)  # no live worker serves the queue
@@ -77,9 +83,12 @@ def estimate(
         return QueueEstimate(position, None)
     median = {kind: statistics.median(durations.get(kind) or every) for kind in kinds}
     work = sum(count * median[kind] for kind, count in ahead.items())
-    for kind, began, _ in running:
+    for kind, began, _, progress in running:
         elapsed = (now - began).total_seconds() if began else 0.0
-        work += max(median[kind] - elapsed, 0.0)
+        if progress >= PACE_FROM and elapsed > 0:
+            work += elapsed * (1 - progress) / progress
+        else:
+            work += max(median[kind] - elapsed, 0.0)
     serving = live or max(len(workers), 1)
     return QueueEstimate(position, now + timedelta(seconds=work / serving))
 

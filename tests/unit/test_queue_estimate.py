@@ -81,6 +81,26 @@ def test_a_running_job_adds_what_is_left_of_its_median(create_job, sessions):
     assert standing == queue_estimate.QueueEstimate(1, NOW + timedelta(seconds=15))
 
 
+def test_a_running_job_that_reports_progress_adds_what_its_own_pace_leaves(
+    create_job, sessions
+):
+    _history(create_job, sessions)  # train's median: 100 s
+    running = create_job(kind="train", state="running")
+    with sessions() as session:  # 1/8 done in 20 s: 140 s left, not the median's 80
+        session.execute(
+            update(Job)
+            .where(Job.id == running.id)
+            .values(started_at=NOW - timedelta(seconds=20), worker="w2", progress=0.125)
+        )
+        session.commit()
+    target = _queued(create_job, "train")
+
+    standing = _estimate(sessions, target)
+
+    # 140 s on the one worker seen running train jobs (w2).
+    assert standing == queue_estimate.QueueEstimate(1, NOW + timedelta(seconds=140))
+
+
 def test_first_in_an_idle_queue_starts_now(create_job, sessions):
     assert _estimate(sessions, _queued(create_job)) == queue_estimate.QueueEstimate(1, NOW)
 
