@@ -81,9 +81,7 @@ def test_a_running_job_adds_what_is_left_of_its_median(create_job, sessions):
     assert standing == queue_estimate.QueueEstimate(1, NOW + timedelta(seconds=15))
 
 
-def test_a_running_job_that_reports_progress_adds_what_its_own_pace_leaves(
-    create_job, sessions
-):
+def test_a_running_job_that_reports_progress_adds_what_its_own_pace_leaves(create_job, sessions):
     _history(create_job, sessions)  # train's median: 100 s
     running = create_job(kind="train", state="running")
     with sessions() as session:  # 1/8 done in 20 s: 140 s left, not the median's 80

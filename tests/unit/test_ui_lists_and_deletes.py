@@ -122,7 +122,8 @@ def test_the_upload_form_takes_every_format_the_api_takes(
 
     _upload(as_alice, content, filename)
 
-    assert f"Uploaded {filename}: {rows} rows." in as_alice.get("/datasets").text
+    said = "1 row" if rows == 1 else f"{rows} rows"
+    assert f"Uploaded {filename}: {said}." in as_alice.get("/datasets").text
     with sessions() as session:
         stored = session.query(Dataset).one()
         assert (stored.format, stored.rows) == (filename.split(".")[1], rows)

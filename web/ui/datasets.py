@@ -12,7 +12,7 @@ from kiln.datasets import FORMATS
 from kiln.errors import InUse, KilnError
 from kiln.schemas import DatasetOut
 from web import session, storage
-from web.ui import auth, bp
+from web.ui import auth, bp, filters
 
 
 @bp.get("/datasets")
@@ -32,7 +32,7 @@ def upload() -> Response | tuple[str, int]:
         )
     except KilnError as exc:
         return _page(error=exc.message, name=name), exc.status
-    flash(f"Uploaded {dataset.name}: {dataset.rows} rows.")
+    flash(f"Uploaded {dataset.name}: {filters.rows(dataset.rows)}.")
     target = url_for("ui.datasets")
     if request.headers.get("X-Requested-With") == "XMLHttpRequest":
         shown = DatasetOut.model_validate(dataset).model_dump(mode="json")

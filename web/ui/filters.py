@@ -44,3 +44,9 @@ def number(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+@bp.app_template_filter("rows")
+def rows(count: int) -> str:
+    """A row count as people say it: "1 row", "12,345 rows"."""
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
