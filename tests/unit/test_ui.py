@@ -78,6 +78,12 @@ def test_a_wrong_key_is_refused_beside_the_field(client: FlaskClient) -> None:
     assert client.get("/jobs").status_code == 302
 
 
+def test_an_empty_key_is_asked_for(client: FlaskClient) -> None:
+    response = client.post("/signin", data={"api_key": "  ", "csrf_token": _token(client)})
+    assert response.status_code == 401
+    assert "Enter your API key." in response.text
+
+
 def test_sign_out_ends_the_session(as_alice: FlaskClient) -> None:
     assert "alice" in as_alice.get("/jobs").text
     response = as_alice.post("/signout", data={"csrf_token": _token(as_alice, "/jobs")})

@@ -132,6 +132,12 @@ def test_the_upload_form_takes_every_format_the_api_takes(
 # --- deletes --------------------------------------------------------------------------------
 
 
+def test_an_upload_without_a_file_asks_for_one(as_alice: FlaskClient) -> None:
+    response = as_alice.post("/datasets", data={"csrf_token": _token(as_alice, "/datasets")})
+    assert response.status_code == 422
+    assert "Choose a file to upload." in response.text
+
+
 def test_a_dataset_is_deleted_after_a_confirmation(
     as_alice: FlaskClient, sessions: sessionmaker[Session]
 ) -> None:

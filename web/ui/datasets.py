@@ -26,10 +26,11 @@ def datasets() -> str:
 def upload() -> Response | tuple[str, int]:
     """Store the upload as the API does (web.storage), so both accept the same files."""
     name = request.form.get("name", "")
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:  # the API's words name a multipart field
+        return _page(error="Choose a file to upload.", name=name), 422
     try:
-        dataset = storage.upload_dataset(
-            session.get(), auth.current().owner, request.files.get("file"), name
-        )
+        dataset = storage.upload_dataset(session.get(), auth.current().owner, upload, name)
     except KilnError as exc:
         return _page(error=exc.message, name=name), exc.status
     flash(f"Uploaded {dataset.name}: {filters.rows(dataset.rows)}.")

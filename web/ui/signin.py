@@ -20,9 +20,10 @@ def signin() -> Response | tuple[str, int] | str:
         if g.principal is not None:
             return redirect(target)
         return render_template("signin.html", next=target, error=None)
-    if auth.sign_in(request.form.get("api_key", "")):
+    key = request.form.get("api_key", "").strip()
+    if key and auth.sign_in(key):
         return redirect(target)
-    error = "That API key is unknown or revoked."
+    error = "That API key is unknown or revoked." if key else "Enter your API key."
     return render_template("signin.html", next=target, error=error), 401
 
 
