@@ -142,9 +142,13 @@ def test_pause_and_resume(as_alice: FlaskClient, sessions: sessionmaker[Session]
     assert ">Pause</button>" in page
 
 
-def test_delete(as_alice: FlaskClient, sessions: sessionmaker[Session]) -> None:
+def test_delete_asks_first(as_alice: FlaskClient, sessions: sessionmaker[Session]) -> None:
     schedule_id = _create(sessions)
-    token = _token(as_alice, "/schedules")
+    assert f'href="/schedules/{schedule_id}/delete"' in as_alice.get("/schedules").text
+    asked = as_alice.get(f"/schedules/{schedule_id}/delete")
+    assert "Delete schedule nightly?" in asked.text
+    assert len(_rows(sessions)) == 1  # asking deletes nothing
+    token = _token(as_alice, f"/schedules/{schedule_id}/delete")
     response = as_alice.post(f"/schedules/{schedule_id}/delete", data={"csrf_token": token})
     assert response.status_code == 302
     assert _rows(sessions) == []

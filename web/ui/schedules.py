@@ -123,16 +123,24 @@ def _set_enabled(schedule_id: str, *, enabled: bool) -> Response:
     return redirect(url_for("ui.schedules") + f"#schedule-{schedule.id}")
 
 
-@bp.post("/schedules/<schedule_id>/delete")
+@bp.route("/schedules/<schedule_id>/delete", methods=["GET", "POST"])
 @auth.signed_in
-def delete_schedule(schedule_id: str) -> Response:
-    """Delete the schedule; the jobs it already submitted stay."""
+def delete_schedule(schedule_id: str) -> Response | str:
+    """GET asks to confirm, as every delete does; POST deletes the schedule (the jobs it
+    already submitted stay)."""
     db = session.get()
     schedule = _owned(schedule_id)
-    name = schedule.name
+    page = {
+        "what": f"schedule {schedule.name}",
+        "consequence": "It submits no more jobs; the jobs it already submitted stay.",
+        "action": url_for("ui.delete_schedule", schedule_id=schedule.id),
+        "back": url_for("ui.schedules") + f"#schedule-{schedule.id}",
+    }
+    if request.method == "GET":
+        return render_template("confirm_delete.html", error=None, **page)
     db.delete(schedule)
     db.commit()
-    flash(f"Deleted schedule {name}.")
+    flash(f"Deleted {page['what']}.")
     return redirect(url_for("ui.schedules"))
 
 
