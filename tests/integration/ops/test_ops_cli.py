@@ -4,6 +4,8 @@ and what that worker shows operators: Prometheus metrics, JSON logs, `celery ins
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +137,30 @@ def test_cancel_stops_a_running_job_and_wait_exits_1(
     waited = kiln("wait", job_id, "--timeout", "60", "--interval", "0.2")
     assert waited.exit_code == ExitCode.JOB_NOT_SUCCEEDED
     assert f"{job_id} cancelled" in waited.stdout
+
+
+def test_a_worker_killed_mid_job_is_restarted_and_its_new_pool_process_requeues_the_job(
+    kiln: Callable[..., Result], admin_key: str, worker: Worker
+) -> None:
+    """No scheduler runs here, so no reconciler: the launcher restarts the SIGKILLed worker
+    under its name, Celery's pool process died with it, and the new pool process re-queues
+    the job the database still shows running there."""
+    job_id = kiln("submit", "echo", "--sleep-s", "3").stdout.strip()
+
+    def running_on() -> str | None:
+        job = json.loads(kiln("--json", "status", job_id).stdout)
+        return job["worker"] if job["state"] == "running" else None
+
+    name = wait_until(running_on, 240, "the echo job to start")
+    [process] = [w for w in json.loads(kiln("--json", "workers", key=admin_key).stdout)
+                 if w["name"] == name]  # fmt: skip
+    os.kill(process["pid"], signal.SIGKILL)
+
+    waited = kiln("wait", job_id, "--timeout", "180", "--interval", "0.5")
+    assert waited.exit_code == 0, waited.output
+    done = json.loads(kiln("--json", "status", job_id).stdout)
+    assert (done["attempt"], done["worker"]) == (2, name)  # the restarted worker ran it again
+    assert f"worker {name} lost the process running it (attempt 1)" in kiln("logs", job_id).stdout
 
 
 def test_uploaded_dataset_trains_a_model(
