@@ -90,7 +90,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     page.set_input_files("#file", str(_blobs_csv(tmp_path / "blobs.csv")))
     page.fill("#name", "blobs")
     page.click("#upload-form button[type=submit]")
-    expect(page.locator(".flash")).to_contain_text("Uploaded blobs: 2000 rows")
+    expect(page.locator(".flash")).to_contain_text("Uploaded blobs: 2,000 rows")
     expect(page.locator("table.table")).to_contain_text("blobs")
 
     # Train on it through the form; the hyper-parameters start at TrainSpec's defaults.
@@ -110,7 +110,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     page.select_option("#f-arch", "mlp")
     expect(page.locator("#f-lr_schedule")).to_be_hidden()  # under Advanced, closed
     page.fill("#f-model_name", "blobs-mlp")
-    page.select_option("#f-dataset", label="blobs (2000 rows)")
+    page.select_option("#f-dataset", label="blobs (2,000 rows)")
     # Long enough that the page, polling every 2 s, sees the job running with points (15
     # epochs once finished within the first poll on a fast machine).
     page.fill("#f-epochs", "300")
@@ -160,7 +160,7 @@ def test_train_watch_promote_score_cancel_and_schedule(
     assert page.locator("#f-version option:not([hidden])").all_text_contents() == ["latest"]
     page.fill("#f-model", "blobs-mlp")
     page.select_option("#f-version", "production")
-    page.select_option("#f-dataset", label="blobs (2000 rows)")
+    page.select_option("#f-dataset", label="blobs (2,000 rows)")
     page.fill("#f-passthrough", "label")
     page.select_option("#f-output_format", "csv")
     page.click("button:has-text('Submit job')")
