@@ -267,11 +267,13 @@ def _failing_with_it(ctx: RunContext, followers: list[Follower]) -> Iterator[Non
 
 def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
     """Rows (lists in feature order, or dicts by feature name) as a float32 matrix."""
-    width = len(feature_names)
-    matrix = np.empty((len(rows), width), dtype=np.float32)
+    matrix = np.empty((len(rows), len(feature_names)), dtype=np.float32)
     with np.errstate(over="ignore"):  # a value that overflows float32 is refused below
         for i, row in enumerate(rows):
-            matrix[i] = _row_values(i, row, feature_names)
+            try:
+                matrix[i] = _row_values(i, row, feature_names)
+            except (TypeError, ValueError):
+                raise JobFailure(f"input row {i} has values that are not numbers") from None
     unusable = ~np.isfinite(matrix).all(axis=1)
     if unusable.any():  # the API refuses NaN and Infinity: a finite number overflowed float32
         raise JobFailure(
@@ -281,23 +283,18 @@ def to_matrix(rows: list[Row], feature_names: list[str]) -> np.ndarray:
     return matrix
 
 
-def _row_values(i: int, row: Row, feature_names: list[str]) -> np.ndarray:
-    """Input row `i` as float32 values in feature order, or a JobFailure saying why not."""
+def _row_values(i: int, row: Row, feature_names: list[str]) -> Sequence[float | str]:
+    """Input row `i`'s values in feature order, or a JobFailure saying what is missing."""
     if isinstance(row, dict):
         missing = [name for name in feature_names if name not in row]
         if missing:
             raise JobFailure(f"input row {i} lacks features {missing[:5]}")
-        values: Sequence[float | str] = [row[name] for name in feature_names]
-    else:
-        if len(row) != len(feature_names):
-            raise JobFailure(
-                f"input row {i} has {len(row)} values; the model takes {len(feature_names)}"
-            )
-        values = row
-    try:
-        return np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise JobFailure(f"input row {i} has values that are not numbers") from None
+        return [row[name] for name in feature_names]
+    if len(row) != len(feature_names):
+        raise JobFailure(
+            f"input row {i} has {len(row)} values; the model takes {len(feature_names)}"
+        )
+    return row
 
 
 def to_texts(rows: list[Row], column: str) -> list[str]:
