@@ -162,7 +162,11 @@ def send_version_file(name: str, version: ModelVersion, what: str) -> Response:
     elif (made := version.exports.get(what)) is not None:
         digest = made["digest"]
     else:
-        raise ExportMissing(f"version {version.number} of {name!r} has no {what} export yet")
+        raise ExportMissing(
+            f"version {version.number} of {name!r} has no {what} export yet: submit a job "
+            f'{{"kind": "export", "spec": {{"model": "{name}", "version": {version.number}}}}} '
+            "and download once it has succeeded"
+        )
     path = _store().path(digest)
     if not path.is_file():
         raise NotFound("the stored file is missing from the artifact store")

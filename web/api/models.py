@@ -10,7 +10,6 @@ from db.models import Model, ModelVersion
 from kiln import modelfile, safejson
 from kiln.artifacts import ArtifactStore, open_store
 from kiln.errors import (
-    ExportMissing,
     InvalidModelFile,
     InvalidRequest,
     PayloadTooLarge,
@@ -134,15 +133,7 @@ def download_export(name: str, version: str) -> Response:
     fmt = request.args.get("format", "torchscript")
     if fmt != "torchscript":
         raise InvalidRequest("format must be 'torchscript'")
-    found = _version(name, version)
-    made = found.exports.get(fmt)
-    if made is None:
-        raise ExportMissing(
-            f"version {found.number} of {name!r} has no {fmt} export yet: submit a job "
-            f'{{"kind": "export", "spec": {{"model": "{name}", "version": {found.number}}}}} '
-            "and download once it has succeeded"
-        )
-    return storage.send_version_file(name, found, fmt)
+    return storage.send_version_file(name, _version(name, version), fmt)
 
 
 def _upload_config() -> ModelConfigIn:
